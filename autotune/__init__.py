@@ -1,0 +1,1 @@
+"""Autotuner: config spaces, timers, cache backends (local dir, Redis)."""

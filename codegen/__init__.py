@@ -1,0 +1,1 @@
+"""Code generation: jinja2 templates, one family per strategy and backend."""

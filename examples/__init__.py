@@ -1,0 +1,1 @@
+"""The standard library of mixers (*.mx), shipped as package data."""

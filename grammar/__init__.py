@@ -1,0 +1,1 @@
+"""grammar/mixer.lark ships as package data of mixerc.grammar."""

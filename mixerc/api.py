@@ -1,0 +1,171 @@
+"""Public API: `mixerc.compile(...)` -> `CompiledMixer`."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import analysis as _analysis
+from . import ir
+from .checker import check
+from .dense import DenseBackend
+from .errors import MixerDecodeError, MixerError, MixerUnsupportedError, MixerValueError
+from .runtime.bind import Signature, bind, check_cu_seqlens
+from .syntax import parse
+
+BACKENDS = ("auto", "dense", "torch", "triton")
+
+
+def stdlib_names() -> list:
+    """Names of the standard-library mixers shipped in examples/."""
+    root = resources.files("mixerc.examples")
+    return sorted(p.name[:-3] for p in root.iterdir() if p.name.endswith(".mx"))
+
+
+def load_source(path_or_source) -> tuple[str, str]:
+    """(source text, file name) from a path, a standard-library name or source text."""
+    if isinstance(path_or_source, os.PathLike):
+        path = Path(path_or_source)
+        return _read(path), str(path)
+    if not isinstance(path_or_source, str):
+        raise MixerValueError("compile() takes a path, a standard-library name or source text, "
+                              f"got {type(path_or_source).__name__}")
+    text = path_or_source
+    if "{" in text:
+        return text, "<string>"
+    if text in stdlib_names():
+        f = resources.files("mixerc.examples").joinpath(text + ".mx")
+        return f.read_text(), f"examples/{text}.mx"
+    path = Path(text)
+    if path.suffix == ".mx" or path.exists():
+        return _read(path), text
+    raise MixerValueError(f"'{text}' is neither a file, mixer source, nor a standard mixer",
+                          hint="standard mixers: " + ", ".join(stdlib_names()))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise MixerValueError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def signature(p: ir.Program) -> Signature:
+    return Signature(
+        p.name,
+        tuple((d.name, d.size, d.divides) for d in p.dims.values() if not d.name.isdigit())
+        + tuple((d.name, d.size, None) for d in p.dims.values() if d.name.isdigit()),
+        tuple(p.inputs.items()), tuple(p.params.items()), tuple(p.kernels.items()),
+        tuple((n, node.type.dims) for n, node in p.outs.items()))
+
+
+class CompiledMixer:
+    """A compiled mixer: call it on tensors, decode with `step`, inspect it.
+
+    Token tensors are [batch, time, *dims], params have their declared shape,
+    kernels are [L, *dims]. Outputs come back in the inputs' dtype: one tensor,
+    or a tuple when the mixer has several `out`s.
+    """
+
+    def __init__(self, program: ir.Program, backend: str = "dense"):
+        self.program = program
+        self.name = program.name
+        self.analysis = _analysis.analyze(program)
+        self.signature = signature(program)
+        self.backend_name = backend
+        self._impl = DenseBackend(program)
+        self._names = _analysis._apply_names(program)
+
+    # ---------------------------------------------------------------- calls
+    def __call__(self, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
+                 **tensors):
+        bound = bind(self.signature, tensors, check_finite=True, varlen=cu_seqlens is not None)
+        if initial_state is not None or return_state:
+            self._need_causal("carry a decode state")
+        if cu_seqlens is not None:
+            return self._varlen(bound, tensors, cu_seqlens, initial_state, return_state)
+        outs, state = self._impl.forward(bound, initial_state, return_state)
+        y = outs[0] if len(outs) == 1 else tuple(outs)
+        return (y, state) if return_state else y
+
+    def _varlen(self, bound, tensors, cu_seqlens, initial_state, return_state):
+        offs = check_cu_seqlens(cu_seqlens, bound.time)
+        n = len(offs) - 1
+        if initial_state is not None and (not isinstance(initial_state, (list, tuple))
+                                          or len(initial_state) != n):
+            raise MixerValueError(f"with cu_seqlens, initial_state must be a list of {n} "
+                                  "states (one per sequence)")
+        pieces, states = [], []
+        for i, (a, b) in enumerate(zip(offs, offs[1:])):
+            part = dict(tensors)
+            for name in bound.inputs:
+                part[name] = tensors[name][:, a:b]
+            sub = bind(self.signature, part, check_finite=False)
+            outs, st = self._impl.forward(sub, None if initial_state is None
+                                          else initial_state[i], return_state)
+            pieces.append(outs)
+            states.append(st)
+        outs = [torch.cat([p[k] for p in pieces], 1) for k in range(len(pieces[0]))]
+        y = outs[0] if len(outs) == 1 else tuple(outs)
+        return (y, states) if return_state else y
+
+    def step(self, state, **tensors):
+        """One decode step: inputs are [batch, *dims] (no time axis); returns
+        (y_t, new_state). Pass state=None at the first token."""
+        self._need_causal("decode token by token")
+        bound = bind(self.signature, tensors, step=True, check_finite=True)
+        outs, new = self._impl.step(bound, state)
+        return (outs[0] if len(outs) == 1 else tuple(outs)), new
+
+    def init_state(self, batch: int = 1, **dims):
+        """The state before the first token (the dense backend keeps history,
+        so this is None: `step(None, ...)` starts a sequence)."""
+        self._need_causal("decode token by token")
+        return None
+
+    def _need_causal(self, what: str):
+        if not self.analysis.causal:
+            raise MixerDecodeError(f"mixer {self.name} cannot {what}: it is not causal. "
+                                   f"{self.analysis.reason}",
+                                   hint="call it on the whole sequence instead")
+
+    # ---------------------------------------------------------------- inspection
+    def materialize(self, **tensors) -> dict:
+        """The T x T matrices applied by `@`, float64, as name -> [batch, *dims, T, T]."""
+        bound = bind(self.signature, tensors, check_finite=True)
+        return DenseBackend(self.program).materialize(bound, self._names)
+
+    def explain(self) -> str:
+        return _analysis.explain(self.program, self.analysis)
+
+    def source(self, backend: str | None = None) -> str:
+        backend = backend or self.backend_name
+        if backend == "dense":
+            return self.program.text()
+        raise MixerUnsupportedError(f"no {backend!r} code for {self.name} yet: only the dense "
+                                    "interpreter exists in this version")
+
+    def module(self, **dims):
+        raise MixerUnsupportedError("CompiledMixer.module() needs the torch backend, which is "
+                                    "not implemented in this version")
+
+    def __repr__(self) -> str:
+        return f"<CompiledMixer {self.name} backend={self.backend_name} {self.analysis.cls}>"
+
+
+def compile(path_or_source, backend: str = "auto") -> CompiledMixer:  # noqa: A001
+    """Compile a mixer from a .mx path, a standard-library name, or source text."""
+    if backend not in BACKENDS:
+        raise MixerValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    source, file = load_source(path_or_source)
+    program = check(parse(source, file))
+    if backend in ("torch", "triton"):
+        raise MixerUnsupportedError(f"backend {backend!r} is not implemented yet; use "
+                                    "backend='dense' (the float64 reference)")
+    return CompiledMixer(program, "dense")
+
+
+__all__ = ["compile", "CompiledMixer", "MixerError", "stdlib_names", "load_source"]

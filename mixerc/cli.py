@@ -1,0 +1,128 @@
+"""The `mixerc` command line. MixerErrors print as diagnostics (no traceback)
+and exit with status 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import MixerError
+
+
+def _diagnostics(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MixerError as e:
+            click.echo(e.render(), err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _load(path):
+    from .api import load_source
+    from .checker import check
+    from .syntax import parse
+
+    source, file = load_source(path)
+    return check(parse(source, file))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mixerc")
+def main():
+    """mixerc: compile sequence mixers written as structured-matrix expressions."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@_diagnostics
+def check(files):
+    """Parse and type-check FILES (paths or standard-library names)."""
+    for f in files:
+        p = _load(f)
+        click.echo(f"ok: {p.name} ({p.file}): outputs {', '.join(p.outs)}")
+
+
+@main.command()
+@click.argument("file")
+@click.option("--ir", "show_ir", is_flag=True, help="also print the typed IR")
+@_diagnostics
+def explain(file, show_ir):
+    """Matrix class, causality and decode state of FILE."""
+    from . import analysis
+
+    p = _load(file)
+    click.echo(analysis.explain(p))
+    if show_ir:
+        click.echo("\n" + p.text())
+
+
+@main.command()
+@click.argument("file")
+@click.option("-o", "--output", default="M.png", show_default=True, help="image to write")
+@click.option("--matrix", "which", default=None, help="which matrix (default: M, else the first)")
+@click.option("-T", "--time", "T", default=64, show_default=True, help="sequence length")
+@click.option("--dims", default="", help="dim sizes, e.g. H=4,N=8")
+@click.option("--seed", default=0, show_default=True)
+@_diagnostics
+def plot(file, output, which, T, dims, seed):
+    """Heat map of the mixing matrix of FILE for one head, on random inputs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.colors import SymLogNorm
+
+    from .api import CompiledMixer
+    from .errors import MixerValueError
+    from .inputs import default_sizes, parse_dims, random_inputs
+
+    p = _load(file)
+    m = CompiledMixer(p, "dense")
+    try:
+        sizes = default_sizes(p, parse_dims(dims))
+    except ValueError as e:
+        raise MixerValueError(f"--dims: {e}") from None
+    args = random_inputs(p, sizes, 1, T, seed=seed, dtype=torch.float64)
+    mats = m.materialize(**args)
+    if which is None:
+        which = "M" if "M" in mats else next(iter(mats))
+    if which not in mats:
+        raise MixerValueError(f"no matrix named {which!r}; {p.name} has {', '.join(mats)}")
+    M = mats[which][0]
+    while M.dim() > 2:
+        M = M[0]  # first head / channel
+    M = M.numpy()
+    info = next(x for x in m.analysis.matrices if x.name == which)
+    lim = float(abs(M).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    # symmetric log scale: decays make entries span many orders of magnitude
+    norm = SymLogNorm(linthresh=lim * 1e-4, vmin=-lim, vmax=lim)
+    im = ax.imshow(M, cmap="RdBu_r", norm=norm, interpolation="nearest")
+    ax.set_title(f"{p.name}: {which} ({info.cls}), T={T}, first head")
+    ax.set_xlabel("s (source position)")
+    ax.set_ylabel("t (target position)")
+    fig.colorbar(im, ax=ax, shrink=0.85)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    click.echo(f"wrote {output}: {which} of {p.name}, {T}x{T}")
+
+
+@main.command()
+@click.option("-T", "--time", "T", default=96, show_default=True, help="sequence length")
+@click.option("--batch", default=2, show_default=True)
+@_diagnostics
+def demo(T, batch):
+    """Compile the standard library and run every mixer on random CPU inputs."""
+    from .demo import run_demo
+
+    run_demo(T=T, batch=batch)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""What generated modules import at run time: autograd glue, states, varlen."""

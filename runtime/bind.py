@@ -1,0 +1,147 @@
+"""Bind call arguments to a mixer's declared shapes, with errors that name the
+offending tensor. Imported by every backend and by generated modules, so it
+depends on torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    from mixerc.errors import MixerShapeError, MixerValueError
+except ImportError:  # inside a standalone module written by `mixerc compile`
+    class MixerShapeError(ValueError):
+        pass
+
+    class MixerValueError(ValueError):
+        pass
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a mixer takes, as plain data (embeddable in generated code)."""
+
+    name: str
+    dims: tuple            # ((name, fixed size or None, divides or None), ...)
+    inputs: tuple          # ((name, (dims...)), ...) token tensors [batch, time, *dims]
+    params: tuple          # ((name, (dims...)), ...)
+    kernels: tuple         # ((name, (dims...)), ...) passed as [L, *dims]
+    outs: tuple            # ((name, (dims...)), ...)
+
+    @property
+    def groups(self) -> dict:
+        return {n: d for n, _, d in self.dims if d}
+
+
+@dataclass
+class Bound:
+    """Arguments after checking: tensors by name plus every dim's size."""
+
+    inputs: dict
+    params: dict
+    kernels: dict
+    sizes: dict
+    batch: int
+    time: int | None       # None for a decode step
+    dtype: torch.dtype
+    device: torch.device
+    origin: dict = field(default_factory=dict)  # dim -> which argument fixed it
+
+
+def _fmt(dims, sizes) -> str:
+    return "[" + ", ".join(str(sizes.get(d, d)) for d in dims) + "]"
+
+
+def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite: bool = False,
+         varlen: bool = False) -> Bound:
+    known = {n for n, _ in sig.inputs + sig.params + sig.kernels}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise MixerValueError(
+            f"{sig.name}: unknown argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+            f"it takes inputs {_names(sig.inputs)}, params {_names(sig.params)}"
+            + (f", kernels {_names(sig.kernels)}" if sig.kernels else ""))
+    missing = [n for n, _ in sig.inputs + sig.params + sig.kernels if n not in kwargs]
+    if missing:
+        raise MixerValueError(f"{sig.name}: missing argument{'s' * (len(missing) > 1)} "
+                              f"{', '.join(missing)}")
+    sizes: dict = {n: s for n, s, _ in sig.dims if s is not None}
+    origin: dict = {n: "the mixer source" for n in sizes}
+    lead = ["batch"] if step else ["batch", "time"]
+    batch_time: dict = {}
+
+    def fit(kind, name, t, dims, leading):
+        if not isinstance(t, torch.Tensor):
+            raise MixerValueError(f"{kind} {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise MixerValueError(f"{kind} {name} must be a floating-point tensor, got {t.dtype}")
+        want = list(leading) + list(dims)
+        if t.dim() != len(want):
+            raise MixerShapeError(f"{kind} {name} has shape {list(t.shape)}, expected "
+                                  f"[{', '.join(want)}] ({len(want)} dims, got {t.dim()})")
+        for axis, (label, n) in enumerate(zip(want, t.shape)):
+            table, where = (batch_time, "batch/time") if label in lead else (sizes, "dim")
+            if label in ("L",) and axis == 0 and kind == "kernel":
+                continue
+            if label in table and table[label] != n:
+                expected = [batch_time.get(x, sizes.get(x, x)) for x in want]
+                raise MixerShapeError(
+                    f"{kind} {name} has shape {list(t.shape)}, expected [{', '.join(want)}] = "
+                    f"{expected}: {label} is {table[label]} (from {origin[label]}) "
+                    f"but {name} gives {n}")
+            if label not in table:
+                table[label] = int(n)
+                origin[label] = f"{kind} {name}"
+        if check_finite and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MixerValueError(f"{kind} {name} holds {bad} NaN/Inf value{'s' * (bad > 1)}")
+
+    for name, dims in sig.inputs:
+        fit("input", name, kwargs[name], dims, lead)
+    for name, dims in sig.params:
+        fit("param", name, kwargs[name], dims, [])
+    for name, dims in sig.kernels:
+        fit("kernel", name, kwargs[name], dims, ["L"])
+    for n, _, h in sig.dims:
+        if h and n in sizes and h in sizes and sizes[h] % sizes[n]:
+            raise MixerShapeError(f"dim {n} = {sizes[n]} (from {origin[n]}) does not divide "
+                                  f"{h} = {sizes[h]} (from {origin[h]}); {n} divides {h} "
+                                  f"maps head h to group h // ({h}/{n})")
+    for name, _ in sig.kernels:
+        if kwargs[name].shape[0] < 1:
+            raise MixerShapeError(f"kernel {name} has no taps (L = 0)")
+    if varlen and batch_time.get("batch", 1) != 1:
+        raise MixerShapeError(f"with cu_seqlens the batch must be 1 (sequences packed along "
+                              f"time), got batch {batch_time['batch']}")
+    if not sig.inputs:
+        raise MixerValueError(f"{sig.name} has no token inputs")
+    first = kwargs[sig.inputs[0][0]]
+    dtype = first.dtype
+    for name, _ in sig.inputs:
+        dtype = torch.promote_types(dtype, kwargs[name].dtype)
+        if kwargs[name].device != first.device:
+            raise MixerValueError(f"input {name} is on {kwargs[name].device} but input "
+                                  f"{sig.inputs[0][0]} is on {first.device}")
+    pick = lambda table: {n: kwargs[n] for n, _ in table}  # noqa: E731
+    return Bound(pick(sig.inputs), pick(sig.params), pick(sig.kernels), sizes,
+                 batch_time["batch"], None if step else batch_time["time"], dtype,
+                 first.device, origin)
+
+
+def _names(table) -> str:
+    return ", ".join(n for n, _ in table) or "(none)"
+
+
+def check_cu_seqlens(cu_seqlens, total: int) -> list:
+    """Validate FlashAttention-style offsets [0, l0, l0+l1, ..., total]."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise MixerValueError("cu_seqlens must be a 1-D int32/int64 tensor of offsets")
+    offs = [int(x) for x in cu_seqlens.tolist()]
+    if len(offs) < 2 or offs[0] != 0 or offs[-1] != total or \
+            any(b < a for a, b in zip(offs, offs[1:])):
+        raise MixerValueError(f"cu_seqlens must rise from 0 to the packed length {total}, "
+                              f"got {offs}")
+    return offs
