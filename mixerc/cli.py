@@ -124,5 +124,16 @@ def demo(T, batch):
     run_demo(T=T, batch=batch)
 
 
+def _add_subsystem_commands():
+    """Commands that live with their subsystem (autotune/cli.py, ...)."""
+    from .autotune import cli as autotune_cli
+
+    for command in autotune_cli.COMMANDS:
+        main.add_command(command)
+
+
+_add_subsystem_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
