@@ -83,6 +83,37 @@ def _predicate_band(node: ir.Map) -> Band:
     return (-INF, INF)  # ne
 
 
+def exact_band(node: ir.Node) -> Band | None:
+    """(lo, hi) if the predicate holds exactly when lo <= t - s <= hi (affine
+    comparisons in t - s joined by `and`, or a one-sided `not`); else None, e.g.
+    for predicates on absolute positions such as `t < 9`."""
+    if not (isinstance(node, ir.Map) and node.type.boolean):
+        return None
+    op, args = node.op, node.args
+    if op in ir.COMPARE_OPS:
+        x, y = affine(args[0]), affine(args[1])
+        if x is None or y is None:
+            return None
+        a, b = x[0] - y[0], x[1] - y[1]
+        if a != -b or (a == 0 and op == "ne") or op == "ne":
+            return None
+        return _predicate_band(node)
+    if op in ("and", "mul"):
+        x, y = exact_band(args[0]), exact_band(args[1])
+        return None if x is None or y is None else _meet(x, y)
+    if op == "not":
+        x = exact_band(args[0])
+        if x is None:
+            return None
+        lo, hi = x
+        if lo == -INF and hi != INF:
+            return (hi + 1, INF)
+        if hi == INF and lo != -INF:
+            return (-INF, lo - 1)
+        return None
+    return None
+
+
 def _meet(a: Band, b: Band) -> Band:
     return (max(a[0], b[0]), min(a[1], b[1]))
 
@@ -227,62 +258,97 @@ class Analysis:
         return " + ".join(classes) if classes else "elementwise"
 
 
-def _factors(node: ir.Node) -> list:
+def factors(node: ir.Node) -> list:
     """Split a Hadamard product into factors; statics become scale factors."""
     if isinstance(node, ir.Map) and node.op == "mul":
-        return _factors(node.args[0]) + _factors(node.args[1])
+        return factors(node.args[0]) + factors(node.args[1])
     if isinstance(node, ir.Map) and node.op == "div" and node.args[1].type.kind == STATIC:
-        return _factors(node.args[0]) + [node.args[1]]
+        return factors(node.args[0]) + [node.args[1]]
     if isinstance(node, ir.Map) and node.op == "neg":
-        return _factors(node.args[0])
+        return factors(node.args[0])
     if isinstance(node, ir.Contract):
-        return _factors(node.x)
+        return factors(node.x)
     return [node]
 
 
-def _terms(node: ir.Node) -> list:
+def terms(node: ir.Node) -> list:
     if isinstance(node, ir.Map) and node.op in ("add", "sub") and \
             node.args[0].type.kind == MATRIX and node.args[1].type.kind == MATRIX:
-        return _terms(node.args[0]) + _terms(node.args[1])
+        return terms(node.args[0]) + terms(node.args[1])
     if isinstance(node, ir.Contract) and isinstance(node.x, ir.Map) and node.x.op in ("add", "sub"):
-        return _terms(node.x)
+        return terms(node.x)
     return [node]
 
 
-def _lowrank_polynomial(node: ir.Node):
-    """(LowRank, degree) if node is a polynomial in one low-rank product z with
-    static coefficients (Based: 1 + z + z^2/2), else None."""
-    found: list = []
+@dataclass
+class Polynomial:
+    """f(z) = sum_d coeffs[d] z^d for z = the low-rank product u . w. Coefficients
+    are sympy expressions in `symbols` (static sub-expressions such as sqrt(K),
+    by symbol name -> IR node)."""
 
-    def deg(n):
+    lowrank: ir.LowRank
+    coeffs: list
+    symbols: dict
+
+    @property
+    def degree(self) -> int:
+        return len(self.coeffs) - 1
+
+
+def polynomial_of_lowrank(node: ir.Node) -> Polynomial | None:
+    """A polynomial of degree >= 2 in one low-rank product with scalar static
+    coefficients (Based: 1 + z + z^2/2), expanded with sympy; else None."""
+    import sympy
+
+    z = sympy.Symbol("z")
+    found: list = []
+    symbols: dict = {}
+
+    def expr(n):
         if n.type.kind == STATIC:
-            return 0
+            if n.type.dims:
+                return None  # per-head coefficients: not a scalar polynomial
+            if isinstance(n, ir.Const):
+                return sympy.nsimplify(n.value)
+            for name, seen in symbols.items():
+                if seen is n:
+                    return sympy.Symbol(name)
+            name = f"c{len(symbols)}"
+            symbols[name] = n
+            return sympy.Symbol(name)
         if isinstance(n, ir.LowRank):
             found.append(n)
-            return 1
+            return z
         if isinstance(n, ir.Contract):
-            return deg(n.x)
-        if isinstance(n, ir.Map):
-            if n.op in ("add", "sub"):
-                a, b = deg(n.args[0]), deg(n.args[1])
-                return None if a is None or b is None else max(a, b)
-            if n.op == "mul":
-                a, b = deg(n.args[0]), deg(n.args[1])
-                return None if a is None or b is None else a + b
-            if n.op == "div" and n.args[1].type.kind == STATIC:
-                return deg(n.args[0])
+            return expr(n.x)
+        if isinstance(n, ir.Map) and n.op in ("add", "sub", "mul", "div", "pow", "neg"):
+            args = [expr(a) for a in n.args]
+            if any(a is None for a in args):
+                return None
             if n.op == "neg":
-                return deg(n.args[0])
-            if n.op == "pow" and isinstance(n.args[1], ir.Const) and \
-                    n.args[1].value == int(n.args[1].value) and n.args[1].value >= 0:
-                a = deg(n.args[0])
-                return None if a is None else a * int(n.args[1].value)
+                return -args[0]
+            a, b = args
+            if n.op == "pow":
+                if not (isinstance(n.args[1], ir.Const) and n.args[1].value == int(n.args[1].value)
+                        and n.args[1].value >= 0):
+                    return None
+            if n.op == "div" and b.has(z):
+                return None
+            return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b,
+                    "pow": a ** b}[n.op]
         return None
 
-    d = deg(node)
-    if d is None or d < 2 or len({id(x) for x in found}) != 1:
+    e = expr(node)
+    if e is None or len({id(x) for x in found}) != 1:
         return None
-    return found[0], d
+    try:
+        poly = sympy.Poly(sympy.expand(e), z)
+    except sympy.PolynomialError:
+        return None
+    if poly.degree() < 2:
+        return None
+    coeffs = list(reversed(poly.all_coeffs()))
+    return Polynomial(found[0], coeffs, symbols)
 
 
 def _is_time_invariant(node: ir.Node) -> bool:
@@ -311,8 +377,8 @@ def classify_term(node: ir.Node) -> Term:
     if lo == hi == 0:
         t.kind = "diagonal"
         return t
-    factors = _factors(inner)
-    matrix_factors = [f for f in factors if f.type.kind == MATRIX]
+    parts = factors(inner)
+    matrix_factors = [f for f in parts if f.type.kind == MATRIX]
     masks = [f for f in matrix_factors if f.type.boolean]
     other = [f for f in matrix_factors if not f.type.boolean]
     rows_cols = [f for f in other if isinstance(f, (ir.Row, ir.Col))]
@@ -333,10 +399,10 @@ def classify_term(node: ir.Node) -> Term:
         t.per_channel = any(lr.dim in d.a.type.dims for d in decays)
         return t
     if not lowranks and not softmaxes and len(rest) == 1:
-        poly = _lowrank_polynomial(rest[0])
+        poly = polynomial_of_lowrank(rest[0])
         if poly is not None and not toeplitz:
-            t.kind, t.lowrank, t.degree = "polynomial", poly[0], poly[1]
-            t.rank_dim = poly[0].dim
+            t.kind, t.lowrank, t.degree = "polynomial", poly.lowrank, poly.degree
+            t.rank_dim = poly.lowrank.dim
             return t
     if not lowranks and not softmaxes and _is_time_invariant(inner):
         t.kind = "toeplitz" if (toeplitz or decays or rest) else "banded"
@@ -354,9 +420,9 @@ def _ssm_modes(node: ir.Node):
     while isinstance(node, ir.Sum):
         summed += (node.dim,)
         node = node.x
-    factors = _factors(node)
-    decays = [f for f in factors if isinstance(f, ir.Decay)]
-    others = [f for f in factors if not isinstance(f, ir.Decay)]
+    found = factors(node)
+    decays = [f for f in found if isinstance(f, ir.Decay)]
+    others = [f for f in found if not isinstance(f, ir.Decay)]
     if len(decays) != 1 or decays[0].a.type.kind != STATIC or \
             any(f.type.kind != STATIC for f in others):
         return None
@@ -474,10 +540,10 @@ def analyze(program: ir.Program) -> Analysis:
                 matrices[id(n.m)].applies.append(n)
                 continue
             lo, hi = band(n.m)
-            terms = [classify_term(x) for x in _terms(n.m)]
-            cls = _name_class(terms, lo, hi)
-            what, dims = _state(cls, terms, n, lo, hi)
-            matrices[id(n.m)] = MatrixInfo(n, names.get(id(n), "?"), cls, (lo, hi), terms,
+            term_list = [classify_term(x) for x in terms(n.m)]
+            cls = _name_class(term_list, lo, hi)
+            what, dims = _state(cls, term_list, n, lo, hi)
+            matrices[id(n.m)] = MatrixInfo(n, names.get(id(n), "?"), cls, (lo, hi), term_list,
                                            what, dims, [n])
     matrices = list(matrices.values())
     reason = None

@@ -76,13 +76,18 @@ class CompiledMixer:
         self.analysis = _analysis.analyze(program)
         self.signature = signature(program)
         self.backend_name = backend
-        self._impl = DenseBackend(program)
+        if backend == "torch":
+            from .torch_backend import TorchBackend
+            self._impl = TorchBackend(program, self.analysis)
+        else:
+            self._impl = DenseBackend(program)
         self._names = _analysis._apply_names(program)
 
     # ---------------------------------------------------------------- calls
     def __call__(self, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
                  **tensors):
-        bound = bind(self.signature, tensors, check_finite=True, varlen=cu_seqlens is not None)
+        bound = bind(self.signature, tensors, check_finite=self.backend_name == "dense",
+                     varlen=cu_seqlens is not None)
         if initial_state is not None or return_state:
             self._need_causal("carry a decode state")
         if cu_seqlens is not None:
@@ -116,7 +121,8 @@ class CompiledMixer:
         """One decode step: inputs are [batch, *dims] (no time axis); returns
         (y_t, new_state). Pass state=None at the first token."""
         self._need_causal("decode token by token")
-        bound = bind(self.signature, tensors, step=True, check_finite=True)
+        bound = bind(self.signature, tensors, step=True,
+                     check_finite=self.backend_name == "dense")
         outs, new = self._impl.step(bound, state)
         return (outs[0] if len(outs) == 1 else tuple(outs)), new
 
@@ -142,11 +148,17 @@ class CompiledMixer:
         return _analysis.explain(self.program, self.analysis)
 
     def source(self, backend: str | None = None) -> str:
+        """The code that runs: the typed IR for `dense`, the generated module for
+        `torch`."""
         backend = backend or self.backend_name
         if backend == "dense":
             return self.program.text()
-        raise MixerUnsupportedError(f"no {backend!r} code for {self.name} yet: only the dense "
-                                    "interpreter exists in this version")
+        if backend == "torch":
+            impl = self._impl if self.backend_name == "torch" else \
+                CompiledMixer(self.program, "torch")._impl
+            return impl.source()
+        raise MixerUnsupportedError(f"no {backend!r} code: the Triton backend is not "
+                                    "implemented yet")
 
     def module(self, **dims):
         raise MixerUnsupportedError("CompiledMixer.module() needs the torch backend, which is "
@@ -162,10 +174,11 @@ def compile(path_or_source, backend: str = "auto") -> CompiledMixer:  # noqa: A0
         raise MixerValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     source, file = load_source(path_or_source)
     program = check(parse(source, file))
-    if backend in ("torch", "triton"):
-        raise MixerUnsupportedError(f"backend {backend!r} is not implemented yet; use "
-                                    "backend='dense' (the float64 reference)")
-    return CompiledMixer(program, "dense")
+    if backend == "triton":
+        raise MixerUnsupportedError("backend 'triton' is not implemented yet; use "
+                                    "backend='torch' (any device) or 'dense' (the float64 "
+                                    "reference)")
+    return CompiledMixer(program, "dense" if backend == "dense" else "torch")
 
 
 __all__ = ["compile", "CompiledMixer", "MixerError", "stdlib_names", "load_source"]

@@ -1,0 +1,114 @@
+"""Chunked semiseparable algorithm: masked low rank with a scalar decay
+(linear attention, RetNet, SSD), a per-channel decay inside the contraction
+(GLA, Mamba-1), a time-invariant modal kernel (H3's SSM), and a polynomial of a
+low-rank product expanded into a feature map (Based).
+
+Template: codegen/templates/torch/chunked.py.jinja.
+"""
+
+import math
+
+from mixerc import analysis, ir, planner
+from mixerc.ir import STATIC, Type
+
+NAME = "chunked"
+VERSION = "1"
+INF = math.inf
+
+
+def _lower_band(parts):
+    """0 (s <= t) or 1 (s < t) if the masks and decays make the term causal with
+    no upper limit on t - s; None otherwise."""
+    lo, hi = (-INF, INF)
+    for m in parts.masks:
+        b = analysis.exact_band(m)
+        if b is None:
+            return None
+        lo, hi = max(lo, b[0]), min(hi, b[1])
+    if parts.decays:
+        lo = max(lo, 0)
+    if hi != INF or lo not in (0, 1):
+        return None
+    return int(lo)
+
+
+def match(parts, mp, program):
+    if parts.softmaxes or parts.toeplitz or any(w[0] == "transpose" for w in parts.wrappers):
+        return None
+    strict = _lower_band(parts)
+    if strict is None:
+        return None
+    g = program.groups
+    flags = {"strict": bool(strict), "features": None}
+    if len(parts.lowranks) == 1 and not parts.rest and not parts.summed:
+        lr = parts.lowranks[0]
+        q, k, dim = lr.u, lr.w, lr.dim
+    elif not parts.lowranks and len(parts.rest) == 1 and not parts.summed:
+        poly = analysis.polynomial_of_lowrank(parts.rest[0])
+        if poly is None:
+            return None
+        q, k, dim = poly.lowrank.u, poly.lowrank.w, poly.lowrank.dim
+        flags["features"] = poly  # f(z) = sum_d c_d z^d, z = u . w, as a feature map
+    elif not parts.lowranks and not parts.rest and len(parts.summed) == 1 and parts.decays \
+            and all(d.a.type.kind == STATIC for d in parts.decays) and not parts.rows \
+            and not parts.cols:
+        # time-invariant kernel sum_n c_n exp(a_n (t - s)): a modal SSM
+        dim = parts.summed[0]
+        q = None
+        for f in parts.statics:
+            q = planner.mul(q, f, g)
+        if q is None or dim not in q.type.dims:
+            return None
+        k = ir.Const(Type(STATIC), value=1.0)
+        parts = _without_statics(parts)
+    else:
+        return None
+    for f in parts.rows + parts.statics:
+        q = planner.mul(q, f, g)
+    for f in parts.cols:
+        k = planner.mul(k, f, g)
+    a = None
+    for d in parts.decays:
+        a = planner.add(a, d.a, g)
+    flags["has_decay"] = a is not None
+    flags["per_channel"] = a is not None and dim in a.type.dims
+    flags["dim"] = dim
+    return planner.TermPlan(NAME, parts, {"q": q, "k": k, "a": a}, flags)
+
+
+def _without_statics(parts):
+    parts.statics = []
+    return parts
+
+
+def emit(tp, mp, w, key, values):
+    f = tp.flags
+    dim = f["dim"]
+    q = w.canon(tp.operands["q"], mp.heads, (dim,))
+    k = w.canon(tp.operands["k"], mp.heads, (dim,))
+    if f["features"] is not None:
+        poly = f["features"]
+        c = w.coefficients(poly)
+        ones = ", ".join(["1.0"] * (poly.degree + 1))
+        q, k = w.assign(f"poly_features({q}, {c})"), w.assign(f"poly_features({k}, [{ones}])")
+    else:
+        q, k = w.assign(q), w.assign(k)
+    a = "None"
+    if f["has_decay"]:
+        a = w.assign(w.canon(tp.operands["a"], mp.heads, (dim,) if f["per_channel"] else ()))
+    fn = w.function("torch/chunked.py.jinja", base="chunked", per_channel=f["per_channel"],
+                    strict=f["strict"], has_decay=f["has_decay"],
+                    title=mp.info.cls + (" (feature map)" if f["features"] is not None else ""))
+    chunk = w.config_key(key, "chunk", tp)
+    extra = f", sub={w.config_key(key, 'sub', tp)}" if f["per_channel"] else ""
+    y = w.fresh("y")
+    w.line(f"{y}, new_state[{key!r}] = {fn}({q}, {k}, {values}, {a}, state.get({key!r}), "
+           f"{chunk}{extra})")
+    return y
+
+
+def space(tp):
+    s = {"chunk": ([16, 32, 64, 128, 256], 64)}
+    if tp.flags["per_channel"]:
+        s["sub"] = ([8, 16, 32], 16)
+    return s

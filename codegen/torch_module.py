@@ -1,0 +1,231 @@
+"""Render a ModulePlan into the source of a Python module (torch backend).
+
+The module's `forward` is straight-line code: token-level values from the
+Emitter, and for each planned matrix the calls its strategy emits. Strategy
+functions are rendered from their jinja2 templates once per set of flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from importlib import resources
+
+import jinja2
+
+from mixerc import __version__, ir, planner
+from mixerc.codegen import strategies
+from mixerc.codegen.emit import Emitter, axes_of, dim_expr
+
+RUNTIME_FILES = ("bind.py", "chunks.py", "tokens.py")
+
+
+def _env() -> jinja2.Environment:
+    root = resources.files("mixerc.codegen").joinpath("templates")
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def template_version() -> str:
+    """Changes whenever a template or strategy changes: part of cache keys."""
+    h = hashlib.sha256(__version__.encode())
+    root = resources.files("mixerc.codegen")
+    for sub in ("templates/torch",):
+        for f in sorted(root.joinpath(sub).iterdir(), key=lambda p: p.name):
+            if f.name.endswith(".jinja"):
+                h.update(f.read_bytes())
+    for m in strategies.ORDER:
+        h.update(f"{m.NAME}:{m.VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+def key_of(name: str) -> str:
+    """A matrix name as a config/state key: conv(w_shift) -> conv_w_shift."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "m"
+
+
+class Writer(Emitter):
+    """Emitter plus what strategies need: canonical layouts, config keys, state
+    keys and rendered template functions."""
+
+    def __init__(self, plan: planner.ModulePlan):
+        super().__init__(plan.program)
+        self.plan = plan
+        self.env = _env()
+        self.functions: dict = {}      # rendered source -> function name
+        self.config: dict = {}         # "M.chunk" -> default
+        self.spaces: dict = {}         # "M.chunk" -> choices
+        self.apply_out: dict = {}      # id(apply) -> variable
+        self.needs_dense = False
+
+    # ------------------------------------------------------------ helpers
+    def assign(self, expr_or_node, expr: str | None = None, hint: str = "v") -> str:
+        if isinstance(expr_or_node, ir.Node):
+            return super().assign(expr_or_node, expr, hint)
+        name = self.fresh(hint)
+        self.line(f"{name} = {expr_or_node}")
+        return name
+
+    def size_expr(self, dims) -> str:
+        return " * ".join(dim_expr(d) for d in dims) or "1"
+
+    def canon(self, node: ir.Node, heads: tuple, tail: tuple) -> str:
+        """node as [batch, time, prod(heads)(, prod(tail))] (a reshaped view or copy)."""
+        shape = f"batch, time, {self.size_expr(heads)}" + (f", {self.size_expr(tail)}"
+                                                          if tail else "")
+        if isinstance(node, ir.Const):
+            return f"torch.full(({shape}), {float(node.value)!r}, dtype=DTYPE, device=DEVICE)"
+        if isinstance(node, ir.DimSize):
+            return f"torch.full(({shape}), float({dim_expr(node.dim)}), dtype=DTYPE, " \
+                   f"device=DEVICE)"
+        dst = ("b", "t") + tuple(heads) + tuple(tail)
+        expr = self.convert(self.value(node), axes_of(node), dst, expand=True)
+        if len(heads) == 1 and len(tail) <= 1 and axes_of(node) == dst:
+            return expr  # already [batch, time, H(, F)]
+        return f"{expr}.reshape({shape})"
+
+    def coefficients(self, poly) -> str:
+        """Python list of the polynomial's coefficients, evaluated at run time."""
+        import sympy
+        subs = {name: self.value(n) for name, n in poly.symbols.items()}
+        out = []
+        for c in poly.coeffs:
+            text = sympy.pycode(c, fully_qualified_modules=False)
+            for name, var in subs.items():
+                text = re.sub(rf"\b{name}\b", var, text)
+            text = re.sub(r"\bsqrt\b", "math.sqrt", text)
+            out.append(f"float({text})")
+        return "[" + ", ".join(out) + "]"
+
+    def config_key(self, key: str, param: str, tp) -> str:
+        full = f"{key}.{param}"
+        choices, default = strategies.BY_NAME[tp.strategy].space(tp)[param]
+        self.config.setdefault(full, default)
+        self.spaces.setdefault(full, list(choices))
+        return f"cfg[{full!r}]"
+
+    def function(self, template: str, base: str, **flags) -> str:
+        variant = "_".join(k for k, v in sorted(flags.items()) if v is True)
+        name = f"{base}_{variant}" if variant else base
+        src = self.env.get_template(template).render(name=name, **flags)
+        if src not in self.functions:
+            taken = set(self.functions.values())
+            while name in taken:
+                name += "_"
+                src = self.env.get_template(template).render(name=name, **flags)
+            self.functions[src] = name
+        return self.functions[src]
+
+    # ------------------------------------------------------------ matrices
+    def e_Apply(self, node: ir.Apply) -> str:
+        if id(node) not in self.apply_out:
+            self.emit_matrix(self.plan.for_apply(node))
+        return self.apply_out[id(node)]
+
+    def emit_matrix(self, mp: planner.MatrixPlan):
+        key = key_of(mp.name)
+        if not mp.terms:
+            return self.emit_dense(mp, key)
+        values, widths = self.values(mp)
+        total = None
+        for i, tp in enumerate(mp.terms):
+            tkey = key if len(mp.terms) == 1 else f"{key}.{i}"
+            v = values
+            for w in tp.parts.wrappers:  # outermost first: rev flips the input
+                if w[0] == "rev":
+                    v = f"{v}.flip(1)"
+            if v != values:
+                v = self.assign(v)
+            strategy = strategies.BY_NAME[tp.strategy]
+            self.line(f"# {mp.name}, term {i + 1}/{len(mp.terms)}: {tp.strategy}"
+                      if len(mp.terms) > 1 else f"# {mp.name}: {mp.info.cls}, {tp.strategy}")
+            y = strategy.emit(tp, mp, self, tkey, v)
+            for w in reversed(tp.parts.wrappers):  # innermost first on the output
+                if w[0] == "shift":
+                    y2 = self.fresh("y")
+                    self.line(f"{y2}, new_state[{tkey + '.shift'!r}] = shift_tokens({y}, {w[1]}, "
+                              f"state.get({tkey + '.shift'!r}))")
+                    y = y2
+                elif w[0] == "rev":
+                    y = self.assign(f"{y}.flip(1)", hint="y")
+            total = y if total is None else self.assign(f"{total} + {y}", hint="y")
+        self.split_outputs(mp, total, widths)
+
+    def values(self, mp) -> tuple:
+        """Every vector this matrix is applied to, as one [batch, time, Hm, V] tensor."""
+        parts, widths = [], []
+        for a in mp.applies:
+            vdims = self.value_dims(a, mp.heads)
+            expr = self.canon(a.u, mp.heads, vdims) if vdims else \
+                self.canon(a.u, mp.heads, ()) + "[..., None]"
+            parts.append(expr)
+            widths.append(vdims)
+        expr = parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], -1)"
+        return self.assign(expr, hint="u"), widths
+
+    def value_dims(self, apply, heads) -> tuple:
+        gm = self.group_map(apply.u.type.dims, heads)
+        return tuple(gm.get(d, d) for d in apply.u.type.dims if gm.get(d, d) not in heads)
+
+    def split_outputs(self, mp, y, widths):
+        off = 0
+        head_sizes = ", ".join(dim_expr(d) for d in mp.heads)
+        for a, vdims in zip(mp.applies, widths):
+            width = self.size_expr(vdims)
+            sl = y if len(mp.applies) == 1 else f"{y}[..., {off}:{off} + {width}]" \
+                if off else f"{y}[..., :{width}]"
+            shape = ", ".join(x for x in ("batch, time", head_sizes,
+                                          ", ".join(dim_expr(d) for d in vdims)) if x)
+            src = ("b", "t") + tuple(mp.heads) + tuple(vdims)
+            expr = self.convert(f"{sl}.reshape({shape})", src, ("b", "t") + a.type.dims)
+            self.apply_out[id(a)] = super().assign(a, expr)
+            off = f"{off} + {width}" if off else width
+
+    def emit_dense(self, mp, key):
+        """No strategy fits: evaluate through the dense interpreter (keeps the
+        whole input history as its decode state)."""
+        self.needs_dense = True
+        idx = [n for n in self.program.nodes() if isinstance(n, ir.Apply)]
+        for a in mp.applies:
+            i = next(j for j, n in enumerate(idx) if n is a)
+            y = self.fresh("v")
+            inputs = ", ".join(f"{n!r}: {n}" for n in self.program.inputs)
+            others = ", ".join(f"{n!r}: {n}" for n in
+                               list(self.program.params) + list(self.program.kernels))
+            self.line(f"# {mp.name}: {mp.info.cls}, dense fallback ({mp.why_dense})")
+            self.line(f"{y}, new_state[{key + '.history'!r}] = dense_apply(SOURCE, {i}, "
+                      f"{{{inputs}}}, {{{others}}}, sizes, state.get({key + '.history'!r}))")
+            self.apply_out[id(a)] = y
+
+    # ------------------------------------------------------------ module
+    def render(self, standalone: bool = False) -> str:
+        p = self.program
+        outputs = [self.value(n) for n in p.outs.values()]
+        body = list(self.lines)
+        used = {d for d in p.dims if not d.isdigit()}
+        runtime_source = ""
+        if standalone:
+            root = resources.files("mixerc.runtime")
+            runtime_source = "\n".join(root.joinpath(f).read_text() for f in RUNTIME_FILES)
+        from mixerc.api import signature
+        lines = []
+        for mp in self.plan.matrices:
+            lines.append(f"{mp.name}: {mp.info.cls} -> {', '.join(mp.strategies)}")
+        return self.env.get_template("torch/module.py.jinja").render(
+            version=__version__, name=p.name, file=p.file, source=p.source.strip("\n"),
+            plan_lines=lines, standalone=standalone, runtime_source=runtime_source,
+            needs_dense=self.needs_dense, ir_hash=p.hash(), template_version=template_version(),
+            signature=repr(signature(p)), default_config=repr(self.config),
+            state_keys=repr(sorted(set(re.findall(r"new_state\['([^']*)'\]", "\n".join(body))))),
+            causal=repr(self.plan.analysis.causal),
+            functions=list(self.functions), args=list(p.inputs) + list(p.params) + list(p.kernels),
+            first_input=next(iter(p.inputs)), dims=sorted(used, key=list(p.dims).index),
+            body=body, outputs=outputs)
+
+
+def generate(plan: planner.ModulePlan, standalone: bool = False) -> tuple[str, dict, dict]:
+    """(module source, default config, config choices)."""
+    w = Writer(plan)
+    src = w.render(standalone=standalone)
+    return src, dict(w.config), dict(w.spaces)

@@ -1,0 +1,73 @@
+"""Runs generated torch modules: dtype policy, state wrapping, decode steps."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import jit, planner
+from .errors import MixerValueError
+from .runtime.state import MixerState
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, program, analysis):
+        from .codegen.torch_module import template_version
+
+        self.program = program
+        self.analysis = analysis
+        self.key = jit.module_key(program.hash(), "torch", template_version())
+        self.module = jit.load(self.key, lambda: self.generate()[0])
+        self.config = dict(self.module.DEFAULT_CONFIG)
+
+    @functools.cached_property
+    def plan(self) -> planner.ModulePlan:
+        return planner.plan(self.program, self.analysis)
+
+    def generate(self, standalone: bool = False):
+        from .codegen.torch_module import generate
+        return generate(self.plan, standalone=standalone)
+
+    def source(self) -> str:
+        return jit.module_path(self.key).read_text()
+
+    def _check_state(self, state, batch):
+        if state is None:
+            return {}
+        if not isinstance(state, MixerState):
+            raise MixerValueError(f"initial_state must be the MixerState a previous call of "
+                                  f"{self.program.name} (torch backend) returned, got "
+                                  f"{type(state).__name__}")
+        want = set(self.module.STATE_KEYS)
+        if set(state.tensors) != want:
+            raise MixerValueError(f"initial_state does not belong to {self.program.name}: it "
+                                  f"holds {sorted(state.tensors)}, expected {sorted(want)}")
+        for k, v in state.tensors.items():
+            if isinstance(v, torch.Tensor) and v.shape[0] != batch:
+                raise MixerValueError(f"initial_state[{k!r}] is for batch {v.shape[0]}, the "
+                                      f"inputs have batch {batch}")
+        return state.tensors
+
+    def forward(self, bound, initial_state=None, return_state=False, config=None):
+        cdtype = torch.float32 if bound.dtype in HALF else bound.dtype
+        cast = lambda x: x.to(cdtype)  # noqa: E731  float32 math for half inputs
+        args = [cast(bound.inputs[n]) for n in self.program.inputs]
+        args += [cast(bound.params[n]) for n in self.program.params]
+        args += [cast(bound.kernels[n]) for n in self.program.kernels]
+        state = self._check_state(initial_state, bound.batch)
+        cfg = self.config if config is None else config
+        outs, new = self.module.forward(bound.sizes, cfg, state, *args)
+        length = (initial_state.length if initial_state is not None else 0) + \
+            args[0].shape[1]
+        outs = [o.to(bound.dtype) for o in outs]
+        return outs, (MixerState(new, length) if return_state else None)
+
+    def step(self, bound, state):
+        bound.inputs = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
+        outs, new = self.forward(bound, state, return_state=True)
+        return [o[:, 0] for o in outs], new

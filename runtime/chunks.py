@@ -1,0 +1,42 @@
+"""Chunking helpers shared by the chunked (semiseparable) templates.
+
+Pure torch; `mixerc compile` inlines this file into standalone modules.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def to_chunks(x, chunk):
+    """[B, T, H, *rest] -> [B, H, n, chunk, *rest], zero-padded at the end.
+
+    Zero padding is harmless for causal chunked algorithms: padded steps have
+    k = v = 0 (add nothing to the state) and log-decay 0 (do not decay it)."""
+    B, T = x.shape[0], x.shape[1]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    x = x.reshape(B, n, chunk, *x.shape[2:])
+    return x.movedim(3, 1) if x.dim() > 3 else x  # move H in front of (n, chunk)
+
+
+def from_chunks(y, T):
+    """[B, H, n, chunk, V] -> [B, T, H, V]."""
+    B, H, n, C = y.shape[:4]
+    return y.movedim(1, 3).reshape(B, n * C, H, *y.shape[4:])[:, :T]
+
+
+def scan_states(start, decay, local):
+    """State entering each chunk, and the state after the last one.
+
+    start: [B, H, K, V]; decay: [B, H, n] or [B, H, n, K] (total decay of each
+    chunk, exp of the summed log-decay); local: [B, H, n, K, V] (each chunk's
+    own contribution at its end). S_c = decay_c * S_{c-1} + local_c."""
+    entering = []
+    S = start
+    for c in range(local.shape[2]):
+        entering.append(S)
+        d = decay[:, :, c]
+        S = (d[..., None, None] if d.dim() == 2 else d[..., None]) * S + local[:, :, c]
+    return torch.stack(entering, dim=2), S

@@ -1,0 +1,40 @@
+"""Dense fallback for matrices no strategy claims: the dense interpreter
+evaluates just that `M @ u`, on the whole input history (its decode state).
+Needs mixerc itself, so standalone modules cannot use it."""
+
+import functools
+
+import torch
+
+from mixerc import ir
+from mixerc.checker import check_source
+from mixerc.dense import Evaluator
+
+
+@functools.lru_cache(maxsize=64)
+def _applies(source: str) -> tuple:
+    program = check_source(source)
+    return program, [n for n in program.nodes() if isinstance(n, ir.Apply)]
+
+
+def dense_apply(source, index, inputs, others, sizes, history):
+    program, applies = _applies(source)
+    apply = applies[index]
+    first = next(iter(inputs.values()))
+    dtype = first.dtype
+    env = {}
+    for name, x in inputs.items():
+        x = x.to(torch.float64)
+        if history is not None:
+            x = torch.cat([history[name].to(torch.float64), x], 1)
+        env[name] = x
+    for name, x in others.items():
+        env[name] = x.to(torch.float64)
+    T = env[next(iter(inputs))].shape[1]
+    start = 0 if history is None else history[next(iter(inputs))].shape[1]
+    ev = Evaluator(program, env, sizes, first.shape[0], T)
+    v = ev.value(apply, torch.arange(start, T, device=first.device))
+    v = ev.layout(v, ("b", "t") + apply.type.dims)
+    shape = (first.shape[0], T - start) + tuple(ev.sizes[d] for d in apply.type.dims)
+    new_history = {n: x.to(dtype) for n, x in env.items() if n in inputs}
+    return v.data.expand(shape).to(dtype), new_history
