@@ -17,7 +17,7 @@ from mixerc import __version__, ir, planner
 from mixerc.codegen import strategies
 from mixerc.codegen.emit import Emitter, axes_of, dim_expr
 
-RUNTIME_FILES = ("bind.py", "chunks.py", "tokens.py")
+RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py")
 
 
 def _env() -> jinja2.Environment:

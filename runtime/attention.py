@@ -1,0 +1,1 @@
+"""Attention helpers for generated modules (flash strategy). Pure torch."""

@@ -1,0 +1,1 @@
+"""Convolution helpers for generated modules (toeplitz strategy). Pure torch."""
