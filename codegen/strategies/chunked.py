@@ -112,3 +112,12 @@ def space(tp):
     if tp.flags["per_channel"]:
         s["sub"] = ([8, 16, 32], 16)
     return s
+
+
+def constraints(tp, key):
+    """Python expressions over `cfg` and `T` that a config must satisfy (rendered
+    into the generated module's `config_allowed`)."""
+    out = [f"cfg[{key + '.chunk'!r}] < 2 * max(T, 8)"]  # no chunk far longer than the input
+    if tp.flags["per_channel"]:
+        out.append(f"cfg[{key + '.sub'!r}] <= cfg[{key + '.chunk'!r}]")
+    return out
