@@ -42,7 +42,8 @@ def template_version() -> str:
 
 def key_of(name: str) -> str:
     """A matrix name as a config/state key: conv(w_shift) -> conv_w_shift."""
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "m"
+    key = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "m"
+    return key if not key[0].isdigit() else "m_" + key
 
 
 class Writer(Emitter):
@@ -58,6 +59,7 @@ class Writer(Emitter):
         self.spaces: dict = {}         # "M.chunk" -> choices
         self.apply_out: dict = {}      # id(apply) -> variable
         self.needs_dense = False
+        self.constraints: list = []    # python expressions over cfg and T
 
     # ------------------------------------------------------------ helpers
     def assign(self, expr_or_node, expr: str | None = None, hint: str = "v") -> str:
@@ -130,7 +132,7 @@ class Writer(Emitter):
         values, widths = self.values(mp)
         total = None
         for i, tp in enumerate(mp.terms):
-            tkey = key if len(mp.terms) == 1 else f"{key}.{i}"
+            tkey = key if len(mp.terms) == 1 else f"{key}.term{i}"
             v = values
             for w in tp.parts.wrappers:  # outermost first: rev flips the input
                 if w[0] == "rev":
@@ -141,6 +143,8 @@ class Writer(Emitter):
             self.line(f"# {mp.name}, term {i + 1}/{len(mp.terms)}: {tp.strategy}"
                       if len(mp.terms) > 1 else f"# {mp.name}: {mp.info.cls}, {tp.strategy}")
             y = strategy.emit(tp, mp, self, tkey, v)
+            if hasattr(strategy, "constraints"):
+                self.constraints.extend(strategy.constraints(tp, tkey))
             for w in reversed(tp.parts.wrappers):  # innermost first on the output
                 if w[0] == "shift":
                     y2 = self.fresh("y")
@@ -217,6 +221,7 @@ class Writer(Emitter):
             plan_lines=lines, standalone=standalone, runtime_source=runtime_source,
             needs_dense=self.needs_dense, ir_hash=p.hash(), template_version=template_version(),
             signature=repr(signature(p)), default_config=repr(self.config),
+            config_space=repr(self.spaces), constraints=self.constraints,
             state_keys=repr(sorted(set(re.findall(r"new_state\['([^']*)'\]", "\n".join(body))))),
             causal=repr(self.plan.analysis.causal),
             functions=list(self.functions), args=list(p.inputs) + list(p.params) + list(p.kernels),

@@ -126,6 +126,32 @@ class CompiledMixer:
         outs, new = self._impl.step(bound, state)
         return (outs[0] if len(outs) == 1 else tuple(outs)), new
 
+    def tuning_problem(self, shape: dict, dtype=torch.float32, device="cpu"):
+        """This mixer at one shape as an autotune problem (torch backend). shape
+        holds every dim by name plus B and T (and L, the kernel length, for
+        mixers with kernels)."""
+        if self.backend_name != "torch":
+            raise MixerUnsupportedError("autotuning needs backend='torch'")
+        shape = dict(shape)
+        missing = [k for k in ("B", "T") if k not in shape]
+        if missing:
+            raise MixerValueError(f"shape needs {', '.join(missing)} (batch and time)")
+        batch, time, kernel_len = shape.pop("B"), shape.pop("T"), shape.pop("L", None)
+        sizes = {d.name: d.size for d in self.program.dims.values() if d.size is not None}
+        sizes.update(shape)
+        unknown = sorted(set(shape) - set(self.program.dims))
+        if unknown:
+            raise MixerValueError(f"unknown dim(s) {', '.join(unknown)} for {self.name}; "
+                                  f"it declares {', '.join(d for d in self.program.dims if not d.isdigit())}")
+        absent = [d for d in self.program.dims if d not in sizes]
+        if absent:
+            raise MixerValueError(f"shape lacks dim(s) {', '.join(absent)}")
+        for d in self.program.dims.values():
+            if d.divides and sizes[d.divides] % sizes[d.name]:
+                raise MixerValueError(f"{d.name} = {sizes[d.name]} does not divide "
+                                      f"{d.divides} = {sizes[d.divides]}")
+        return self._impl.tuning_problem(sizes, batch, time, dtype, device, kernel_len)
+
     def init_state(self, batch: int = 1, **dims):
         """The state before the first token (the dense backend keeps history,
         so this is None: `step(None, ...)` starts a sequence)."""

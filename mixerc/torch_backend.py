@@ -13,6 +13,11 @@ from .runtime.state import MixerState
 HALF = (torch.float16, torch.bfloat16)
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and compiler.is_compiling())
+
+
 class TorchBackend:
     name = "torch"
 
@@ -24,6 +29,7 @@ class TorchBackend:
         self.key = jit.module_key(program.hash(), "torch", template_version())
         self.module = jit.load(self.key, lambda: self.generate()[0])
         self.config = dict(self.module.DEFAULT_CONFIG)
+        self._configs: dict = {}   # shape bucket -> config (autotune cache or defaults)
 
     @functools.cached_property
     def plan(self) -> planner.ModulePlan:
@@ -60,12 +66,34 @@ class TorchBackend:
         args += [cast(bound.params[n]) for n in self.program.params]
         args += [cast(bound.kernels[n]) for n in self.program.kernels]
         state = self._check_state(initial_state, bound.batch)
-        cfg = self.config if config is None else config
+        cfg = self.config_for(bound) if config is None else config
         outs, new = self.module.forward(bound.sizes, cfg, state, *args)
         length = (initial_state.length if initial_state is not None else 0) + \
             args[0].shape[1]
         outs = [o.to(bound.dtype) for o in outs]
         return outs, (MixerState(new, length) if return_state else None)
+
+    def tuning_problem(self, sizes, batch, time, dtype=torch.float32, device="cpu",
+                       kernel_len=None):
+        from .tuning import TorchTuningProblem
+        return TorchTuningProblem(self, sizes, batch, time, dtype, device, kernel_len)
+
+    def config_for(self, bound) -> dict:
+        """The config for this shape bucket: the autotune cache's (looked up once
+        per bucket and process), else the defaults. Decode steps and calls under
+        torch.compile use what is known without touching the cache."""
+        from .autotune import bucket_T
+        if not self.module.CONFIG_SPACE or bound.time == 1 or _compiling():
+            return self.config
+        kernel_len = next((int(k.shape[0]) for k in bound.kernels.values()), None)
+        bucket = (tuple(sorted(bound.sizes.items())), bound.batch, bucket_T(bound.time),
+                  str(bound.dtype), str(bound.device), kernel_len)
+        if bucket not in self._configs:
+            from .autotune import config_for
+            problem = self.tuning_problem(bound.sizes, bound.batch, bound.time, bound.dtype,
+                                          bound.device, kernel_len)
+            self._configs[bucket] = config_for(problem)
+        return self._configs[bucket]
 
     def step(self, bound, state):
         bound.inputs = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
