@@ -83,14 +83,15 @@ class TorchBackend:
         per bucket and process), else the defaults. Decode steps and calls under
         torch.compile use what is known without touching the cache."""
         from .autotune import bucket_T
-        if not self.module.CONFIG_SPACE or bound.time == 1 or _compiling():
+        time = next(iter(bound.inputs.values())).shape[1]
+        if not self.module.CONFIG_SPACE or time == 1 or _compiling():
             return self.config
         kernel_len = next((int(k.shape[0]) for k in bound.kernels.values()), None)
-        bucket = (tuple(sorted(bound.sizes.items())), bound.batch, bucket_T(bound.time),
+        bucket = (tuple(sorted(bound.sizes.items())), bound.batch, bucket_T(time),
                   str(bound.dtype), str(bound.device), kernel_len)
         if bucket not in self._configs:
             from .autotune import config_for
-            problem = self.tuning_problem(bound.sizes, bound.batch, bound.time, bound.dtype,
+            problem = self.tuning_problem(bound.sizes, bound.batch, time, bound.dtype,
                                           bound.device, kernel_len)
             self._configs[bucket] = config_for(problem)
         return self._configs[bucket]
