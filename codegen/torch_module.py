@@ -16,6 +16,7 @@ import jinja2
 from mixerc import __version__, ir, planner
 from mixerc.codegen import strategies
 from mixerc.codegen.emit import Emitter, axes_of, dim_expr
+from mixerc.jit import template_version
 
 RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py")
 
@@ -25,19 +26,6 @@ def _env() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True, keep_trailing_newline=True)
-
-
-def template_version() -> str:
-    """Changes whenever a template or strategy changes: part of cache keys."""
-    h = hashlib.sha256(__version__.encode())
-    root = resources.files("mixerc.codegen")
-    for sub in ("templates/torch",):
-        for f in sorted(root.joinpath(sub).iterdir(), key=lambda p: p.name):
-            if f.name.endswith(".jinja"):
-                h.update(f.read_bytes())
-    for m in strategies.ORDER:
-        h.update(f"{m.NAME}:{m.VERSION}".encode())
-    return h.hexdigest()[:16]
 
 
 def key_of(name: str) -> str:

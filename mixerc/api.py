@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import analysis as _analysis
-from . import ir
+from . import ir, jit
 from .checker import check
 from .dense import DenseBackend
 from .errors import MixerDecodeError, MixerError, MixerUnsupportedError, MixerValueError
@@ -70,18 +71,45 @@ class CompiledMixer:
     or a tuple when the mixer has several `out`s.
     """
 
-    def __init__(self, program: ir.Program, backend: str = "dense"):
-        self.program = program
-        self.name = program.name
-        self.analysis = _analysis.analyze(program)
-        self.signature = signature(program)
+    def __init__(self, program: ir.Program | None = None, backend: str = "dense", *,
+                 source: str | None = None, file: str = "<string>", module=None):
+        """From a checked program, or (JIT cache hit) from a generated module plus
+        the source it came from: the program is then parsed only if needed."""
+        if program is None and source is None:
+            raise MixerValueError("CompiledMixer needs a program or its source")
+        self._program = program
+        self._source, self._file = (source, file) if program is None else \
+            (program.source, program.file)
         self.backend_name = backend
         if backend == "torch":
             from .torch_backend import TorchBackend
-            self._impl = TorchBackend(program, self.analysis)
+            self._impl = TorchBackend(self, module)
+            self.signature = self._impl.module.SIGNATURE
+            self.name = self._impl.module.NAME
         else:
-            self._impl = DenseBackend(program)
-        self._names = _analysis._apply_names(program)
+            self._impl = DenseBackend(self.program)
+            self.signature = signature(self.program)
+            self.name = self.program.name
+
+    @functools.cached_property
+    def program(self) -> ir.Program:
+        if self._program is None:
+            self._program = check(parse(self._source, self._file))
+        return self._program
+
+    @functools.cached_property
+    def analysis(self) -> _analysis.Analysis:
+        return _analysis.analyze(self.program)
+
+    @functools.cached_property
+    def _names(self) -> dict:
+        return _analysis._apply_names(self.program)
+
+    @property
+    def causal(self) -> bool:
+        if self.backend_name == "torch":
+            return self._impl.module.CAUSAL
+        return self.analysis.causal
 
     # ---------------------------------------------------------------- calls
     def __call__(self, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
@@ -159,7 +187,7 @@ class CompiledMixer:
         return None
 
     def _need_causal(self, what: str):
-        if not self.analysis.causal:
+        if not self.causal:
             raise MixerDecodeError(f"mixer {self.name} cannot {what}: it is not causal. "
                                    f"{self.analysis.reason}",
                                    hint="call it on the whole sequence instead")
@@ -199,12 +227,16 @@ def compile(path_or_source, backend: str = "auto") -> CompiledMixer:  # noqa: A0
     if backend not in BACKENDS:
         raise MixerValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     source, file = load_source(path_or_source)
-    program = check(parse(source, file))
     if backend == "triton":
         raise MixerUnsupportedError("backend 'triton' is not implemented yet; use "
                                     "backend='torch' (any device) or 'dense' (the float64 "
                                     "reference)")
-    return CompiledMixer(program, "dense" if backend == "dense" else "torch")
+    if backend == "dense":
+        return CompiledMixer(check(parse(source, file)), "dense")
+    module = jit.lookup_source(source)  # a cache hit skips parsing and code generation
+    if module is not None:
+        return CompiledMixer(None, "torch", source=source, file=file, module=module)
+    return CompiledMixer(check(parse(source, file)), "torch")
 
 
 __all__ = ["compile", "CompiledMixer", "MixerError", "stdlib_names", "load_source"]

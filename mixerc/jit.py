@@ -5,9 +5,11 @@ finds the file and imports it (Python keeps its bytecode beside it)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +17,27 @@ from pathlib import Path
 import platformdirs
 
 from . import __version__
+
+
+@functools.lru_cache(maxsize=1)
+def template_version() -> str:
+    """Changes whenever anything that shapes generated code changes (templates,
+    strategies, emitters, runtime helpers): part of the JIT and autotune cache
+    keys. Reads bytes only, so a cache hit never imports the code generator."""
+    h = hashlib.sha256(__version__.encode())
+    folders = [_folder(p) for p in ("mixerc.codegen", "mixerc.codegen.strategies",
+                                     "mixerc.runtime")]
+    folders.append(folders[0] / "templates" / "torch")
+    for folder in folders:
+        for f in sorted(folder.iterdir(), key=lambda p: p.name):
+            if f.name.endswith((".py", ".jinja")):
+                h.update(f"{folder.name}/{f.name}".encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _folder(package: str) -> Path:
+    """A package's directory without importing the package itself."""
+    return Path(importlib.util.find_spec(package).submodule_search_locations[0])
 
 
 def cache_root() -> Path:
@@ -43,9 +66,39 @@ def load(key: str, make_source) -> object:
             return _import(name, path)
         except Exception:  # a damaged file: rebuild it below
             sys.modules.pop(name, None)
+    if make_source is None:
+        raise ImportError(f"no usable module at {path}")
     source = make_source()
     _atomic_write(path, source)
     return _import(name, path)
+
+
+def _source_index(source: str) -> Path:
+    text = f"{source}|{__version__}|{template_version()}"
+    return cache_root() / "sources" / hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def lookup_source(source: str):
+    """The module generated earlier for exactly this source text, or None. The
+    index only maps source text to a module key; the module file itself is
+    keyed by IR hash."""
+    try:
+        key = _source_index(source).read_text().strip()
+    except OSError:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{24}", key) or not module_path(key).exists():
+        return None
+    try:
+        return load(key, None)
+    except Exception:
+        return None
+
+
+def remember_source(source: str, key: str):
+    try:
+        _atomic_write(_source_index(source), key)
+    except OSError:  # a read-only cache only costs speed
+        pass
 
 
 def _import(name: str, path: Path):
@@ -60,7 +113,7 @@ def _import(name: str, path: Path):
 
 def _atomic_write(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

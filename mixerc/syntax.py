@@ -128,7 +128,10 @@ class Program(Node):
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
     text = resources.files("mixerc.grammar").joinpath("mixer.lark").read_text()
-    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # lark caches its LALR tables keyed by the grammar text (building them costs
+    # ~0.3 s); a cache that cannot be written is only slower, never wrong
+    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                     cache=True)
 
 
 _TOKEN_WORDS = {

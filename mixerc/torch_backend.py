@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from . import jit, planner
+from . import jit
 from .errors import MixerValueError
 from .runtime.state import MixerState
 
@@ -21,19 +21,28 @@ def _compiling() -> bool:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, program, analysis):
-        from .codegen.torch_module import template_version
-
-        self.program = program
-        self.analysis = analysis
-        self.key = jit.module_key(program.hash(), "torch", template_version())
-        self.module = jit.load(self.key, lambda: self.generate()[0])
+    def __init__(self, mixer, module=None):
+        """mixer: the CompiledMixer (its program and analysis are computed only
+        when needed); module: the generated module if the JIT cache had it."""
+        self.mixer = mixer
+        if module is None:
+            program = mixer.program
+            key = jit.module_key(program.hash(), "torch", jit.template_version())
+            module = jit.load(key, lambda: self.generate()[0])
+            jit.remember_source(program.source, key)
+        self.module = module
+        self.key = module.__name__.rsplit("_", 1)[-1]
         self.config = dict(self.module.DEFAULT_CONFIG)
         self._configs: dict = {}   # shape bucket -> config (autotune cache or defaults)
 
+    @property
+    def program(self):
+        return self.mixer.program
+
     @functools.cached_property
-    def plan(self) -> planner.ModulePlan:
-        return planner.plan(self.program, self.analysis)
+    def plan(self):
+        from . import planner  # only for code generation: a JIT cache hit never plans
+        return planner.plan(self.program, self.mixer.analysis)
 
     def generate(self, standalone: bool = False):
         from .codegen.torch_module import generate
@@ -47,11 +56,11 @@ class TorchBackend:
             return {}
         if not isinstance(state, MixerState):
             raise MixerValueError(f"initial_state must be the MixerState a previous call of "
-                                  f"{self.program.name} (torch backend) returned, got "
+                                  f"{self.module.NAME} (torch backend) returned, got "
                                   f"{type(state).__name__}")
         want = set(self.module.STATE_KEYS)
         if set(state.tensors) != want:
-            raise MixerValueError(f"initial_state does not belong to {self.program.name}: it "
+            raise MixerValueError(f"initial_state does not belong to {self.module.NAME}: it "
                                   f"holds {sorted(state.tensors)}, expected {sorted(want)}")
         for k, v in state.tensors.items():
             if isinstance(v, torch.Tensor) and v.shape[0] != batch:
@@ -62,9 +71,10 @@ class TorchBackend:
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         cdtype = torch.float32 if bound.dtype in HALF else bound.dtype
         cast = lambda x: x.to(cdtype)  # noqa: E731  float32 math for half inputs
-        args = [cast(bound.inputs[n]) for n in self.program.inputs]
-        args += [cast(bound.params[n]) for n in self.program.params]
-        args += [cast(bound.kernels[n]) for n in self.program.kernels]
+        sig = self.module.SIGNATURE
+        args = [cast(bound.inputs[n]) for n, _ in sig.inputs]
+        args += [cast(bound.params[n]) for n, _ in sig.params]
+        args += [cast(bound.kernels[n]) for n, _ in sig.kernels]
         state = self._check_state(initial_state, bound.batch)
         cfg = self.config_for(bound) if config is None else config
         outs, new = self.module.forward(bound.sizes, cfg, state, *args)

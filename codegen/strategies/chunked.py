@@ -117,7 +117,7 @@ def space(tp):
 def constraints(tp, key):
     """Python expressions over `cfg` and `T` that a config must satisfy (rendered
     into the generated module's `config_allowed`)."""
-    out = [f"cfg[{key + '.chunk'!r}] < 2 * max(T, 8)"]  # no chunk far longer than the input
+    out = [f"cfg[{key + '.chunk'!r}] < 2 * max(T, 16)"]  # no chunk far longer than the input
     if tp.flags["per_channel"]:
         out.append(f"cfg[{key + '.sub'!r}] <= cfg[{key + '.chunk'!r}]")
     return out
