@@ -84,6 +84,11 @@ class MixerUnsupportedError(MixerError, NotImplementedError):
     """A feature that is declared but not implemented yet for this path."""
 
 
+class MixerCacheError(MixerError):
+    """An autotune cache command cannot do what was asked: an unknown key, a
+    file that is not a bundle, a bad MIXERC_AUTOTUNE value."""
+
+
 def _excerpt(source: str | None, loc: Loc) -> str:
     if not source:
         return ""

@@ -1,0 +1,199 @@
+"""Where cache values live: a local directory and, optionally, Redis.
+
+Both store raw bytes by key; parsing and checking is entry.py's job. The local
+directory is always there (one `<key>.json` per key, written atomically, read
+and written under a file lock so processes sharing the directory, even over a
+network filesystem, never see half a file). Redis is best effort: any
+connection problem or timeout turns it off for the rest of the process with a
+single warning, and the job goes on with the local directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .entry import MAX_BYTES
+from .identity import KEY_RE
+
+REDIS_PREFIX = "mixerc:autotune:1:"
+REDIS_TIMEOUT_S = 1.0
+
+
+class CacheWarning(UserWarning):
+    """The autotune cache could not be used as asked (the job goes on)."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+def default_dir() -> Path:
+    root = os.environ.get("MIXERC_CACHE_DIR")
+    if not root:
+        import platformdirs
+        root = platformdirs.user_cache_dir("mixerc")
+    return Path(root).expanduser() / "autotune"
+
+
+class LocalDir:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_dir()
+
+    def __repr__(self) -> str:
+        return f"LocalDir({str(self.root)!r})"
+
+    def path(self, key: str) -> Path:
+        assert KEY_RE.match(key), key  # keys are hex digests: never a path
+        return self.root / f"{key}.json"
+
+    def lock(self, key: str, what: str = "entry", timeout: float = 30.0) -> FileLock:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(locks / f"{key}.{what}.lock"), timeout=timeout)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                return f.read(MAX_BYTES + 1)  # an oversized file is rejected, not slurped
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            warn(f"cannot read autotune cache file {self.path(key)}: {e}")
+            return None
+
+    def put(self, key: str, data: bytes) -> bool:
+        """Write-to-temp then os.replace: readers see the old file or the new one."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key[:16]}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(key))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return True
+        except OSError as e:
+            warn(f"cannot write autotune cache under {self.root}: {e}")
+            return False
+
+    def keys(self) -> list:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[:-5] for p in self.root.iterdir()
+                      if p.name.endswith(".json") and KEY_RE.match(p.name[:-5]))
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+_remote_warned = False
+_down_urls: set = set()  # a Redis that failed once stays off for this process: no 1 s stalls per call
+
+
+def _warn_remote_once(message: str) -> None:
+    # one warning per process: a dead Redis must not flood a training log
+    global _remote_warned
+    if not _remote_warned:
+        _remote_warned = True
+        warn(message)
+
+
+class RedisRemote:
+    """MIXERC_REMOTE_CACHE=redis://[user:password@]host:port/db (rediss:// for TLS)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._client = None
+
+    @property
+    def down(self) -> bool:
+        return self.url in _down_urls
+
+    def __repr__(self) -> str:
+        return f"RedisRemote({_redact(self.url)!r})"
+
+    def _connect(self):
+        if self._client is None:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # no retries: one slow or dead server costs at most a timeout, once
+            self._client = redis.Redis.from_url(
+                self.url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        return self._client
+
+    def _call(self, what: str, fn):
+        """fn(client), or None with Redis switched off on any failure to talk to it."""
+        if self.down:
+            return None
+        try:
+            return fn(self._connect())
+        except ImportError:
+            _down_urls.add(self.url)
+            _warn_remote_once("MIXERC_REMOTE_CACHE is set but the `redis` package is missing "
+                              "(pip install 'mixerc[redis]'); using the local cache only")
+        except Exception as e:
+            import redis
+            if isinstance(e, redis.exceptions.ResponseError):  # the server answered: a data problem
+                warn(f"autotune cache: Redis refused {what}: {str(e)[:100]}")
+                return None
+            _down_urls.add(self.url)
+            _warn_remote_once(f"autotune cache: Redis at {_redact(self.url)} is unavailable "
+                              f"({type(e).__name__}: {str(e)[:100]}); using the local cache only")
+        return None
+
+    def get(self, key: str) -> bytes | None:
+        # GETRANGE caps what an oversized value can make us read; b"" means no key
+        raw = self._call("a read", lambda c: c.getrange(REDIS_PREFIX + key, 0, MAX_BYTES))
+        return raw or None
+
+    def put(self, key: str, data: bytes) -> bool:
+        return bool(self._call("a write", lambda c: c.set(REDIS_PREFIX + key, data)))
+
+    def keys(self, limit: int = 100_000) -> list:
+        def scan(c):
+            out = []
+            for k in c.scan_iter(match=REDIS_PREFIX + "*", count=1000):
+                k = k.decode("ascii", "replace")[len(REDIS_PREFIX):]
+                if KEY_RE.match(k):
+                    out.append(k)
+                if len(out) >= limit:
+                    break
+            return sorted(out)
+        return self._call("a listing", scan) or []
+
+    def delete(self, key: str) -> None:
+        self._call("a delete", lambda c: c.delete(REDIS_PREFIX + key))
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def remote_from_env() -> RedisRemote | None:
+    url = os.environ.get("MIXERC_REMOTE_CACHE", "").strip()
+    if not url:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        _warn_remote_once(f"MIXERC_REMOTE_CACHE={_redact(url)!r} is not a redis:// URL; "
+                          "using the local cache only")
+        return None
+    return RedisRemote(url)
+
+
+__all__ = ["CacheWarning", "LocalDir", "RedisRemote", "remote_from_env", "default_dir", "Timeout"]
