@@ -214,9 +214,30 @@ class CompiledMixer:
         raise MixerUnsupportedError(f"no {backend!r} code: the Triton backend is not "
                                     "implemented yet")
 
-    def module(self, **dims):
-        raise MixerUnsupportedError("CompiledMixer.module() needs the torch backend, which is "
-                                    "not implemented in this version")
+    def module(self, *, dtype=torch.float32, device=None, seed=None, **dims):
+        """A torch.nn.Module owning the params, sized by `dims` (every dim the
+        params use, by name, unless the source fixes it)."""
+        from .module import MixerModule
+
+        p = self.program
+        sizes = {d.name: d.size for d in p.dims.values() if d.size is not None}
+        unknown = sorted(set(dims) - set(p.dims))
+        if unknown:
+            raise MixerValueError(f"unknown dim(s) {', '.join(unknown)} for {self.name}")
+        for k, v in dims.items():
+            if sizes.get(k, v) != v:
+                raise MixerValueError(f"dim {k} is fixed to {sizes[k]} by the source, got {v}")
+            sizes[k] = int(v)
+        need = sorted({d for dd in p.params.values() for d in dd} - set(sizes))
+        if need:
+            raise MixerValueError(f"module() needs the size of {', '.join(need)} "
+                                  f"(e.g. {self.name}.module({need[0]}=8, ...))")
+        for d in p.dims.values():
+            if d.divides and d.name in sizes and d.divides in sizes and \
+                    sizes[d.divides] % sizes[d.name]:
+                raise MixerValueError(f"{d.name} = {sizes[d.name]} does not divide "
+                                      f"{d.divides} = {sizes[d.divides]}")
+        return MixerModule(self, sizes, dtype=dtype, device=device, seed=seed)
 
     def __repr__(self) -> str:
         return f"<CompiledMixer {self.name} backend={self.backend_name} {self.analysis.cls}>"

@@ -23,7 +23,8 @@ MATH_FUNCS = ("exp", "log", "sqrt", "softplus", "sigmoid", "silu", "elu", "relu"
               "abs", "logsigmoid")
 STRUCT_FUNCS = ("decay", "toeplitz", "conv", "softmax", "shift", "rev", "tril", "triu",
                 "row", "col", "diag", "sum")
-BUILTINS = frozenset(MATH_FUNCS + STRUCT_FUNCS)
+INIT_FUNCS = ("uniform", "normal")  # only in a param's initial value
+BUILTINS = frozenset(MATH_FUNCS + STRUCT_FUNCS + INIT_FUNCS)
 RESERVED = frozenset({"t", "s", "T"})
 _CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _KIND_WORD = {TOKEN: "a token tensor", STATIC: "a static tensor", KERNEL: "a lag kernel",
@@ -48,6 +49,7 @@ class _Checker:
         self.defined: dict[str, Loc] = {}      # every name -> where it was defined
         self.index = {w: ir.Index(Type(MATRIX), which=w) for w in "ts"}
         self.contracted: dict = {}             # id(node) -> its Contract node
+        self.init_of: str | None = None        # the param whose initial value is checked
 
     # ------------------------------------------------------------ diagnostics
     def fail(self, cls, message, loc, hint=None):
@@ -119,12 +121,34 @@ class _Checker:
             elif isinstance(st, ast.Out):
                 self.define(st.name, st.loc, "out")
                 self.outs[st.name] = self.out(st)
+        inits = {d.name: self.param_init(d) for d in p.decls if d.kind == "param" and d.init}
         if not self.outs:
             loc = Loc(p.loc.file, p.loc.line, p.loc.col, p.loc.line, p.loc.col + 5)
             self.fail(MixerTypeError, f"mixer {p.name} has no `out`", loc,
                       hint="add a line such as `out y = M @ x`")
         return ir.Program(p.name, dict(self.dims), self.inputs, self.params, self.kernels,
-                          self.lets, self.outs, source=p.source, file=p.file)
+                          self.lets, self.outs, source=p.source, file=p.file, param_inits=inits)
+
+    def param_init(self, decl) -> ir.Node:
+        """`param w : [H] = expr`: a static value from constants, dims and
+        uniform()/normal() (which draw one value per element of the param)."""
+        self.init_of = decl.name
+        saved = self.env
+        self.env = {k: v for k, v in saved.items() if k in self.lets and
+                    v.type.kind == STATIC}  # consts only: inputs and params do not exist yet
+        try:
+            node = self.expr(decl.init)
+        finally:
+            self.env, self.init_of = saved, None
+        dims = self.params[decl.name]
+        if node.type.kind != STATIC:
+            self.fail(MixerTypeError, f"the initial value of param {decl.name} must be static, "
+                      f"but it is {_KIND_WORD[node.type.kind]}", decl.init.loc)
+        if not set(node.type.dims) <= set(dims):
+            self.fail(MixerTypeError, f"the initial value of param {decl.name} has dims "
+                      f"[{', '.join(node.type.dims)}] beyond its shape [{', '.join(dims)}]",
+                      decl.init.loc)
+        return node
 
     def shape(self, shape, owner) -> tuple:
         out = []
@@ -215,6 +239,11 @@ class _Checker:
             self.fail(MixerNameError, "'T' is reserved for transposition (`^T`)", e.loc)
         if n in self.env:
             return self.env[n]
+        if self.init_of is not None and (n in self.inputs or n in self.params or
+                                         n in self.kernels or n in self.lets):
+            self.fail(MixerTypeError, f"the initial value of param {self.init_of} cannot use "
+                      f"'{n}'", e.loc, hint="it may use numbers, dims, consts and "
+                      "uniform(lo, hi) / normal(mean, std)")
         if n in self.dims:
             return ir.DimSize(Type(STATIC), dim=n, loc=e.loc)
         if n in BUILTINS:
@@ -385,11 +414,13 @@ class _Checker:
                 self.fail(MixerTypeError, f"unexpected keyword argument '{kname}'", kloc,
                           hint=hint)
         kwargs = {k: (v, kloc) for k, v, kloc in e.kwargs}
-        nargs = {"conv": 2, "sum": 2}.get(f, 1)
+        nargs = {"conv": 2, "sum": 2, "uniform": 2, "normal": 2}.get(f, 1)
         extra = 2 if f in ("softmax", "shift", "tril", "triu") else nargs
         if not nargs <= len(e.args) <= extra:
             self.fail(MixerTypeError, f"{f}() takes {nargs} argument{'s' * (nargs > 1)}, "
                       f"got {len(e.args)}", e.loc)
+        if f in INIT_FUNCS:
+            return self.call_random(e)
         if f in MATH_FUNCS:
             x = self.expr(e.args[0])
             if x.type.boolean:
@@ -418,6 +449,19 @@ class _Checker:
         if not isinstance(node, ast.Num) or node.value != int(node.value):
             self.fail(MixerTypeError, f"{e.func}() {name} must be an integer literal", node.loc)
         return sign * int(node.value)
+
+    def call_random(self, e):
+        if self.init_of is None:
+            self.fail(MixerTypeError, f"{e.func}() only appears in a param's initial value "
+                      f"(`param w : [H] = {e.func}(...)`)", e.loc)
+        if len(e.args) != 2:
+            self.fail(MixerTypeError, f"{e.func}() takes 2 arguments", e.loc)
+        args = tuple(self.arg_kind(e, i, (STATIC,), "argument") for i in range(2))
+        for a, x in zip(args, e.args):
+            if a.type.dims:
+                self.fail(MixerTypeError, f"{e.func}() arguments must be scalars", x.loc)
+        return ir.Random(Type(STATIC, self.params[self.init_of]), dist=e.func, args=args,
+                         loc=e.loc)
 
     def call_decay(self, e, kw):
         a = self.arg_kind(e, 0, (TOKEN, STATIC), "argument (the log-decay per step)")

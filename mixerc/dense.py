@@ -168,6 +168,16 @@ class Evaluator:
         return V(torch.tensor(float(self.sizes[node.dim]), dtype=torch.float64,
                               device=self.device), ())
 
+    def v_Random(self, node, rows):
+        a, b = (float(self.value(x).data) for x in node.args)
+        shape = tuple(self.sizes[d] for d in node.type.dims)
+        g = getattr(self, "generator", None)
+        if node.dist == "uniform":
+            x = torch.rand(shape, generator=g, dtype=torch.float64) * (b - a) + a
+        else:
+            x = torch.randn(shape, generator=g, dtype=torch.float64) * b + a
+        return V(x.to(self.device), node.type.dims)
+
     def v_Taps(self, node, rows):
         w = self.value(node.w)
         return V(w.data.movedim(-1, 0), ("l",) + w.axes[:-1])

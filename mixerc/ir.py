@@ -284,6 +284,20 @@ class Col(Node):
 
 
 @dataclass(frozen=True, eq=False)
+class Random(Node):
+    """A random static value with the dims of its type (param initial values
+    only): dist "uniform" (args lo, hi) or "normal" (args mean, std)."""
+    dist: str = "uniform"
+    args: tuple = ()
+
+    def children(self):
+        return self.args
+
+    def label(self):
+        return f"random {self.dist}"
+
+
+@dataclass(frozen=True, eq=False)
 class Apply(Node):
     """y_t = sum_s M[t, s] u_s (u static: broadcast over time)."""
     m: Node = None
@@ -316,6 +330,7 @@ class Program:
     lets: dict                     # name -> Node, every `let`/`const` binding
     outs: dict                     # name -> Node (kind token)
     source: str = ""
+    param_inits: dict = field(default_factory=dict)  # name -> static Node (module() only)
     file: str = "<string>"
     _text: str | None = field(default=None, repr=False)
 

@@ -91,6 +91,7 @@ class Decl(Node):
     kind: str = ""  # input | param | kernel
     name: str = ""
     shape: tuple = ()
+    init: Node | None = None  # param only: `param w : [H] = normal(0, 0.02)`
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,9 @@ class _Builder:
             elif kind in ("input_stmt", "param_stmt", "kernel_stmt"):
                 n, _ = self.name_token(st.children[0])
                 shape = self.shape(st.children[1])
-                decls.append(Decl(self.loc(st), kind.split("_")[0], n, shape))
+                init = st.children[2] if len(st.children) > 2 else None
+                decls.append(Decl(self.loc(st), kind.split("_")[0], n, shape,
+                                  None if init is None else self.expr(init)))
             elif kind == "const_stmt":
                 n, _ = self.name_token(st.children[0])
                 stmts.append(Const(self.loc(st), n, self.expr(st.children[1])))

@@ -14,7 +14,7 @@ CAUSAL = [n for n in STDLIB if n != "hydra"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
