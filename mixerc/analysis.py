@@ -15,7 +15,7 @@ Never looks at names. Three questions, each answered structurally:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ir
 from .ir import KERNEL, MATRIX, STATIC, TOKEN
@@ -263,21 +263,35 @@ def factors(node: ir.Node) -> list:
     if isinstance(node, ir.Map) and node.op == "mul":
         return factors(node.args[0]) + factors(node.args[1])
     if isinstance(node, ir.Map) and node.op == "div" and node.args[1].type.kind == STATIC:
-        return factors(node.args[0]) + [node.args[1]]
+        d = node.args[1]  # a scale factor 1 / d, not d
+        one = ir.Const(ir.Type(STATIC), value=1.0)
+        return factors(node.args[0]) + [ir.Map(d.type, op="div", args=(one, d), loc=d.loc)]
     if isinstance(node, ir.Map) and node.op == "neg":
-        return factors(node.args[0])
+        return factors(node.args[0]) + [ir.Const(ir.Type(STATIC), value=-1.0, loc=node.loc)]
     if isinstance(node, ir.Contract):
         return factors(node.x)
     return [node]
 
 
 def terms(node: ir.Node) -> list:
+    """Additive terms; a subtracted term carries its sign as a `neg` factor."""
     if isinstance(node, ir.Map) and node.op in ("add", "sub") and \
             node.args[0].type.kind == MATRIX and node.args[1].type.kind == MATRIX:
-        return terms(node.args[0]) + terms(node.args[1])
+        right = terms(node.args[1])
+        return terms(node.args[0]) + ([_negate(t) for t in right] if node.op == "sub" else right)
     if isinstance(node, ir.Contract) and isinstance(node.x, ir.Map) and node.x.op in ("add", "sub"):
         return terms(node.x)
     return [node]
+
+
+def _negate(node: ir.Node) -> ir.Node:
+    """-node with the sign inside shift/rev/transpose/sum wrappers, so that the
+    planner still peels them."""
+    if isinstance(node, (ir.Shift, ir.Rev, ir.Contract, ir.Sum)):
+        return replace(node, x=_negate(node.x))
+    if isinstance(node, ir.Transpose):
+        return replace(node, m=_negate(node.m))
+    return ir.Map(node.type, op="neg", args=(node,), loc=node.loc)
 
 
 @dataclass

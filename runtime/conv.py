@@ -1,1 +1,91 @@
-"""Convolution helpers for generated modules (toeplitz strategy). Pure torch."""
+"""Convolution helpers for generated modules (toeplitz strategy). Pure torch.
+
+All of them compute the last T outputs of the causal convolution of x
+[B, N, H, V] (N >= T; the first N - T steps are history) with a kernel h
+[L, H], broadcast over V:
+
+    y[i] = sum_{0 <= j < L} h[j] x[N - T + i - j]     (x = 0 before its start)
+
+Only shapes drive the control flow, so torch.compile can trace them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_taps(x, h, T):
+    """Direct form, one multiply-add per tap: O(N L) work, no big temporaries.
+    For short kernels (a shift SSM, a short conv)."""
+    N, L = x.shape[1], h.shape[0]
+    hv = h[:, :, None]                                     # [L, H, 1]
+    y = x[:, N - T:] * hv[0]
+    for j in range(1, min(L, N)):
+        start = max(N - T, j)                              # first output with x[p - j] defined
+        y[:, start - (N - T):] += x[:, start - j:N - j] * hv[j]
+    return y
+
+
+def conv_windows(x, h, T):
+    """Direct form, one dot product per output over its window of L inputs:
+    O(T L). For a few steps (decode) against a long kernel."""
+    N, L = x.shape[1], h.shape[0]
+    hr = h.flip(0)                                         # hr[L - 1 - j] = h[j]
+    out = []
+    for i in range(T):
+        p = N - T + i
+        w = min(L, p + 1)                                  # taps that reach inside x
+        out.append(torch.einsum("blhv,lh->bhv", x[:, p + 1 - w:p + 1], hr[L - w:]))
+    return torch.stack(out, 1)
+
+
+def fft_size(n):
+    """Smallest 2^a 3^b 5^c >= n: sizes every FFT library handles fast, and at
+    most ~1.25x n instead of up to 2x for the next power of two."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def conv_fft(x, h, T):
+    """FFT convolution: O((T + L) log(T + L)). Circular convolution of size
+    n >= T + L - 1 wraps only into the outputs before N - T, which are dropped.
+    Transforms run over the last (contiguous) axis; the dtype is kept (float64
+    stays float64)."""
+    N, L = x.shape[1], h.shape[0]
+    n = fft_size(max(N, T + L - 1))
+    xf = torch.fft.rfft(x.movedim(1, -1), n=n)             # [B, H, V, n/2 + 1]
+    hf = torch.fft.rfft(h.t(), n=n)                        # [H, n/2 + 1]
+    y = torch.fft.irfft(xf * hf[:, None], n=n)[..., N - T:N]
+    return y.movedim(-1, 1)                                # [B, T, H, V]
+
+
+def causal_conv(x, h, T, direct_max):
+    """Pick the algorithm by shape: direct for a short kernel (L <= direct_max)
+    or a few outputs (T <= direct_max, e.g. a decode step: O(L), not an FFT of
+    the history), FFT otherwise."""
+    if h.shape[0] <= direct_max:
+        return conv_taps(x, h, T)
+    if T <= direct_max:
+        return conv_windows(x, h, T)
+    return conv_fft(x, h, T)
+
+
+def conv_history(history, u, n):
+    """The last n steps of history ++ u (history: [B, n, ...] or None = zeros):
+    the decode state of a causal conv with n + 1 taps. A copy, never a view
+    that would keep all of u alive."""
+    T = u.shape[1]
+    if T >= n:
+        return u[:, T - n:].clone()
+    if history is None:
+        return F.pad(u, (0, 0) * (u.dim() - 2) + (n - T, 0))
+    return torch.cat([history[:, T:].to(u.dtype), u], 1)
