@@ -148,6 +148,14 @@ class Emitter:
     def e_DimSize(self, node):
         return f"float({dim_expr(node.dim)})"
 
+    def e_Random(self, node):
+        a, b = (self.value(x) for x in node.args)
+        shape = "(" + "".join(f"{dim_expr(d)}, " for d in node.type.dims) + ")"
+        draw = "torch.rand" if node.dist == "uniform" else "torch.randn"
+        scale = f"({b} - {a})" if node.dist == "uniform" else b
+        return self.assign(node, f"{draw}({shape}, generator=generator, dtype=torch.float64, "
+                                 f"device=device) * {scale} + {a}")
+
     def e_Taps(self, node):
         return self.assign(node, f"{self.value(node.w)}.movedim(-1, 0)", "taps")
 

@@ -18,7 +18,8 @@ from mixerc.codegen import strategies
 from mixerc.codegen.emit import Emitter, axes_of, dim_expr
 from mixerc.jit import template_version
 
-RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py")
+RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py",
+                 "call.py")
 
 
 def _env() -> jinja2.Environment:
@@ -191,6 +192,38 @@ class Writer(Emitter):
             self.apply_out[id(a)] = y
 
     # ------------------------------------------------------------ module
+    def init_params(self) -> list:
+        """Body of `init_params(sizes, generator, device)`: the source's initial
+        values; without one, decay log-rates start at log(uniform(0.9, 0.999))
+        (a stable decay) and everything else at normal(0, 0.1)."""
+        from mixerc.inputs import decay_leaves
+
+        p = self.program
+        em = Emitter(p)
+        negative = decay_leaves(p)
+        used = sorted({d for dd in p.params.values() for d in dd if not d.isdigit()},
+                      key=list(p.dims).index)
+        for d in used:
+            em.line(f"{d} = sizes[{d!r}]")
+        em.line("out = {}")
+        for name, dims in p.params.items():
+            shape = "(" + "".join(f"{dim_expr(d)}, " for d in dims) + ")"
+            node = p.param_inits.get(name)
+            kw = "generator=generator, dtype=torch.float64, device=device"
+            if node is None and name in negative:
+                expr = f"torch.log(torch.rand({shape}, {kw}) * 0.099 + 0.9)"
+            elif node is None:
+                expr = f"torch.randn({shape}, {kw}) * 0.1"
+            elif em.is_number(node):
+                expr = f"torch.full({shape}, float({em.value(node)}), dtype=torch.float64, " \
+                       f"device=device)"
+            else:
+                v = em.convert(em.value(node), axes_of(node), dims, expand=True)
+                expr = f"{v}.expand({shape}).clone()"
+            em.line(f"out[{name!r}] = {expr}")
+        em.line("return out")
+        return em.lines
+
     def render(self, standalone: bool = False) -> str:
         p = self.program
         outputs = [self.value(n) for n in p.outs.values()]
@@ -198,8 +231,13 @@ class Writer(Emitter):
         used = {d for d in p.dims if not d.isdigit()}
         runtime_source = ""
         if standalone:
-            root = resources.files("mixerc.runtime")
-            runtime_source = "\n".join(root.joinpath(f).read_text() for f in RUNTIME_FILES)
+            if self.needs_dense:
+                from mixerc.errors import MixerUnsupportedError
+                dense = [m.name for m in self.plan.matrices if not m.terms]
+                raise MixerUnsupportedError(
+                    f"{p.name}: no strategy covers {', '.join(dense)} (the dense fallback needs "
+                    "mixerc at run time), so it cannot be written as a standalone module")
+            runtime_source = inline_runtime()
         from mixerc.api import signature
         lines = []
         for mp in self.plan.matrices:
@@ -212,9 +250,22 @@ class Writer(Emitter):
             config_space=repr(self.spaces), constraints=self.constraints,
             state_keys=repr(sorted(set(re.findall(r"new_state\['([^']*)'\]", "\n".join(body))))),
             causal=repr(self.plan.analysis.causal),
+            causal_reason=repr(self.plan.analysis.reason or ""), init_body=self.init_params(),
             functions=list(self.functions), args=list(p.inputs) + list(p.params) + list(p.kernels),
             first_input=next(iter(p.inputs)), dims=sorted(used, key=list(p.dims).index),
             body=body, outputs=outputs)
+
+
+def inline_runtime() -> str:
+    """The runtime files as one block of source (for standalone modules): the
+    `from __future__` lines and the cross-imports marked `inline: drop` go."""
+    root = resources.files("mixerc.runtime")
+    parts = []
+    for f in RUNTIME_FILES:
+        lines = [ln for ln in root.joinpath(f).read_text().splitlines()
+                 if not ln.startswith("from __future__") and not ln.endswith("# inline: drop")]
+        parts.append(f"# ---- runtime/{f}\n" + "\n".join(lines).strip() + "\n")
+    return "\n\n".join(parts)
 
 
 def generate(plan: planner.ModulePlan, standalone: bool = False) -> tuple[str, dict, dict]:

@@ -14,7 +14,8 @@ from . import ir, jit
 from .checker import check
 from .dense import DenseBackend
 from .errors import MixerDecodeError, MixerError, MixerUnsupportedError, MixerValueError
-from .runtime.bind import Signature, bind, check_cu_seqlens
+from .runtime import call
+from .runtime.bind import Signature, bind
 from .syntax import parse
 
 BACKENDS = ("auto", "dense", "torch", "triton")
@@ -125,23 +126,8 @@ class CompiledMixer:
         return (y, state) if return_state else y
 
     def _varlen(self, bound, tensors, cu_seqlens, initial_state, return_state):
-        offs = check_cu_seqlens(cu_seqlens, bound.time)
-        n = len(offs) - 1
-        if initial_state is not None and (not isinstance(initial_state, (list, tuple))
-                                          or len(initial_state) != n):
-            raise MixerValueError(f"with cu_seqlens, initial_state must be a list of {n} "
-                                  "states (one per sequence)")
-        pieces, states = [], []
-        for i, (a, b) in enumerate(zip(offs, offs[1:])):
-            part = dict(tensors)
-            for name in bound.inputs:
-                part[name] = tensors[name][:, a:b]
-            sub = bind(self.signature, part, check_finite=False)
-            outs, st = self._impl.forward(sub, None if initial_state is None
-                                          else initial_state[i], return_state)
-            pieces.append(outs)
-            states.append(st)
-        outs = [torch.cat([p[k] for p in pieces], 1) for k in range(len(pieces[0]))]
+        outs, states = call.run_varlen(self._impl.forward, self.signature, tensors, cu_seqlens,
+                                       initial_state, return_state)
         y = outs[0] if len(outs) == 1 else tuple(outs)
         return (y, states) if return_state else y
 
@@ -216,28 +202,13 @@ class CompiledMixer:
 
     def module(self, *, dtype=torch.float32, device=None, seed=None, **dims):
         """A torch.nn.Module owning the params, sized by `dims` (every dim the
-        params use, by name, unless the source fixes it)."""
-        from .module import MixerModule
-
-        p = self.program
-        sizes = {d.name: d.size for d in p.dims.values() if d.size is not None}
-        unknown = sorted(set(dims) - set(p.dims))
-        if unknown:
-            raise MixerValueError(f"unknown dim(s) {', '.join(unknown)} for {self.name}")
-        for k, v in dims.items():
-            if sizes.get(k, v) != v:
-                raise MixerValueError(f"dim {k} is fixed to {sizes[k]} by the source, got {v}")
-            sizes[k] = int(v)
-        need = sorted({d for dd in p.params.values() for d in dd} - set(sizes))
-        if need:
-            raise MixerValueError(f"module() needs the size of {', '.join(need)} "
-                                  f"(e.g. {self.name}.module({need[0]}=8, ...))")
-        for d in p.dims.values():
-            if d.divides and d.name in sizes and d.divides in sizes and \
-                    sizes[d.divides] % sizes[d.name]:
-                raise MixerValueError(f"{d.name} = {sizes[d.name]} does not divide "
-                                      f"{d.divides} = {sizes[d.divides]}")
-        return MixerModule(self, sizes, dtype=dtype, device=device, seed=seed)
+        params use, by name, unless the source fixes it), initialized as the
+        source declares (`param A_log : [H] = log(uniform(1, 16))`)."""
+        sizes = call.sizes_for_module(self.signature, dims)
+        torch_impl = self._impl if self.backend_name == "torch" else \
+            CompiledMixer(self.program, "torch")._impl
+        return call.MixerModule(self, torch_impl.module.init_params, sizes, dtype=dtype,
+                                device=device, seed=seed)
 
     def __repr__(self) -> str:
         return f"<CompiledMixer {self.name} backend={self.backend_name} {self.analysis.cls}>"

@@ -113,6 +113,27 @@ def plot(file, output, which, T, dims, seed):
     click.echo(f"wrote {output}: {which} of {p.name}, {T}x{T}")
 
 
+@main.command(name="compile")
+@click.argument("file")
+@click.option("-o", "--output", required=True, help="the Python module to write")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@_diagnostics
+def compile_command(file, output, backend):
+    """Write FILE as a standalone Python module that needs only torch.
+
+    It exposes mixer(**inputs, **params), step(state, **inputs_t) and
+    module(**dims) (an nn.Module owning the params)."""
+    from pathlib import Path
+
+    from .api import CompiledMixer
+
+    m = CompiledMixer(_load(file), backend)
+    source = m._impl.generate(standalone=True)[0]
+    Path(output).write_text(source)
+    plan = "; ".join(f"{x.name}: {', '.join(x.strategies)}" for x in m._impl.plan.matrices)
+    click.echo(f"wrote {output}: {m.name} ({plan})")
+
+
 @main.command()
 @click.option("-T", "--time", "T", default=96, show_default=True, help="sequence length")
 @click.option("--batch", default=2, show_default=True)

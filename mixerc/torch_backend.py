@@ -7,11 +7,7 @@ import functools
 import torch
 
 from . import jit
-from .errors import MixerValueError
-from .runtime.state import MixerState
-
-HALF = (torch.float16, torch.bfloat16)
-
+from .runtime import call
 
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
@@ -51,37 +47,9 @@ class TorchBackend:
     def source(self) -> str:
         return jit.module_path(self.key).read_text()
 
-    def _check_state(self, state, batch):
-        if state is None:
-            return {}
-        if not isinstance(state, MixerState):
-            raise MixerValueError(f"initial_state must be the MixerState a previous call of "
-                                  f"{self.module.NAME} (torch backend) returned, got "
-                                  f"{type(state).__name__}")
-        want = set(self.module.STATE_KEYS)
-        if set(state.tensors) != want:
-            raise MixerValueError(f"initial_state does not belong to {self.module.NAME}: it "
-                                  f"holds {sorted(state.tensors)}, expected {sorted(want)}")
-        for k, v in state.tensors.items():
-            if isinstance(v, torch.Tensor) and v.shape[0] != batch:
-                raise MixerValueError(f"initial_state[{k!r}] is for batch {v.shape[0]}, the "
-                                      f"inputs have batch {batch}")
-        return state.tensors
-
     def forward(self, bound, initial_state=None, return_state=False, config=None):
-        cdtype = torch.float32 if bound.dtype in HALF else bound.dtype
-        cast = lambda x: x.to(cdtype)  # noqa: E731  float32 math for half inputs
-        sig = self.module.SIGNATURE
-        args = [cast(bound.inputs[n]) for n, _ in sig.inputs]
-        args += [cast(bound.params[n]) for n, _ in sig.params]
-        args += [cast(bound.kernels[n]) for n, _ in sig.kernels]
-        state = self._check_state(initial_state, bound.batch)
         cfg = self.config_for(bound) if config is None else config
-        outs, new = self.module.forward(bound.sizes, cfg, state, *args)
-        length = (initial_state.length if initial_state is not None else 0) + \
-            args[0].shape[1]
-        outs = [o.to(bound.dtype) for o in outs]
-        return outs, (MixerState(new, length) if return_state else None)
+        return call.run(self.module, bound, initial_state, return_state, cfg)
 
     def tuning_problem(self, sizes, batch, time, dtype=torch.float32, device="cpu",
                        kernel_len=None):
