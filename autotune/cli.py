@@ -25,9 +25,9 @@ def _diagnostics(fn):
     return wrapper
 
 
-def _console(stderr: bool = False):
+def _console(stderr: bool = False, width: int = 100):
     from rich.console import Console
-    return Console(stderr=stderr, width=max(100, Console().width), highlight=False)
+    return Console(stderr=stderr, width=max(width, Console().width), highlight=False)
 
 
 def parse_shape(text: str) -> dict:
@@ -169,19 +169,21 @@ def cache_ls(remote):
     where = "Redis" if remote else str(cache.local.root)
     table = Table(title=f"autotune cache: {escape(where)} ({len(rows)} entries)",
                   title_justify="left")
-    for col in ("key", "mixer", "shape", "device", "best", "ms", "effort", "tuned"):
+    for col in ("key", "mixer", "template", "shape", "device", "best", "ms", "effort", "tuned"):
         table.add_column(col)
     for key, e in rows:
         if isinstance(e, str):
-            table.add_row(key[:12], "-", "-", "-", escape(e[:80]), "", "", "")
+            table.add_row(key[:12], "-", "-", "-", "-", escape(e[:80]), "", "", "")
             continue
-        shape = " ".join(f"{k}={v}" for k, v in e.fields["shape"].items())
+        shape = ",".join(f"{k}={v}" for k, v in e.fields["shape"].items())
         dev = e.fields["device"]
         ms = e.best_ms()
-        table.add_row(key[:12], e.name, escape(shape), escape(f"{dev['type']} {dev['name']}"),
+        kernel = e.fields["kernel"]
+        table.add_row(key[:12], e.name,
+                      escape(f"{kernel['backend']} {kernel['template_version'][:8]}"), escape(shape), escape(f"{dev['type']} {dev['name']}"),
                       escape(_label(e.best) if e.best else "-"),
-                      "-" if ms is None else f"{ms:.3f}", e.effort, escape(e.tuned_at))
-    _console().print(table)
+                      "-" if ms is None else f"{ms:.3f}", e.effort, escape(e.tuned_at[:16]))
+    _console(width=160).print(table)
 
 
 @cache_group.command("show")
