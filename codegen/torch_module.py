@@ -132,6 +132,8 @@ class Writer(Emitter):
             self.line(f"# {mp.name}, term {i + 1}/{len(mp.terms)}: {tp.strategy}"
                       if len(mp.terms) > 1 else f"# {mp.name}: {mp.info.cls}, {tp.strategy}")
             y = strategy.emit(tp, mp, self, tkey, v)
+            if not y.isidentifier():  # an expression: bind it before reshaping
+                y = self.assign(y, hint="y")
             if hasattr(strategy, "constraints"):
                 self.constraints.extend(strategy.constraints(tp, tkey))
             for w in reversed(tp.parts.wrappers):  # innermost first on the output

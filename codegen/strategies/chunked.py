@@ -61,6 +61,10 @@ def match(parts, mp, program):
             return None
         k = ir.Const(Type(STATIC), value=1.0)
         parts = _without_statics(parts)
+    elif not parts.lowranks and not parts.rest and not parts.summed:
+        # no low-rank factor at all (a mask, a decay: cumsum, EMA): rank one
+        q = k = ir.Const(Type(STATIC), value=1.0)
+        dim = "1"
     else:
         return None
     for f in parts.rows + parts.statics:
