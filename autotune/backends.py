@@ -51,10 +51,8 @@ class LocalDir:
         assert KEY_RE.match(key), key  # keys are hex digests: never a path
         return self.root / f"{key}.json"
 
-    def lock(self, key: str, what: str = "entry", timeout: float = 30.0) -> FileLock:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(locks / f"{key}.{what}.lock"), timeout=timeout)
+    def lock(self, key: str, what: str = "entry", timeout: float = 30.0) -> "Lock":
+        return Lock(self.root / ".locks" / f"{key}.{what}.lock", timeout)
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -93,6 +91,39 @@ class LocalDir:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+class Lock:
+    """A FileLock that degrades to no lock (with a warning) where the directory
+    cannot hold lock files (read-only or broken): a cache never stops a job.
+    Timeout still propagates, so callers can choose to go on without it."""
+
+    def __init__(self, path: Path, timeout: float):
+        self.path, self.timeout = path, timeout
+        self._lock, self.held = None, False
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.path), timeout=self.timeout)
+            self._lock.acquire()
+            self.held = True
+        except Timeout:
+            raise
+        except OSError as e:
+            warn(f"cannot lock {self.path} ({e}); going on without the lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 _remote_warned = False

@@ -158,7 +158,6 @@ def tune(problem, *, effort: str = "quick", budget_s: float | None = None, force
     try:
         lock.acquire()
     except Timeout:
-        lock = None
         notes.append("another process held the tuning lock too long; tuning anyway")
     try:
         entry = None if force else cache.load(key)
@@ -169,8 +168,7 @@ def tune(problem, *, effort: str = "quick", budget_s: float | None = None, force
         return _tune(problem, eff, budget_s, cache, key, fields, default, entry, notes,
                      progress, seed, t0)
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
 
 
 def _full_hit(entry, problem, effort, default, t0) -> TuneResult | None:
@@ -203,12 +201,12 @@ def _tune(problem, eff, budget_s, cache, key, fields, default, entry, notes, pro
             notes.append(f"reused {len(trials)} cached timings; measuring only new configs")
     budget = budget_s if budget_s is not None else eff.budget_s
     total = planned(len(space.configs(shape)), len(space.params), eff)
-    runs = 0
+    runs, start = 0, time.perf_counter()   # the budget is for measuring, not for lock waits
     for cfg in search(space, shape, eff, results, seed):
         c = canonical_json(cfg)
         if c in results:
             continue
-        if runs and time.perf_counter() - t0 > budget:
+        if runs and time.perf_counter() - start > budget:
             notes.append(f"budget of {budget:g} s spent after {runs} benchmarks")
             break
         trial = _run(problem, cfg, eff)

@@ -216,3 +216,14 @@ def test_cli_autotune_table_and_benchmark_count(monkeypatch):
     assert r.output.splitlines()[-1] == "benchmarks run: 0" and "cache hit" in r.output
     r = runner.invoke(main, ["autotune", "examples/ssd.mx", "--shape", "T=4096"])
     assert r.exit_code == 2 and "needs B" in r.output
+
+
+def test_an_unusable_cache_directory_warns_and_the_job_completes(tmp_path, monkeypatch):
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("MIXERC_CACHE_DIR", str(not_a_dir))
+    with pytest.warns(CacheWarning):
+        r = tune(SleepProblem(fastest=128))
+    assert r.best == {"M.chunk": 128} and r.benchmarks_run == 4
+    with pytest.warns(CacheWarning, match="cannot read"):
+        assert lookup(SleepProblem()) is None
