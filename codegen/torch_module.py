@@ -65,11 +65,8 @@ class Writer(Emitter):
         """node as [batch, time, prod(heads)(, prod(tail))] (a reshaped view or copy)."""
         shape = f"batch, time, {self.size_expr(heads)}" + (f", {self.size_expr(tail)}"
                                                           if tail else "")
-        if isinstance(node, ir.Const):
-            return f"torch.full(({shape}), {float(node.value)!r}, dtype=DTYPE, device=DEVICE)"
-        if isinstance(node, ir.DimSize):
-            return f"torch.full(({shape}), float({dim_expr(node.dim)}), dtype=DTYPE, " \
-                   f"device=DEVICE)"
+        if self.is_number(node):  # constants and dim sizes are Python floats
+            return f"torch.full(({shape}), {self.value(node)}, dtype=DTYPE, device=DEVICE)"
         dst = ("b", "t") + tuple(heads) + tuple(tail)
         expr = self.convert(self.value(node), axes_of(node), dst, expand=True)
         if len(heads) == 1 and len(tail) <= 1 and axes_of(node) == dst:
