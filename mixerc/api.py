@@ -185,7 +185,13 @@ class CompiledMixer:
         return DenseBackend(self.program).materialize(bound, self._names)
 
     def explain(self) -> str:
-        return _analysis.explain(self.program, self.analysis)
+        """Class, causality and decode state of each matrix; with the torch
+        backend also its algorithm and cost model."""
+        text = _analysis.explain(self.program, self.analysis)
+        if self.backend_name == "torch":
+            from . import planner
+            text += "\n" + planner.describe(self._impl.plan)
+        return text
 
     def source(self, backend: str | None = None) -> str:
         """The code that runs: the typed IR for `dense`, the generated module for

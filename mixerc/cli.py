@@ -55,8 +55,12 @@ def explain(file, show_ir):
     """Matrix class, causality and decode state of FILE."""
     from . import analysis
 
+    from . import planner
+
     p = _load(file)
-    click.echo(analysis.explain(p))
+    result = analysis.analyze(p)
+    click.echo(analysis.explain(p, result))
+    click.echo(planner.describe(planner.plan(p, result)))
     if show_ir:
         click.echo("\n" + p.text())
 

@@ -179,3 +179,21 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
         mp.terms = terms
         matrices.append(mp)
     return ModulePlan(program, result, matrices)
+
+
+def describe(mp_plan: ModulePlan) -> str:
+    """The torch backend's algorithm for each matrix, with its cost model."""
+    from . import cost
+
+    lines = ["torch backend:"]
+    for mp in mp_plan.matrices:
+        how = ", ".join(t.strategy for t in mp.terms) if mp.terms else \
+            f"dense fallback ({mp.why_dense})"
+        lines.append(f"  {mp.name}: {how}")
+        c = cost.matrix_cost(mp, mp_plan.program.groups)
+        lines.append(f"    prefill FLOPs  {c.prefill_flops}")
+        lines.append(f"    prefill bytes  {c.prefill_bytes}")
+        if mp_plan.analysis.causal:
+            lines.append(f"    decode FLOPs/token  {c.decode_flops}")
+            lines.append(f"    decode state elements  {c.state}")
+    return "\n".join(lines)

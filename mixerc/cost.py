@@ -1,0 +1,110 @@
+"""Cost model: FLOPs and bytes of each planned matrix as sympy expressions in
+T (sequence length), t (context length at decode), C (chunk length), L
+(kernel length) and the mixer's dims, per sequence (batch 1), float32.
+
+Counts multiply-adds as 2 FLOPs and the dominant terms only; bytes count
+what the algorithm must read and write (inputs, outputs, state), not cache
+traffic. Used by `mixerc explain` and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+from operator import mul
+
+import sympy
+
+T, t, C, L = sympy.symbols("T t C L", positive=True)
+WORD = 4  # bytes per float32
+
+
+@dataclass
+class Cost:
+    prefill_flops: sympy.Expr
+    prefill_bytes: sympy.Expr
+    decode_flops: sympy.Expr      # one token with t tokens of context
+    decode_bytes: sympy.Expr
+    state: sympy.Expr             # elements kept between decode steps
+
+
+def dim(name: str) -> sympy.Expr:
+    return sympy.Integer(int(name)) if name.isdigit() else sympy.Symbol(name, positive=True)
+
+
+def prod(names) -> sympy.Expr:
+    return reduce(mul, (dim(n) for n in names), sympy.Integer(1))
+
+
+def _value_width(mp, groups) -> sympy.Expr:
+    """Total width of everything the matrix is applied to (a group dim whose
+    head dim the matrix has is a head, not a value dim)."""
+    total = sympy.Integer(0)
+    for a in mp.applies:
+        dims = [d for d in a.u.type.dims if d not in mp.heads and groups.get(d) not in mp.heads]
+        total += prod(dims)
+    return total
+
+
+def _rank(tp, mp) -> sympy.Expr:
+    f = tp.flags
+    if f.get("features") is not None:  # polynomial kernel: 1 + K + K^2 + ...
+        k = dim(f["dim"])
+        return sum((k ** d for d in range(f["features"].degree + 1)), sympy.Integer(0))
+    return dim(f["dim"]) if "dim" in f else sympy.Integer(1)
+
+
+def _feature(tp, mp, groups) -> sympy.Expr:
+    q = tp.operands.get("q")
+    if q is None:
+        return sympy.Integer(1)
+    return prod(d for d in q.type.dims if d not in mp.heads and groups.get(d) not in mp.heads)
+
+
+def term_cost(tp, mp, groups) -> Cost:
+    info = mp.info
+    H, V = prod(mp.heads), _value_width(mp, groups)
+    if tp.strategy == "chunked":
+        K = _rank(tp, mp)
+        extra = 3 * T * 16 * K if tp.flags.get("per_channel") else 0  # exact sub-chunk diagonals
+        return Cost(H * (2 * T * C * (K + V) + 4 * T * K * V + 2 * T * K * V / C + extra),
+                    WORD * H * T * (2 * K + 2 * V + 1), H * 4 * K * V, WORD * H * 2 * K * V,
+                    H * K * V)
+    if tp.strategy == "flash":
+        D = _feature(tp, mp, groups)
+        lo, hi = info.band
+        keys = T if hi == sympy.oo or hi == float("inf") else sympy.Min(T, int(hi) + 1)
+        ctx = t if hi == float("inf") else sympy.Min(t, int(hi) + 1)
+        causal = sympy.Rational(1, 2) if lo >= 0 and hi == float("inf") else 1
+        return Cost(H * causal * 2 * T * keys * (D + V), WORD * H * T * (2 * D + 2 * V),
+                    H * 2 * ctx * (D + V), WORD * H * ctx * (D + V), H * ctx * (D + V))
+    if tp.strategy == "toeplitz":
+        n = 2 * T  # three real FFTs of size 2T and a pointwise product
+        fft = H * V * (3 * sympy.Rational(5, 2) * n * sympy.log(n, 2) + 6 * n)
+        direct = H * V * 2 * T * L
+        return Cost(sympy.Min(fft, direct), WORD * H * V * 2 * T, H * V * 2 * L,
+                    WORD * H * V * 2 * L, H * V * (L - 1))
+    if tp.strategy == "diagonal":
+        return Cost(H * V * 2 * T, WORD * H * V * 2 * T, H * V * 2, WORD * H * V * 2, 0)
+    return dense_cost(mp, groups)
+
+
+def dense_cost(mp, groups) -> Cost:
+    """The dense fallback: the T x T matrix per head, and the whole history."""
+    H, V = prod(mp.heads), _value_width(mp, groups)
+    return Cost(H * T * T * (2 * V + 8), WORD * H * T * T, H * t * (2 * V + 8),
+                WORD * H * t * (V + 1), H * t * V)
+
+
+def matrix_cost(mp, groups: dict) -> Cost:
+    if not mp.terms:
+        return dense_cost(mp, groups)
+    parts = [term_cost(tp, mp, groups) for tp in mp.terms]
+    return Cost(*(sum((getattr(c, f) for c in parts), sympy.Integer(0))
+                  for f in ("prefill_flops", "prefill_bytes", "decode_flops", "decode_bytes",
+                            "state")))
+
+
+def evaluate(expr: sympy.Expr, sizes: dict) -> float:
+    subs = {sympy.Symbol(k, positive=True): v for k, v in sizes.items() if not k.isdigit()}
+    return float(expr.subs(subs))
