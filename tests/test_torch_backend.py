@@ -89,3 +89,33 @@ def test_generated_source_is_readable(compiled):
     src = compiled("ssd").source("torch")
     assert "mixer ssd {" in src and "def forward(" in src and "chunked" in src
     compile(src, "ssd.py", "exec")
+
+
+@pytest.mark.parametrize("name", ["ssd", "gla", "attention", "gated_conv", "h3"])
+def test_varlen_equals_separate_runs(name, compiled):
+    m = compiled(name)
+    args = make_inputs(name, B=1, T=60, seed=14)
+    cu = torch.tensor([0, 7, 26, 27, 60])
+    y, states = m(**args, cu_seqlens=cu, return_state=True)
+    assert len(states) == 4
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        alone, st = m(**split(m, args, a, b), return_state=True)
+        assert rel_err(y[:, a:b], alone) < 1e-12
+        assert st.length == states[i].length == b - a
+    # continuing every sequence from its own state
+    more = make_inputs(name, B=1, T=12, seed=15)
+    cu2 = torch.tensor([0, 3, 6, 9, 12])
+    y2 = m(**more, cu_seqlens=cu2, initial_state=states)
+    for i, (a, b) in enumerate(zip(cu2[:-1].tolist(), cu2[1:].tolist())):
+        want = m(**split(m, more, a, b), initial_state=states[i])
+        assert rel_err(y2[:, a:b], want) < 1e-12
+
+
+def test_varlen_errors(compiled):
+    m = compiled("ssd")
+    args = make_inputs("ssd", B=2, T=10)
+    with pytest.raises(mixerc.MixerShapeError, match="batch must be 1"):
+        m(**args, cu_seqlens=torch.tensor([0, 10]))
+    args = make_inputs("ssd", B=1, T=10)
+    with pytest.raises(mixerc.MixerValueError, match="rise from 0 to the packed length 10"):
+        m(**args, cu_seqlens=torch.tensor([0, 4, 3, 10]))
