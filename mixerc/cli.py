@@ -139,11 +139,11 @@ def compile_command(file, output, backend):
 
 
 @main.command()
-@click.option("-T", "--time", "T", default=96, show_default=True, help="sequence length")
+@click.option("-T", "--time", "T", default=256, show_default=True, help="sequence length")
 @click.option("--batch", default=2, show_default=True)
 @_diagnostics
 def demo(T, batch):
-    """Compile the standard library and run every mixer on random CPU inputs."""
+    """Run the standard library on random CPU inputs: torch backend vs dense."""
     from .demo import run_demo
 
     run_demo(T=T, batch=batch)
