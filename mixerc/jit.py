@@ -28,10 +28,12 @@ def template_version() -> str:
     folders = [_folder(p) for p in ("mixerc.codegen", "mixerc.codegen.strategies",
                                      "mixerc.runtime")]
     folders.append(folders[0] / "templates" / "torch")
-    for folder in folders:
-        for f in sorted(folder.iterdir(), key=lambda p: p.name):
-            if f.name.endswith((".py", ".jinja")):
-                h.update(f"{folder.name}/{f.name}".encode() + f.read_bytes())
+    files = [f for folder in folders for f in sorted(folder.iterdir(), key=lambda p: p.name)
+             if f.name.endswith((".py", ".jinja"))]
+    here = Path(__file__).parent  # the stages whose output the code generator reads
+    files += [here / "analysis.py", here / "planner.py", here / "ir.py"]
+    for f in files:
+        h.update(f"{f.parent.name}/{f.name}".encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 

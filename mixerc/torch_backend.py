@@ -45,7 +45,9 @@ class TorchBackend:
         return generate(self.plan, standalone=standalone)
 
     def source(self) -> str:
-        return jit.module_path(self.key).read_text()
+        # the file this process imported: MIXERC_CACHE_DIR may have changed since
+        with open(self.module.__file__) as f:
+            return f.read()
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         cfg = self.config_for(bound) if config is None else config

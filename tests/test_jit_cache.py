@@ -34,19 +34,19 @@ def test_second_compile_in_a_new_process_is_a_cache_hit(tmp_path):
     assert min(times) < 50, times
 
 
-def test_damaged_cached_module_is_regenerated(tmp_path):
+def test_damaged_cached_module_is_regenerated(tmp_path, monkeypatch):
     import mixerc
     from mixerc import jit
 
-    os.environ["MIXERC_CACHE_DIR"] = str(tmp_path)
-    try:
-        m = mixerc.compile("retnet", backend="torch")
-        path = jit.module_path(m._impl.key)
-        path.write_text("raise RuntimeError('damaged')\n")
-        for name in [k for k in sys.modules if k.startswith("mixerc_generated_")]:
-            del sys.modules[name]
-        m2 = mixerc.compile("retnet", backend="torch")
-        assert "def forward(" in path.read_text()
-        assert m2.source("torch") == path.read_text()
-    finally:
-        del os.environ["MIXERC_CACHE_DIR"]
+    monkeypatch.setenv("MIXERC_CACHE_DIR", str(tmp_path))
+    forget = lambda: [sys.modules.pop(k) for k in list(sys.modules)  # noqa: E731
+                      if k.startswith("mixerc_generated_")]
+    forget()
+    m = mixerc.compile("retnet", backend="torch")
+    path = jit.module_path(m._impl.key)
+    assert path.exists()
+    path.write_text("raise RuntimeError('damaged')\n")
+    forget()
+    m2 = mixerc.compile("retnet", backend="torch")
+    assert "def forward(" in path.read_text()
+    assert m2.source("torch") == path.read_text()
