@@ -2,6 +2,7 @@
 at T=8192, and compiled mixers picking up tuned configs per shape bucket."""
 
 import statistics
+import sys
 import time
 
 import pytest
@@ -16,6 +17,18 @@ from mixerc.autotune.timer import time_once
 from mixerc.cli import main
 
 SSD_SHAPE = "B=1,T=8192,H=8,P=64,G=1,N=64"
+
+
+@pytest.fixture(autouse=True)
+def forget_generated_modules():
+    """Generated modules imported here live in this test's temporary cache dir;
+    drop them from sys.modules afterwards so later tests (with another
+    MIXERC_CACHE_DIR) regenerate rather than find a module whose file is gone."""
+    before = {n for n in sys.modules if n.startswith("mixerc_generated_")}
+    yield
+    for name in [n for n in sys.modules if n.startswith("mixerc_generated_")]:
+        if name not in before:
+            del sys.modules[name]
 
 
 def _rows(output: str) -> dict:
