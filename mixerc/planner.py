@@ -155,6 +155,22 @@ def add(a: ir.Node | None, b: ir.Node, groups: dict) -> ir.Node:
 # ------------------------------------------------------------------ planning
 
 
+def _heads(matrix: ir.Node, applies: list, program: ir.Program) -> tuple:
+    """The matrix's dims as its applications see them: a group dim G of the
+    matrix applied to values with the head dim H becomes H (the matrix is
+    shared by the heads of a group), so operands and values line up."""
+    g = program.groups
+    out = []
+    for d in matrix.type.dims:
+        h = g.get(d)
+        if h and h not in matrix.type.dims and all(
+                h in a.u.type.dims and d not in a.u.type.dims for a in applies):
+            out.append(h)
+        else:
+            out.append(d)
+    return tuple(out)
+
+
 def plan(program: ir.Program, result: analysis.Analysis | None = None) -> ModulePlan:
     from mixerc.codegen import strategies
 
@@ -162,7 +178,8 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
     matrices = []
     for info in result.matrices:
         node = info.applies[0].m
-        mp = MatrixPlan(info.name, node, info.applies, node.type.dims, [], info)
+        mp = MatrixPlan(info.name, node, info.applies, _heads(node, info.applies, program), [],
+                        info)
         terms = []
         for term in analysis.terms(node):
             parts = decompose(term)

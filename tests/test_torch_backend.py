@@ -119,3 +119,23 @@ def test_varlen_errors(compiled):
     args = make_inputs("ssd", B=1, T=10)
     with pytest.raises(mixerc.MixerValueError, match="rise from 0 to the packed length 10"):
         m(**args, cu_seqlens=torch.tensor([0, 4, 3, 10]))
+
+
+def test_group_level_matrices_applied_to_head_values():
+    """A matrix built at the group level (G) applied to per-head values (H):
+    every head of a group shares it."""
+    src = """mixer gk {
+      dims H, P, N, G divides H
+      input x : [H, P]
+      input q : [G, N]
+      input k : [G, N]
+      input a : [G]
+      kernel h : [G]
+      out y = toeplitz(h) @ x + (decay(-softplus(a)) * (q @ k^T)) @ x
+    }"""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = dict(x=r(2, 30, 4, 3), q=r(2, 30, 2, 5), k=r(2, 30, 2, 5), a=r(2, 30, 2), h=r(5, 2))
+    m = mixerc.compile(src, backend="torch")
+    assert [mp.strategies for mp in m._impl.plan.matrices] == [["toeplitz"], ["chunked"]]
+    assert rel_err(m(**args), mixerc.compile(src, backend="dense")(**args)) < 1e-9
