@@ -135,21 +135,22 @@ def union_dims(a: tuple, b: tuple, groups: dict) -> tuple:
     return tuple(dict.fromkeys(mapped(a, b) + mapped(b, a)))
 
 
-def mul(a: ir.Node | None, b: ir.Node, groups: dict) -> ir.Node:
-    """a * b as a new IR node (a may be None: then b)."""
+def _combine(op: str, a: ir.Node | None, b: ir.Node, groups: dict) -> ir.Node:
     if a is None:
         return b
     kind = TOKEN if TOKEN in (a.type.kind, b.type.kind) else STATIC
-    return ir.Map(Type(kind, union_dims(a.type.dims, b.type.dims, groups)), op="mul",
+    return ir.Map(Type(kind, union_dims(a.type.dims, b.type.dims, groups)), op=op,
                   args=(a, b))
+
+
+def mul(a: ir.Node | None, b: ir.Node, groups: dict) -> ir.Node:
+    """a * b as a new IR node (a may be None: then b)."""
+    return _combine("mul", a, b, groups)
 
 
 def add(a: ir.Node | None, b: ir.Node, groups: dict) -> ir.Node:
-    if a is None:
-        return b
-    kind = TOKEN if TOKEN in (a.type.kind, b.type.kind) else STATIC
-    return ir.Map(Type(kind, union_dims(a.type.dims, b.type.dims, groups)), op="add",
-                  args=(a, b))
+    """a + b as a new IR node (a may be None: then b)."""
+    return _combine("add", a, b, groups)
 
 
 # ------------------------------------------------------------------ planning
