@@ -19,7 +19,7 @@ from mixerc.codegen.emit import Emitter, axes_of, dim_expr
 from mixerc.jit import template_version
 
 RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py",
-                 "call.py")
+                 "autograd.py", "call.py")
 
 
 def _env() -> jinja2.Environment:

@@ -4,6 +4,12 @@
 low-rank product expanded into a feature map (Based).
 
 Template: codegen/templates/torch/chunked.py.jinja.
+
+Backward: for a scalar decay (or none) the generated code calls the rendered
+forward through runtime/autograd.py `chunked_apply`, whose backward runs that
+same forward on the adjoint problems (dq causal, dk and dv time-reversed,
+the decay gradient a reverse cumulative sum). A per-channel decay
+differentiates by autograd through the chunked code.
 """
 
 import math
@@ -12,7 +18,7 @@ from mixerc import analysis, ir, planner
 from mixerc.ir import STATIC, Type
 
 NAME = "chunked"
-VERSION = "1"
+VERSION = "2"
 INF = math.inf
 
 
@@ -106,8 +112,18 @@ def emit(tp, mp, w, key, values):
     chunk = w.config_key(key, "chunk", tp)
     extra = f", sub={w.config_key(key, 'sub', tp)}" if f["per_channel"] else ""
     y = w.fresh("y")
-    w.line(f"{y}, new_state[{key!r}] = {fn}({q}, {k}, {values}, {a}, state.get({key!r}), "
-           f"{chunk}{extra})")
+    if f["per_channel"]:
+        # No adjoint template for a decay inside the contraction yet (dq would
+        # need the decay along the value dim): autograd records the chunks.
+        w.line("# backward: autograd through the chunks (per-channel decay)")
+        w.line(f"{y}, new_state[{key!r}] = {fn}({q}, {k}, {values}, {a}, state.get({key!r}), "
+               f"{chunk}{extra})")
+    else:
+        # Scalar decay: the backward is three more runs of `fn` on adjoint
+        # problems (runtime/autograd.py), saving only the inputs.
+        w.line("# backward: the same chunked mixer on the adjoint problems (runtime/autograd.py)")
+        w.line(f"{y}, new_state[{key!r}] = chunked_apply({fn}, {q}, {k}, {values}, {a}, "
+               f"state.get({key!r}), {chunk})")
     return y
 
 

@@ -1,0 +1,125 @@
+"""Backward of the chunked scalar-decay mixer, as three more chunked mixers.
+
+Pure torch; `mixerc compile` inlines this file into standalone modules.
+
+Per batch and head, with cs = cumsum(a) and L[t,s] = exp(cs_t - cs_s) on
+s <= t (s < t when strict), a rendered chunked forward computes
+
+    y_t = sum_s L[t,s] (q_t . k_s) v_s + exp(cs_t) S0^T q_t
+    S   = exp(cs_T) S0 + sum_s exp(cs_T - cs_s) k_s v_s^T    (T = last step)
+
+Given dy and dS (the gradient of the returned state), the adjoints are
+
+    dq_t = sum_s L[t,s] (dy_t . v_s) k_s + exp(cs_t) S0 dy_t
+         = the same causal mixer with q <- dy, k <- v, v <- k, S0 <- S0^T;
+    dk_s = sum_t L[t,s] (v_s . dy_t) q_t + exp(cs_T - cs_s) dS v_s,
+    dv_s = sum_t L[t,s] (k_s . q_t) dy_t + exp(cs_T - cs_s) dS^T k_s:
+         anti-causal mixers of the same class. Reversing time (t' = T-1-t),
+         the segment (s, t] becomes [t', s'), so the reversed problem's
+         log-decay is b_r' = rev(a)_{r'-1} (b_0 = 0) and its initial state is
+         dS^T (for dk) or dS (for dv); a strict mask stays strict;
+    dS0  = sum_t exp(cs_t) q_t dy_t^T + exp(cs_T) dS
+         = exp(a_0) * (final state of the reversed dv problem), because that
+         state sums exp(cs_t - a_0) q_t dy_t^T (b skips a_0);
+    dcs_t = q_t . dq_t - k_t . dk_t  (+ <dS, S> at the last step), and
+    da    = the reverse cumulative sum of dcs (cs_t sums a_r over r <= t),
+         restarted at every chunk boundary from the chunk states (see
+         _decay_grad) so that float32 does not lose digits as T grows.
+
+So the backward saves only the inputs and the final state (O(T)), never a
+chunk intermediate, and costs three forward passes. It is made of torch ops,
+so double backward works too (by autograd through those passes).
+
+The scalar-decay class (linear attention, RetNet, SSD, Based's feature map,
+each Hydra pass) takes this path. The per-channel class (GLA, Mamba-1, H3's
+modal kernel) still differentiates by autograd through the chunks: its dq
+adjoint would need a decay along the value dim, which no template has yet.
+Set MIXERC_CHUNKED_BACKWARD=autograd (or ADJOINT_BACKWARD = False here) to
+use autograd through the chunks for the scalar class too, e.g. to compare.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from mixerc.runtime.chunks import from_chunks, to_chunks  # inline: drop
+
+ADJOINT_BACKWARD = os.environ.get("MIXERC_CHUNKED_BACKWARD", "adjoint") != "autograd"
+
+
+def chunked_apply(fwd, q, k, v, a, state, chunk):
+    """fwd(q, k, v, a, state, chunk) -> (y, final state), with the adjoint
+    backward above when anything needs a gradient."""
+    tensors = [x for x in (q, k, v, a, state) if x is not None]
+    if ADJOINT_BACKWARD and torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state)
+    return fwd(q, k, v, a, state, chunk)
+
+
+class ChunkedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fwd, chunk, q, k, v, a, state):
+        y, final = fwd(q, k, v, a, state, chunk)
+        ctx.fwd, ctx.chunk = fwd, chunk
+        ctx.save_for_backward(q, k, v, a, state, final)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dS):
+        q, k, v, a, S0, final = ctx.saved_tensors
+        fwd, C = ctx.fwd, ctx.chunk
+        need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:]
+        dy = torch.zeros_like(v) if dy is None else dy
+        T = q.shape[1]
+        n = -(-T // C)
+        # Reversed problems are zero-padded in front (zero steps with log-decay 0
+        # carry the state unchanged) so their chunks line up with the forward's.
+        pad = n * C - T
+        rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
+        unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
+        b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
+        states = need_a and n > 1
+        dq = dk = dv = da = dS0 = None
+        if need_q or need_a:
+            out = fwd(dy, v, k, a, None if S0 is None else S0.transpose(-1, -2), C,
+                      chunk_states=states)
+            dq = out[0]
+        if need_k or need_a:
+            back = fwd(rev(v), rev(dy), rev(q), b, None if dS is None else dS.transpose(-1, -2),
+                       C, chunk_states=states)
+            dk = unrev(back[0])
+        if need_v or need_S0:
+            dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)
+            dv = unrev(dv)
+            if need_S0:
+                dS0 = last if a is None else torch.exp(a[:, 0])[..., None, None] * last
+        if need_a:
+            da = _decay_grad(q, k, a, dq, dk, dS, final, C, out[2] if states else None,
+                             back[2] if states else None)
+        return (None, None, dq if need_q else None, dk if need_k else None,
+                dv if need_v else None, da, dS0)
+
+
+def _decay_grad(q, k, a, dq, dk, dS, final, C, fwd_states, adj_states):
+    """da_r = sum_{t >= r} dcs_t. Summed over the whole sequence, the terms of
+    dcs cancel more and more (da_r only counts the pairs s < r <= t), so
+    float32 would lose digits as T grows (~1e-3 on SSD's A_log at T = 2048).
+    Instead, at each chunk boundary r = cC, da_r = exp(a_r) <S_{r-1}, G_r>
+    exactly: S_{r-1} the forward state after step r-1, G_r = sum_{t >= r}
+    exp(cs_t - cs_r) q_t dy_t^T + exp(cs_T - cs_r) dS. Both are chunk states
+    the dq and dk runs computed anyway (transposed: their k, v are the
+    forward's v, k and dy, q). Only the steps inside one chunk are summed
+    from dcs."""
+    dcs = (q * dq).sum(-1) - (k * dk).sum(-1)                    # [B, T, H]
+    if dS is not None:
+        dcs[:, -1] += (dS * final).sum((-1, -2))
+    if fwd_states is None:  # a single chunk
+        return dcs.flip(1).cumsum(1).flip(1)
+    T = q.shape[1]
+    local = to_chunks(dcs, C).flip(-1).cumsum(-1).flip(-1)       # [B, H, n, C]
+    S, G = fwd_states[:, :, 1:], adj_states.flip(2)[:, :, :-1]   # before / after cC
+    edge = torch.exp(to_chunks(a, C)[:, :, 1:, 0]) * (S * G).sum((-1, -2))
+    edge = F.pad(edge, (0, 1))  # nothing after the last chunk
+    return from_chunks((local + edge[..., None])[..., None], T)[..., 0]
