@@ -194,6 +194,8 @@ def causal_issue(node: ir.Node) -> ir.Node | None:
             bad = n
         elif isinstance(n, ir.Apply) and band(n.m)[0] < 0:
             bad = n
+        elif isinstance(n, ir.Softmax) and band(n)[0] < 0:
+            bad = n  # its normalizer reads keys s > t, even where a later mask drops them
         elif isinstance(n, ir.Transpose) and any(
                 isinstance(x, (ir.Softmax, ir.Apply, ir.Shift)) for x in ir.walk(n.m)):
             bad = n
@@ -573,6 +575,9 @@ def analyze(program: ir.Program) -> Analysis:
                 reason = f"out {name}: rev(){where} reverses time, so output t reads later inputs"
             elif isinstance(bad, ir.Shift):
                 reason = f"out {name}: shift by {bad.k}{where} reads later inputs"
+            elif isinstance(bad, ir.Softmax):
+                reason = (f"out {name}: the softmax{where} normalizes each row over keys "
+                          f"s > t, so output t reads later inputs")
             else:
                 reason = f"out {name}: the transpose{where} reads later inputs"
             break
