@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
 
-from ..errors import MixerError, MixerUnsupportedError, MixerValueError
+from ..errors import MixerUnsupportedError, MixerValueError, exit_on_error
 
 COMMANDS: list = []  # click commands added to the `mixerc` group
 
 
-def _diagnostics(fn):
-    # same contract as the rest of the CLI: a MixerError is a message, exit 2
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MixerError as e:
-            click.echo(e.render(), err=True)
-            sys.exit(2)
-    return wrapper
 
 
 def _console(stderr: bool = False, width: int = 100):
@@ -73,7 +61,7 @@ def make_problem(file: str, backend: str, shape: dict, dtype: str, device: str):
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N")
 @click.option("--force", is_flag=True, help="ignore the cache and measure again")
-@_diagnostics
+@exit_on_error
 def autotune_command(file, shape, backend, budget, effort, dtype, device, force):
     """Tune FILE's kernels for one shape; results go to the autotune cache."""
     from .tuner import tune
@@ -156,7 +144,7 @@ def _cache():
 
 @cache_group.command("ls")
 @click.option("--remote", is_flag=True, help="list Redis instead of the local directory")
-@_diagnostics
+@exit_on_error
 def cache_ls(remote):
     """One line per cached entry."""
     from rich.markup import escape
@@ -188,7 +176,7 @@ def cache_ls(remote):
 
 @cache_group.command("show")
 @click.argument("key")
-@_diagnostics
+@exit_on_error
 def cache_show(key):
     """Print the entry whose key starts with KEY, as JSON."""
     entry = _cache().find(key)
@@ -197,7 +185,7 @@ def cache_show(key):
 
 @cache_group.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, writable=True))
-@_diagnostics
+@exit_on_error
 def cache_export(file):
     """Write every valid local entry to FILE (a JSON bundle to ship with a model)."""
     n = _cache().export(file)
@@ -206,7 +194,7 @@ def cache_export(file):
 
 @cache_group.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@_diagnostics
+@exit_on_error
 def cache_import(file):
     """Check every entry of the bundle FILE and add the valid ones to the cache."""
     n, rejected = _cache().import_bundle(file)
@@ -217,7 +205,7 @@ def cache_import(file):
 
 @cache_group.command("clear")
 @click.option("--remote", is_flag=True, help="also delete mixerc's entries in Redis")
-@_diagnostics
+@exit_on_error
 def cache_clear(remote):
     """Delete every local entry (and with --remote, the Redis ones)."""
     n = _cache().clear(remote=remote)

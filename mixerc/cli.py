@@ -3,23 +3,12 @@ and exit with status 2."""
 
 from __future__ import annotations
 
-import functools
-import sys
 
 import click
 
-from .errors import MixerError
+from .errors import exit_on_error
 
 
-def _diagnostics(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MixerError as e:
-            click.echo(e.render(), err=True)
-            sys.exit(2)
-    return wrapper
 
 
 def _load(path):
@@ -39,7 +28,7 @@ def main():
 
 @main.command()
 @click.argument("files", nargs=-1, required=True)
-@_diagnostics
+@exit_on_error
 def check(files):
     """Parse and type-check FILES (paths or standard-library names)."""
     for f in files:
@@ -50,7 +39,7 @@ def check(files):
 @main.command()
 @click.argument("file")
 @click.option("--ir", "show_ir", is_flag=True, help="also print the typed IR")
-@_diagnostics
+@exit_on_error
 def explain(file, show_ir):
     """Matrix class, causality and decode state of FILE."""
     from . import analysis
@@ -72,7 +61,7 @@ def explain(file, show_ir):
 @click.option("-T", "--time", "T", default=64, show_default=True, help="sequence length")
 @click.option("--dims", default="", help="dim sizes, e.g. H=4,N=8")
 @click.option("--seed", default=0, show_default=True)
-@_diagnostics
+@exit_on_error
 def plot(file, output, which, T, dims, seed):
     """Heat map of the mixing matrix of FILE for one head, on random inputs."""
     import matplotlib
@@ -121,7 +110,7 @@ def plot(file, output, which, T, dims, seed):
 @click.argument("file")
 @click.option("-o", "--output", required=True, help="the Python module to write")
 @click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
-@_diagnostics
+@exit_on_error
 def compile_command(file, output, backend):
     """Write FILE as a standalone Python module that needs only torch.
 
@@ -141,7 +130,7 @@ def compile_command(file, output, backend):
 @main.command()
 @click.option("-T", "--time", "T", default=256, show_default=True, help="sequence length")
 @click.option("--batch", default=2, show_default=True)
-@_diagnostics
+@exit_on_error
 def demo(T, batch):
     """Run the standard library on random CPU inputs: torch backend vs dense."""
     from .demo import run_demo

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ir
-from .ir import KERNEL, MATRIX, STATIC, TOKEN
+from .ir import MATRIX, STATIC, TOKEN
 
 PREFIX = ("b", "t", "s", "l")
 BLOCK_ELEMENTS = 1 << 23  # float64 elements per materialized row block (64 MiB)

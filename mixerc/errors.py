@@ -89,6 +89,22 @@ class MixerCacheError(MixerError):
     file that is not a bundle, a bad MIXERC_AUTOTUNE value."""
 
 
+def exit_on_error(fn):
+    """For CLI commands: a MixerError prints as a diagnostic (no traceback) and
+    exits with status 2."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MixerError as e:
+            print(e.render(), file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
 def _excerpt(source: str | None, loc: Loc) -> str:
     if not source:
         return ""

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import analysis, ir
-from .ir import MATRIX, STATIC, TOKEN, Type
+from .ir import STATIC, TOKEN, Type
 
 INF = math.inf
 
