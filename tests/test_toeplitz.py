@@ -111,8 +111,8 @@ def test_claims_the_conv_terms(compiled):
         assert "dense_apply" not in src and "causal_conv(" in src  # in another cache dir
 
 
-def test_group_kernel_on_head_values_falls_back():
-    # no [B, T, G, (H / G) P] values layout in the writer yet: dense, and right
+def test_group_kernel_on_head_values():
+    # the planner expands the kernel from G to H like the values
     src = """mixer group_conv {
       dims H, P, G divides H
       input x : [H, P]
@@ -120,7 +120,7 @@ def test_group_kernel_on_head_values_falls_back():
       out y = toeplitz(h) @ x
     }"""
     m, d = mixerc.compile(src), mixerc.compile(src, backend="dense")
-    assert strategies(m) == [["dense"]]
+    assert strategies(m) == [["toeplitz"]]
     args = dict(x=torch.randn(2, 20, 4, 2, dtype=f64), h=torch.randn(40, 2, dtype=f64))
     assert rel_err(m(**args), d(**args)) < 1e-12
 
