@@ -54,6 +54,8 @@ class Writer(Emitter):
     def assign(self, expr_or_node, expr: str | None = None, hint: str = "v") -> str:
         if isinstance(expr_or_node, ir.Node):
             return super().assign(expr_or_node, expr, hint)
+        if expr_or_node.isidentifier():  # already a variable: no `v2 = v1` lines
+            return expr_or_node
         name = self.fresh(hint)
         self.line(f"{name} = {expr_or_node}")
         return name
@@ -69,8 +71,8 @@ class Writer(Emitter):
             return f"torch.full(({shape}), {self.value(node)}, dtype=DTYPE, device=DEVICE)"
         dst = ("b", "t") + tuple(heads) + tuple(tail)
         expr = self.convert(self.value(node), axes_of(node), dst, expand=True)
-        if len(heads) == 1 and len(tail) <= 1 and axes_of(node) == dst:
-            return expr  # already [batch, time, H(, F)]
+        if len(heads) == 1 and len(tail) <= 1:
+            return expr  # converted to [batch, time, H(, F)] already: no reshape needed
         return f"{expr}.reshape({shape})"
 
     def coefficients(self, poly) -> str:
