@@ -64,6 +64,13 @@ def _feature(tp, mp, groups) -> sympy.Expr:
 def term_cost(tp, mp, groups) -> Cost:
     info = mp.info
     H, V = prod(mp.heads), _value_width(mp, groups)
+    if tp.strategy == "chunked" and tp.flags.get("features") is not None \
+            and not tp.flags.get("has_decay"):
+        quadratic, features = polynomial_choice(tp, mp, groups)
+        F, V = _rank(tp, mp), _value_width(mp, groups)
+        return Cost(H * sympy.Min(quadratic, features), WORD * H * T * (2 * _feature(tp, mp, groups)
+                                                                   + 2 * V), H * 4 * F * V,
+                    WORD * H * 2 * F * V, H * F * V)
     if tp.strategy == "chunked":
         K = _rank(tp, mp)
         extra = 3 * T * 16 * K if tp.flags.get("per_channel") else 0  # exact sub-chunk diagonals
@@ -87,6 +94,28 @@ def term_cost(tp, mp, groups) -> Cost:
     if tp.strategy == "diagonal":
         return Cost(H * V * 2 * T, WORD * H * V * 2 * T, H * V * 2, WORD * H * V * 2, 0)
     return dense_cost(mp, groups)
+
+
+def polynomial_choice(tp, mp, groups) -> tuple:
+    """Prefill FLOPs per head of a polynomial kernel (no decay) computed
+    quadratically (f(q k^T) masked, times V; plus the feature-map state for
+    decode) and as a chunked feature map of F = sum_d K^d features."""
+    V = _value_width(mp, groups)
+    K, F = dim(tp.flags["dim"]), _rank(tp, mp)
+    degree = tp.flags["features"].degree
+    quadratic = T * T * (2 * K + 2 * V + 2 * degree) + 2 * T * F * V
+    features = 2 * T * C * (F + V) + 4 * T * F * V + 2 * T * F * V / C + 2 * T * F
+    return quadratic, features
+
+
+def as_python(expr: sympy.Expr, chunk: str = "C") -> str:
+    """Python code for a cost expression inside a generated forward, where the
+    sequence length is `time`, each dim a local of its own name, C the chunk."""
+    text = sympy.pycode(expr, fully_qualified_modules=False)
+    text = text.replace("math.", "")
+    subs = {"T": "time", "C": chunk}
+    import re
+    return re.sub(r"\b(T|C)\b", lambda m: subs[m.group(1)], text)
 
 
 def dense_cost(mp, groups) -> Cost:

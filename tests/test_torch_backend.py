@@ -139,3 +139,29 @@ def test_group_level_matrices_applied_to_head_values():
     m = mixerc.compile(src, backend="torch")
     assert [mp.strategies for mp in m._impl.plan.matrices] == [["toeplitz"], ["chunked"]]
     assert rel_err(m(**args), mixerc.compile(src, backend="dense")(**args)) < 1e-9
+
+
+def test_polynomial_kernel_picks_quadratic_or_feature_map_by_cost():
+    """Based: the generated forward compares the cost model's FLOPs per call;
+    both sides of the crossover equal dense, and decode continues from either."""
+    import sympy
+    from mixerc import cost
+
+    m = mixerc.compile("based", backend="torch")
+    mp = m._impl.plan.matrices[0]
+    quadratic, features = cost.polynomial_choice(mp.terms[0], mp, m.program.groups)
+    sizes = {"H": 4, "K": 6, "V": 5, "C": 64}
+    crossover = next(T for T in range(16, 4000, 8)
+                     if cost.evaluate(quadratic, dict(sizes, T=T))
+                     > cost.evaluate(features, dict(sizes, T=T)))
+    assert 100 < crossover < 1000, crossover
+    assert "quadratic_flops <= feature_flops" in m.source("torch")
+    dense = mixerc.compile("based", backend="dense")
+    for T in (crossover // 2, crossover + 40):  # quadratic, then feature map
+        args = make_inputs("based", B=2, T=T, seed=16)
+        assert rel_err(m(**args), dense(**args)) < 1e-9
+        y1, st = m(**split(m, args, 0, T - 3), return_state=True)
+        tok = {k: (v[:, T - 3] if k in m.program.inputs else v) for k, v in args.items()}
+        yt, _ = m.step(st, **tok)
+        assert rel_err(yt, dense(**args)[:, T - 3]) < 1e-9
+    del sympy

@@ -94,15 +94,15 @@ def _without_statics(parts):
 def emit(tp, mp, w, key, values):
     f = tp.flags
     dim = f["dim"]
-    q = w.canon(tp.operands["q"], mp.heads, (dim,))
-    k = w.canon(tp.operands["k"], mp.heads, (dim,))
+    q = w.assign(w.canon(tp.operands["q"], mp.heads, (dim,)))
+    k = w.assign(w.canon(tp.operands["k"], mp.heads, (dim,)))
     if f["features"] is not None:
         poly = f["features"]
-        c = w.coefficients(poly)
+        c = w.assign(w.coefficients(poly), hint="coeffs")
         ones = ", ".join(["1.0"] * (poly.degree + 1))
+        if not f["has_decay"]:
+            return _emit_polynomial(tp, mp, w, key, values, q, k, c, ones)
         q, k = w.assign(f"poly_features({q}, {c})"), w.assign(f"poly_features({k}, [{ones}])")
-    else:
-        q, k = w.assign(q), w.assign(k)
     a = "None"
     if f["has_decay"]:
         a = w.assign(w.canon(tp.operands["a"], mp.heads, (dim,) if f["per_channel"] else ()))
@@ -124,6 +124,29 @@ def emit(tp, mp, w, key, values):
         w.line("# backward: the same chunked mixer on the adjoint problems (runtime/autograd.py)")
         w.line(f"{y}, new_state[{key!r}] = chunked_apply({fn}, {q}, {k}, {values}, {a}, "
                f"state.get({key!r}), {chunk})")
+    return y
+
+
+def _emit_polynomial(tp, mp, w, key, values, q, k, c, ones):
+    """A polynomial kernel without decay: the quadratic form below the cost
+    model's crossover length, the chunked feature map above it (per call)."""
+    from mixerc import cost
+
+    f = tp.flags
+    quadratic, features = cost.polynomial_choice(tp, mp, w.program.groups)
+    chunk = w.config_key(key, "chunk", tp)
+    quad = w.function("torch/poly_quadratic.py.jinja", base="poly_quadratic", strict=f["strict"])
+    fn = w.function("torch/chunked.py.jinja", base="chunked", per_channel=False,
+                    strict=f["strict"], has_decay=False, title=mp.info.cls + " (feature map)")
+    w.line("# cost model (FLOPs per head): the quadratic form or the chunked feature map")
+    w.line(f"quadratic_flops = {cost.as_python(quadratic, chunk)}")
+    w.line(f"feature_flops = {cost.as_python(features, chunk)}")
+    y = w.fresh("y")
+    w.line("if quadratic_flops <= feature_flops:")
+    w.line(f"    {y}, new_state[{key!r}] = {quad}({q}, {k}, {values}, {c}, state.get({key!r}))")
+    w.line("else:")
+    w.line(f"    {y}, new_state[{key!r}] = chunked_apply({fn}, poly_features({q}, {c}), "
+           f"poly_features({k}, [{ones}]), {values}, None, state.get({key!r}), {chunk})")
     return y
 
 
