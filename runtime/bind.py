@@ -54,8 +54,15 @@ def _fmt(dims, sizes) -> str:
     return "[" + ", ".join(str(sizes.get(d, d)) for d in dims) + "]"
 
 
-def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite: bool = False,
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler and compiler.is_compiling())
+
+
+def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False,
          varlen: bool = False) -> Bound:
+    """Check and bind call arguments. check_finite: True checks every tensor for
+    NaN/Inf, "params" only params and kernels (small: the torch backend's default)."""
     known = {n for n, _ in sig.inputs + sig.params + sig.kernels}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -94,7 +101,8 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite: bool
             if label not in table:
                 table[label] = int(n)
                 origin[label] = f"{kind} {name}"
-        if check_finite and not bool(torch.isfinite(t).all()):
+        wanted = check_finite is True or (check_finite == "params" and kind != "input")
+        if wanted and not _compiling() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise MixerValueError(f"{kind} {name} holds {bad} NaN/Inf value{'s' * (bad > 1)}")
 

@@ -103,17 +103,18 @@ class Mixer:
         def forward(bound, state, keep):
             return run(self.mod, bound, state, keep, config)
         if cu_seqlens is not None:
-            bind(sig, tensors, varlen=True)
+            bind(sig, tensors, varlen=True, check_finite="params")
             outs, state = run_varlen(forward, sig, tensors, cu_seqlens, initial_state,
                                      return_state)
         else:
-            outs, state = forward(bind(sig, tensors), initial_state, return_state)
+            outs, state = forward(bind(sig, tensors, check_finite="params"), initial_state,
+                                  return_state)
         return (single(outs), state) if return_state else single(outs)
 
     def step(self, state, **tensors):
         """One decode step: inputs [batch, *dims] (no time axis); returns (y_t, state)."""
         self._need_causal("decode token by token")
-        bound = bind(self.mod.SIGNATURE, tensors, step=True)
+        bound = bind(self.mod.SIGNATURE, tensors, step=True, check_finite="params")
         bound.inputs = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
         outs, new = run(self.mod, bound, state, True)
         return single([o[:, 0] for o in outs]), new

@@ -165,3 +165,12 @@ def test_polynomial_kernel_picks_quadratic_or_feature_map_by_cost():
         yt, _ = m.step(st, **tok)
         assert rel_err(yt, dense(**args)[:, T - 3]) < 1e-9
     del sympy
+
+
+def test_nan_params_are_named(compiled):
+    m = compiled("ssd")
+    args = make_inputs("ssd", B=1, T=9)
+    args["A_log"] = args["A_log"].clone()
+    args["A_log"][1] = float("inf")
+    with pytest.raises(mixerc.MixerValueError, match="param A_log holds 1 NaN/Inf"):
+        m(**args)
