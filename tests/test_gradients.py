@@ -95,11 +95,11 @@ def test_gradients_through_a_carried_state(name, compiled):
         assert rel_err(g, r) < 1e-8, n
 
 
-def render(strict, has_decay):
+def render(strict, has_decay, segment=chunks.SEGMENT):
     src = _env().get_template("torch/chunked.py.jinja").render(
         name="f", per_channel=False, strict=strict, has_decay=has_decay, title="test")
     ns = {"torch": torch, "to_chunks": chunks.to_chunks, "from_chunks": chunks.from_chunks,
-          "scan_states": chunks.scan_states}
+          "scan_states": chunks.scan_states, "SEGMENT": segment}
     exec(src, ns)
     return ns["f"]
 
@@ -127,6 +127,23 @@ def test_gradcheck_adjoint_function(strict, has_decay, T):
     # one output unused: its gradient arrives as None
     assert torch.autograd.gradcheck(lambda *xs: f(*xs)[0], xs, fast_mode=True)
     assert torch.autograd.gradcheck(lambda *xs: f(*xs)[1], xs, fast_mode=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_gradcheck_segmented_forward(strict):
+    """Long inputs run in segments of SEGMENT tokens (here 6, chunks of 3): the
+    forward, its chunk states and the adjoint backward stay exact."""
+    fwd, whole = render(strict, True, segment=6), render(strict, True, segment=10 ** 9)
+    g = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 1, 17, 2, 2, 3
+    r = lambda *s: torch.randn(*s, dtype=f64, generator=g).requires_grad_()  # noqa: E731
+    q, k, v, S0 = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, H, K, V)
+    a = (-torch.rand(B, T, H, dtype=f64, generator=g)).requires_grad_()
+    y, S, states = fwd(q, k, v, a, S0, 3, chunk_states=True)
+    y2, S2, states2 = whole(q, k, v, a, S0, 3, chunk_states=True)
+    assert torch.allclose(y, y2) and torch.allclose(S, S2) and torch.allclose(states, states2)
+    assert torch.autograd.gradcheck(
+        lambda *xs: autograd.ChunkedFn.apply(fwd, 3, *xs), (q, k, v, a, S0))
 
 
 @pytest.mark.parametrize("wanted", ["q", "k", "v", "a", "state"])
