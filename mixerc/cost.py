@@ -71,9 +71,14 @@ def term_cost(tp, mp, groups) -> Cost:
         return Cost(H * sympy.Min(quadratic, features), WORD * H * T * (2 * _feature(tp, mp, groups)
                                                                    + 2 * V), H * 4 * F * V,
                     WORD * H * 2 * F * V, H * F * V)
+    if tp.strategy == "chunked" and tp.flags.get("per_channel"):
+        K = _rank(tp, mp)
+        scan, chunked = per_channel_choice(tp, mp, groups)
+        return Cost(H * sympy.Min(scan, chunked), WORD * H * T * (3 * K + 2 * V),
+                    H * 4 * K * V, WORD * H * 2 * K * V, H * K * V)
     if tp.strategy == "chunked":
         K = _rank(tp, mp)
-        extra = 3 * T * 16 * K if tp.flags.get("per_channel") else 0  # exact sub-chunk diagonals
+        extra = 0
         return Cost(H * (2 * T * C * (K + V) + 4 * T * K * V + 2 * T * K * V / C + extra),
                     WORD * H * T * (2 * K + 2 * V + 1), H * 4 * K * V, WORD * H * 2 * K * V,
                     H * K * V)
@@ -106,6 +111,20 @@ def polynomial_choice(tp, mp, groups) -> tuple:
     quadratic = T * T * (2 * K + 2 * V + 2 * degree) + 2 * T * F * V
     features = 2 * T * C * (F + V) + 4 * T * F * V + 2 * T * F * V / C + 2 * T * F
     return quadratic, features
+
+
+ELEMENTWISE = 8  # an elementwise FLOP costs about this many matmul FLOPs on a CPU
+
+
+def per_channel_choice(tp, mp, groups) -> tuple:
+    """Per-head cost of a per-channel decay term as a recurrence (elementwise
+    O(T K V), weighted) and in chunks (matmuls plus exact sub-chunk decays)."""
+    V = _value_width(mp, groups)
+    K = _rank(tp, mp)
+    scan = ELEMENTWISE * T * K * V * 4 + 2 * T * K * V
+    chunked = 2 * T * C * (K + V) + 4 * T * K * V + 2 * T * K * V / C \
+        + ELEMENTWISE * 3 * T * 16 * K
+    return scan, chunked
 
 
 def as_python(expr: sympy.Expr, chunk: str = "C") -> str:

@@ -114,9 +114,21 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     if f["per_channel"]:
         # No adjoint template for a decay inside the contraction yet (dq would
-        # need the decay along the value dim): autograd records the chunks.
-        w.line("# backward: autograd through the chunks (per-channel decay)")
-        w.line(f"{y}, new_state[{key!r}] = {fn}({q}, {k}, {values}, {a}, state.get({key!r}), "
+        # need the decay along the value dim): autograd records the steps.
+        from mixerc import cost
+
+        scan = w.function("torch/scan.py.jinja", base="recurrent", strict=f["strict"],
+                          title=mp.info.cls)
+        scan_cost, chunked_cost = cost.per_channel_choice(tp, mp, w.program.groups)
+        w.line("# cost model (per head, elementwise ops weighted): a recurrence or chunks")
+        w.line(f"scan_cost = {cost.as_python(scan_cost, chunk)}")
+        w.line(f"chunked_cost = {cost.as_python(chunked_cost, chunk)}")
+        w.line("# backward: autograd through the chunks or the steps (per-channel decay)")
+        w.line(f"if scan_cost <= chunked_cost or time == 1:")
+        w.line(f"    {y}, new_state[{key!r}] = {scan}({q}, {k}, {values}, {a}, "
+               f"state.get({key!r}), {chunk})")
+        w.line("else:")
+        w.line(f"    {y}, new_state[{key!r}] = {fn}({q}, {k}, {values}, {a}, state.get({key!r}), "
                f"{chunk}{extra})")
     else:
         # Scalar decay: the backward is three more runs of `fn` on adjoint
