@@ -5,6 +5,7 @@ depends on torch and the standard library only.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,27 @@ class Bound:
 
 def _fmt(dims, sizes) -> str:
     return "[" + ", ".join(str(sizes.get(d, d)) for d in dims) + "]"
+
+
+_FINITE: dict = {}  # id(tensor) -> (weakref, version) of params already checked
+
+
+def _known_finite(t) -> bool:
+    """A param checked before and not modified since (its version counter moves
+    on every in-place update, e.g. an optimizer step): decode steps then pay
+    for the check once, not per token."""
+    seen = _FINITE.get(id(t))
+    return seen is not None and seen[0]() is t and seen[1] == t._version
+
+
+def _remember_finite(t) -> None:
+    if len(_FINITE) > 4096:  # forget tensors that are gone
+        for key in [k for k, (ref, _) in _FINITE.items() if ref() is None]:
+            del _FINITE[key]
+    try:
+        _FINITE[id(t)] = (weakref.ref(t), t._version)
+    except TypeError:  # not weak-referenceable: just check it every time
+        pass
 
 
 def _compiling() -> bool:
@@ -102,7 +124,12 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
                 table[label] = int(n)
                 origin[label] = f"{kind} {name}"
         wanted = check_finite is True or (check_finite == "params" and kind != "input")
-        if wanted and not _compiling() and not bool(torch.isfinite(t).all()):
+        if wanted and (_compiling() or (kind != "input" and _known_finite(t))):
+            wanted = False
+        if wanted and bool(torch.isfinite(t).all()):
+            if kind != "input":
+                _remember_finite(t)
+        elif wanted:
             bad = int((~torch.isfinite(t)).sum())
             raise MixerValueError(f"{kind} {name} holds {bad} NaN/Inf value{'s' * (bad > 1)}")
 
