@@ -28,3 +28,7 @@ def test_cpu_benchmark_smoke(tmp_path):
     assert "| attention | torch SDPA" in peers
     # a peer that computes something else than our mixer is a bug, here or there
     assert "MISMATCH" not in text
+    import importlib.util
+    if importlib.util.find_spec("fla") is not None:  # fla-core (dev extra): its peers ran
+        for peer in ("| ssd | fla", "| retnet | fla", "| gla | fla", "| linear_attention | fla"):
+            assert peer in peers, peer
