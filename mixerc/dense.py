@@ -233,15 +233,21 @@ class Evaluator:
             u = V(u.data, tuple("s" if a == "t" else a for a in u.axes))
         width = self.T * self.B * _numel(self.sizes, self.subtree_axes(node))
         block = max(1, BLOCK_ELEMENTS // width)
-        outs = []
+        out = None  # written block by block: no small buffers kept between big ones
         for start in range(0, len(rows), block):
             ti = rows[start:start + block]
             m = self.matrix(node.m, ti, si)
             a, b, axes = self.union(m, u)
-            outs.append(V((a.data * b.data).sum(axes.index("s")),
-                          tuple(x for x in axes if x != "s")))
-        data = torch.cat([o.data for o in outs], dim=outs[0].axes.index("t"))
-        return V(data, outs[0].axes)
+            y = (a.data * b.data).sum(axes.index("s"))
+            axes = tuple(x for x in axes if x != "s")
+            t = axes.index("t")
+            if out is None:
+                shape = list(y.shape)
+                shape[t] = len(rows)
+                out = V(y.new_empty(shape), axes)
+            out.data.narrow(t, start, len(ti)).copy_(y)
+            del m, a, b, y
+        return out
 
     # ------------------------------------------------------------- matrices
     def m_Index(self, node, ti, si):

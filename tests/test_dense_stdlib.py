@@ -104,3 +104,22 @@ def test_varlen_equals_separate_runs():
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         part = {k: (v[:, a:b] if k in m.program.inputs else v) for k, v in args.items()}
         assert rel_err(y[:, a:b], m(**part)) < 1e-14
+
+
+def test_dense_memory_stays_flat_in_T():
+    """Row blocks are written into one preallocated output: interleaving the
+    small per-block outputs with the large temporaries once made glibc's heap
+    grow ~T^2 (2.9 GB at T=1024, out of memory at T=2048 for attention)."""
+    import subprocess
+    import sys
+    script = """
+import resource, torch, mixerc
+from mixerc.inputs import random_inputs, default_sizes
+m = mixerc.compile("attention", backend="dense")
+args = random_inputs(m.program, default_sizes(m.program, dict(H=8, G=8, D=64)), 1, 768, seed=0)
+m(**args)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True)
+    assert float(out.stdout.split()[-1]) < 1.2, out.stdout  # GB; was ~1.8 at T=768
