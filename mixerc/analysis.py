@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import ir
-from .ir import KERNEL, MATRIX, STATIC, TOKEN
+from .ir import MATRIX, STATIC, TOKEN
 
 INF = math.inf
 Band = tuple  # (lo, hi) bounds on d = t - s where an entry can be nonzero
@@ -368,15 +368,18 @@ def polynomial_of_lowrank(node: ir.Node) -> Polynomial | None:
 
 
 def _is_time_invariant(node: ir.Node) -> bool:
-    """Entries depend on t - s only (no tokens, no absolute positions)."""
-    for n in ir.walk(node):
-        if n.type.kind == TOKEN:
+    """Entries depend on t - s only: no tokens, no reversal, and t, s appear
+    only as t - s (an absolute position such as `t < 9` breaks it)."""
+    def lag_only(n) -> bool:
+        if n.type.kind == TOKEN or isinstance(n, (ir.Row, ir.Col, ir.LowRank, ir.Rev)):
             return False
-        if isinstance(n, (ir.Row, ir.Col, ir.LowRank)):
-            return False
+        form = affine(n)
+        if form is not None and form[:2] != (0.0, 0.0):
+            return form[0] == -form[1]  # c * (t - s) + d
         if isinstance(n, ir.Index):
-            pass  # allowed only inside predicates/affine lags; checked by band/affine users
-    return not any(isinstance(n, ir.Rev) for n in ir.walk(node))
+            return False  # t or s alone
+        return all(lag_only(c) for c in n.children())
+    return lag_only(node)
 
 
 def classify_term(node: ir.Node) -> Term:
@@ -395,17 +398,14 @@ def classify_term(node: ir.Node) -> Term:
         return t
     parts = factors(inner)
     matrix_factors = [f for f in parts if f.type.kind == MATRIX]
-    masks = [f for f in matrix_factors if f.type.boolean]
-    other = [f for f in matrix_factors if not f.type.boolean]
-    rows_cols = [f for f in other if isinstance(f, (ir.Row, ir.Col))]
-    other = [f for f in other if not isinstance(f, (ir.Row, ir.Col))]
+    other = [f for f in matrix_factors
+             if not f.type.boolean and not isinstance(f, (ir.Row, ir.Col))]
     softmaxes = [f for f in other if isinstance(f, ir.Softmax)]
     lowranks = [f for f in other if isinstance(f, ir.LowRank)]
     decays = [f for f in other if isinstance(f, ir.Decay)]
     toeplitz = [f for f in other if isinstance(f, ir.Toeplitz)]
     rest = [f for f in other if f not in softmaxes + lowranks + decays + toeplitz]
     t.decays = decays
-    del masks, rows_cols
     if softmaxes and len(softmaxes) == 1 and not (lowranks or decays or toeplitz or rest):
         t.kind, t.softmax = "softmax", softmaxes[0]
         return t

@@ -62,3 +62,10 @@ def test_dense_fallback_is_reported():
     text = m.explain()
     assert "dense fallback" in text
     assert planner.plan(m.program).matrices[0].terms == []
+
+
+def test_absolute_positions_are_not_time_invariant():
+    """A mask on t alone depends on absolute positions: not Toeplitz."""
+    base = "mixer a {{ dims E\n kernel h : [E]\n input x : [E]\n out y = (toeplitz(h) * ({})) @ x }}"
+    assert mixerc.compile(base.format("t < 9")).analysis.cls == "dense"
+    assert mixerc.compile(base.format("t - s < 3")).analysis.cls == "toeplitz"
