@@ -11,6 +11,15 @@ import torch.nn.functional as F
 # reuses, instead of whole-sequence buffers that glibc maps and page-faults
 # afresh on every call (that made T=16k ~1.3x slower per token than T=2k).
 SEGMENT = 2048
+# On an accelerator the caching allocator reuses buffers whatever their size,
+# and each segment costs a few hundred kernel launches: segments only there to
+# bound memory (temporaries of ~100 MiB per tensor at these lengths).
+DEVICE_SEGMENT = 1 << 16
+
+
+def segment_length(x) -> int:
+    """Tokens per segment for inputs like `x` (on its device)."""
+    return SEGMENT if x.device.type == "cpu" else DEVICE_SEGMENT
 
 
 def to_chunks(x, chunk):

@@ -99,7 +99,7 @@ def render(strict, has_decay, segment=chunks.SEGMENT):
     src = _env().get_template("torch/chunked.py.jinja").render(
         name="f", per_channel=False, strict=strict, has_decay=has_decay, title="test")
     ns = {"torch": torch, "to_chunks": chunks.to_chunks, "from_chunks": chunks.from_chunks,
-          "scan_states": chunks.scan_states, "SEGMENT": segment}
+          "scan_states": chunks.scan_states, "segment_length": lambda x: segment}
     exec(src, ns)
     return ns["f"]
 
