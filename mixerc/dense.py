@@ -124,17 +124,26 @@ class Evaluator:
 
     # ------------------------------------------------------------- dispatch
     def value(self, node: ir.Node, rows=None) -> V:
-        """Token, static or kernel value. rows: absolute time positions or None."""
-        key = (id(node), None if rows is None else tuple(rows.tolist()))
-        if key in self.memo:
-            return self.memo[key]
+        """Token, static or kernel value. rows: absolute time positions or None.
+
+        Whole-sequence values (and statics) are memoized; a row block's values
+        are not: kept for the whole call, thousands of small blocks interleaved
+        with the big temporaries fragmented the heap (RSS grew ~T^2, 22 GB for
+        linear_attention at T=2048)."""
         kind = node.type.kind
         if kind == MATRIX:
             raise TypeError("internal: value() of a matrix")
-        out = getattr(self, "v_" + type(node).__name__)(node, rows)
-        out = self.finish(node, out)
-        self.memo[key] = out
+        if rows is not None and (kind == STATIC or self._all_rows(rows)):
+            rows = None
+        if rows is None and id(node) in self.memo:
+            return self.memo[id(node)]
+        out = self.finish(node, getattr(self, "v_" + type(node).__name__)(node, rows))
+        if rows is None:
+            self.memo[id(node)] = out
         return out
+
+    def _all_rows(self, rows: torch.Tensor) -> bool:
+        return len(rows) == self.T and bool((rows == self.full_rows()).all())
 
     def matrix(self, node: ir.Node, ti: torch.Tensor, si: torch.Tensor) -> V:
         if node.type.kind != MATRIX:  # statics inside matrix expressions
