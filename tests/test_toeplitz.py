@@ -238,6 +238,20 @@ def test_every_algorithm_is_the_same_conv(N, T, L):
         assert rel_err(fn(x, h, T), ref) < 1e-12, fn.__name__
 
 
+@pytest.mark.parametrize("block", [1, 450])
+def test_fft_in_blocks_of_channels(block, monkeypatch):
+    """FFT_BLOCK complex elements per block of channels; here a channel's
+    spectra hold 2 * 2 * 37 = 148, so 1 gives blocks of one channel and 450
+    blocks of 3, 3 and 1 (of 7)."""
+    monkeypatch.setattr(conv, "FFT_BLOCK", block)
+    x, h = torch.randn(2, 50, 7, 2, dtype=f64), torch.randn(30, 7, dtype=f64)
+    assert conv.fft_size(max(50, 40 + 30 - 1)) // 2 + 1 == 37
+    assert rel_err(conv.conv_fft(x, h, 40), _conv_ref(x, h, 40)) < 1e-12
+    assert torch.autograd.gradcheck(lambda a, b: conv.conv_fft(a, b, 9),
+                                    (x[:1, :12, :3].clone().requires_grad_(),
+                                     h[:7, :3].clone().requires_grad_()))
+
+
 def test_gradcheck_each_algorithm():
     x = torch.randn(1, 12, 2, 2, dtype=f64, requires_grad=True)
     h = torch.randn(7, 2, dtype=f64, requires_grad=True)
