@@ -218,3 +218,25 @@ def test_per_channel_recurrence_and_chunks_agree(strict):
         grads.append(torch.autograd.grad((y * w).sum() + final.sum(), xs))
     for g1, g2 in zip(*grads):  # both differentiate by autograd: they must agree
         assert rel_err(g1, g2) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["mamba", "gla", "h3", "ssd", "retnet"])
+def test_decode_step_does_not_pad_to_a_chunk(name, compiled, monkeypatch):
+    """A step's work is one token's, whatever the chunk length: chunked code
+    run on T = 1 must not pad it to a whole chunk (the per-channel recurrence
+    once ran 64 padded steps per decode step, 10-20x slower)."""
+    m = compiled(name)
+    mod = m._impl.module
+    seen = []
+    real = mod.to_chunks
+
+    def spy(x, chunk):
+        seen.append((x.shape[1], chunk))
+        return real(x, chunk)
+    monkeypatch.setattr(mod, "to_chunks", spy)
+    args = make_inputs(name, B=2, T=3, seed=16)
+    _, state = m(**{k: (v[:, :2] if k in m.program.inputs else v) for k, v in args.items()},
+                 return_state=True)
+    seen.clear()
+    m.step(state, **{k: (v[:, 2] if k in m.program.inputs else v) for k, v in args.items()})
+    assert all(chunk <= length for length, chunk in seen), seen
