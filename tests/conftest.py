@@ -1,6 +1,7 @@
 import os
 import sys
 
+import mixerc
 import pytest
 import torch
 
@@ -21,3 +22,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def stdlib():
     return STDLIB
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory):
+    """A module's own JIT/autotune cache (MIXERC_CACHE_DIR): no tuned config
+    from another test or an earlier run leaks in, so the default configs run."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("mixerc_cache")))
+        yield
+
+
+def compile_cache(sources: dict | None = None):
+    """get(name, backend="torch"): mixerc.compile once per (name, backend); a
+    name in `sources` compiles that source text instead of the stdlib file."""
+    cache = {}
+
+    def get(name, backend="torch"):
+        if (name, backend) not in cache:
+            cache[name, backend] = mixerc.compile((sources or {}).get(name, name),
+                                                  backend=backend)
+        return cache[name, backend]
+    return get
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_cache()

@@ -28,8 +28,9 @@ def _device() -> str | None:
 
 
 DEVICE = _device()
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set MIXERC_TEST_DEVICE "
-                                                        "to run these elsewhere)")
+pytestmark = [pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set "
+                                                         "MIXERC_TEST_DEVICE to run these elsewhere)"),
+              pytest.mark.usefixtures("fresh_cache")]
 LENGTHS = {"sliding_window": 100}
 
 
@@ -41,19 +42,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    cache = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("mixerc_cache")))
-
-        def get(name, backend="torch"):
-            if (name, backend) not in cache:
-                cache[name, backend] = mixerc.compile(name, backend=backend)
-            return cache[name, backend]
-        yield get
 
 
 def on(args, dtype=None):

@@ -5,17 +5,13 @@ KV-cache / window decode, gradients; and the scores it must leave to dense."""
 import mixerc
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compile_cache, rel_err
 from reference import make_inputs
 
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("mixerc_cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def mixer(name, matrix, extra=""):
@@ -68,13 +64,10 @@ def inputs(name, B=2, T=150, seed=0, dtype=f64, H=3, D=8):
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
+    compile_once = compile_cache(INLINE)
 
     def get(name, backend="torch", sdpa=False, **blocks):
-        key = (name, backend)
-        if key not in cache:
-            cache[key] = mixerc.compile(INLINE.get(name, name), backend=backend)
-        m = cache[key]
+        m = compile_once(name, backend)
         if backend == "torch":
             cfg = m._impl.config
             for k in list(cfg):

@@ -3,7 +3,6 @@ chunked strategy's adjoint backward (runtime/autograd.py) on its own."""
 
 import itertools
 
-import mixerc
 import pytest
 import torch
 from conftest import CAUSAL, STDLIB, rel_err
@@ -16,22 +15,7 @@ from mixerc.runtime.bind import bind
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("mixerc_cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    cache = {}
-
-    def get(name, backend="torch"):
-        if (name, backend) not in cache:
-            cache[name, backend] = mixerc.compile(name, backend=backend)
-        return cache[name, backend]
-    return get
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def small_config(m):

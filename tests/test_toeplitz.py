@@ -5,7 +5,7 @@ dims, band masks, signs, decode state, gradients."""
 import mixerc
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compile_cache, rel_err
 from reference import make_inputs
 
 from mixerc.runtime import conv
@@ -56,24 +56,14 @@ INLINE = {"multi": MULTI, "conv3": CONV3, "banded": BANDED, "signed": SIGNED,
           "two_sided": TWO_SIDED, "kernel_expr": KERNEL_EXPR}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_cache(tmp_path_factory):
-    """Own JIT/autotune cache: default configs, so the paths below are the ones
-    the tests mean to take (direct for L or T <= 24, FFT beyond)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("mixerc_cache")))
-        yield
+# Own JIT/autotune cache: default configs, so the paths below are the ones the
+# tests mean to take (direct for L or T <= 24, FFT beyond).
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(name, backend="torch"):
-        if (name, backend) not in cache:
-            cache[name, backend] = mixerc.compile(INLINE.get(name, name), backend=backend)
-        return cache[name, backend]
-    return get
+    return compile_cache(INLINE)
 
 
 def inputs(name, B=2, T=77, L=9, seed=0):

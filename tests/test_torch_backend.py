@@ -13,17 +13,6 @@ def split(m, args, a, b):
     return {k: (v[:, a:b] if k in m.program.inputs else v) for k, v in args.items()}
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    cache = {}
-
-    def get(name, backend="torch"):
-        if (name, backend) not in cache:
-            cache[name, backend] = mixerc.compile(name, backend=backend)
-        return cache[name, backend]
-    return get
-
-
 @pytest.mark.parametrize("name", STDLIB)
 def test_float64_equals_dense(name, compiled):
     T = LENGTHS.get(name, 77)  # not a multiple of any chunk length
