@@ -247,29 +247,40 @@ def peer_sdpa(a):
                                           enable_gqa=gqa).transpose(1, 2)
 
 
-def peer_linear_attention(a):  # phi = elu + 1 as in examples/linear_attention.mx
-    ref = fla_file("ops/linear_attn/naive.py").naive_chunk_linear_attn
+# Our mixers through an fla function (its pure-PyTorch reference here, its
+# Triton kernel in gpu.py): fn(args) -> y. `ref` returns y (linear attention)
+# or (y, final state) (simple GLA), as fla's references do.
+def linear_attention_with(ref):  # phi = elu + 1 as in examples/linear_attention.mx
     phi = lambda x: F.elu(x) + 1  # noqa: E731
     return lambda a: ref(phi(a["q"]), phi(a["k"]), a["v"], scale=1.0, normalize=True)
 
 
-def peer_retnet(a):
-    ref = fla_file("ops/simple_gla/naive.py").naive_chunk_simple_gla
-    return lambda a: ref(a["q"], a["k"], a["v"], a["log_gamma"].expand(a["q"].shape[:3]),
-                         scale=1.0)[0]
+def retnet_with(ref):  # simple GLA, g = log_gamma
+    return lambda a: ref(a["q"], a["k"], a["v"],
+                         g=a["log_gamma"].expand(a["q"].shape[:3]).contiguous(), scale=1.0)[0]
 
 
-def peer_ssd(a):
-    ref = fla_file("ops/simple_gla/naive.py").naive_chunk_simple_gla
-
+def ssd_with(ref):  # simple GLA, q = C, k = delta * B, g = A * delta; plus D x
     def run(a):
         H = a["x"].shape[2]
         delta = F.softplus(a["dt"] + a["dt_bias"])
         Bh, Ch = (a[n].repeat_interleave(H // a[n].shape[2], 2) for n in ("B", "C"))
-        y = ref(Ch, Bh * delta[..., None], a["x"], -torch.exp(a["A_log"]) * delta,
-                scale=1.0)[0]
+        y = ref(Ch, (Bh * delta[..., None]).to(a["x"].dtype), a["x"],
+                g=(-torch.exp(a["A_log"]) * delta).float(), scale=1.0)[0]
         return y + a["D"][:, None] * a["x"]
     return run
+
+
+def peer_linear_attention(a):
+    return linear_attention_with(fla_file("ops/linear_attn/naive.py").naive_chunk_linear_attn)
+
+
+def peer_retnet(a):
+    return retnet_with(fla_file("ops/simple_gla/naive.py").naive_chunk_simple_gla)
+
+
+def peer_ssd(a):
+    return ssd_with(fla_file("ops/simple_gla/naive.py").naive_chunk_simple_gla)
 
 
 def peer_gla(a):  # fla ships no pure-PyTorch chunked GLA: its recurrent reference

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu  # noqa: E402  (the shapes, the cases, the fla reference loader)
@@ -114,23 +113,13 @@ def peers(c):
         la, sgla, gla = fla_ops()
     except Exception as e:  # noqa: BLE001  (no fla, or its kernels do not import here)
         return out + [(f"fla Triton: unavailable ({type(e).__name__}: {e})", None)]
-    phi = lambda x: F.elu(x) + 1  # noqa: E731
     if c.name == "linear_attention":
-        out.append(("fla chunk_linear_attn", lambda a: la(
-            phi(a["q"]), phi(a["k"]), a["v"], scale=1.0, normalize=True)[0]))
+        out.append(("fla chunk_linear_attn",
+                    cpu.linear_attention_with(lambda *args, **kw: la(*args, **kw)[0])))
     if c.name == "retnet":
-        out.append(("fla chunk_simple_gla", lambda a: sgla(
-            a["q"], a["k"], a["v"], g=a["log_gamma"].expand(a["q"].shape[:3]).contiguous(),
-            scale=1.0)[0]))
+        out.append(("fla chunk_simple_gla", cpu.retnet_with(sgla)))
     if c.name == "ssd":
-        def run(a):
-            H = a["x"].shape[2]
-            delta = F.softplus(a["dt"] + a["dt_bias"])
-            Bh, Ch = (a[n].repeat_interleave(H // a[n].shape[2], 2) for n in ("B", "C"))
-            y = sgla(Ch, (Bh * delta[..., None]).to(a["x"].dtype), a["x"],
-                     g=(-torch.exp(a["A_log"]) * delta).float(), scale=1.0)[0]
-            return y + a["D"][:, None] * a["x"]
-        out.append(("fla chunk_simple_gla + D x (B/C, Δ prepared in torch)", run))
+        out.append(("fla chunk_simple_gla + D x (B/C, Δ prepared in torch)", cpu.ssd_with(sgla)))
     if c.name == "gla":
         out.append(("fla chunk_gla", lambda a: gla(
             a["q"], a["k"], a["v"], a["g"], scale=1.0)[0]))
