@@ -60,9 +60,9 @@ def conv_fft(x, h, T):
     stays float64). On the CPU channels go in blocks (FFT_BLOCK)."""
     N, L, H = x.shape[1], h.shape[0], x.shape[2]
     n = fft_size(max(N, T + L - 1))
-    per_channel = x.shape[0] * x[0, 0, 0].numel() * (n // 2 + 1)
+    per_channel = x.shape[0] * x.shape[3:].numel() * (n // 2 + 1)  # complex elements
     step = H if x.device.type != "cpu" else max(1, FFT_BLOCK // per_channel)
-    step = -(-H // -(-H // step))                         # blocks of equal size
+    step = -(-H // -(-H // step))    # as many blocks as that needs, filled evenly
     xt, ht = x.movedim(1, -1), h.t()                     # [B, H, V, N], [H, L]
     ys = []
     for c in range(0, H, step):
