@@ -1,10 +1,16 @@
 """Emit PyTorch code for the token-level part of a program.
 
-Each token / static / kernel IR node becomes one line `vN = <expr>` in the
-generated forward. Layouts are known at compile time, so broadcasting is
-spelled out as indexing (`x[..., None]`), `.permute(...)` and group expansion
-(`.repeat_interleave(H // G, dim=2)`): the generated code reads like
-hand-written torch.
+Each token / static / kernel IR node becomes one line `name = <expr>` in the
+generated forward, named after its `let` when it has one. Layouts are known
+at compile time, so broadcasting is spelled out as indexing (`x[..., None]`),
+`.permute(...)` and group expansion (`.repeat_interleave(H // G, dim=2)`):
+the generated code reads like hand-written torch.
+
+Every identifier comes from a `Namer` (codegen/names.py), so user names can
+be anything the language accepts. Numbers (constants, dim sizes and math on
+them) follow the dense interpreter's float64 semantics (runtime/scalars.py):
+constant ones are folded here into literals, dim-dependent ones are computed
+by `number(...)` at run time.
 
 Axes: tokens ("b", "t", *dims), statics (*dims), kernels ("l", *dims).
 """
@@ -14,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mixerc import ir
+from mixerc.codegen.names import Namer, literal
 from mixerc.ir import KERNEL, STATIC, TOKEN
+from mixerc.runtime.scalars import number
 
 PREFIX = ("b", "t", "l")
 
@@ -23,14 +31,6 @@ UNARY = {
     "softplus": "F.softplus({x})", "sigmoid": "torch.sigmoid({x})", "silu": "F.silu({x})",
     "elu": "F.elu({x})", "relu": "torch.relu({x})", "tanh": "torch.tanh({x})",
     "abs": "torch.abs({x})", "logsigmoid": "F.logsigmoid({x})", "not": "(~{x})",
-}
-# the same ops on Python floats (constants and dim sizes fold to plain numbers)
-SCALAR_UNARY = {
-    "neg": "(-{x})", "exp": "math.exp({x})", "log": "math.log({x})", "sqrt": "math.sqrt({x})",
-    "softplus": "math.log1p(math.exp({x}))", "sigmoid": "(1.0 / (1.0 + math.exp(-{x})))",
-    "silu": "({x} / (1.0 + math.exp(-{x})))", "elu": "({x} if {x} > 0 else math.expm1({x}))",
-    "relu": "max({x}, 0.0)", "tanh": "math.tanh({x})", "abs": "abs({x})",
-    "logsigmoid": "(-math.log1p(math.exp(-{x})))", "not": "(not {x})",
 }
 BINARY = {
     "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "div": "({a} / {b})",
@@ -46,32 +46,86 @@ def axes_of(node: ir.Node) -> tuple:
     return prefix + node.type.axes
 
 
-def dim_expr(dim: str) -> str:
-    """The generated code keeps every dim size in a local of the same name;
-    literal dims (`[E, 4]`) are numbers."""
-    return dim if not dim.isdigit() else dim
+def number_kind(node: ir.Node, memo: dict | None = None) -> str | None:
+    """"const" for a number built from constants only (folded at code
+    generation), "dims" for one that reads a dim size (a Python number at run
+    time), None for anything else. memo: id(node) -> kind, shared across calls."""
+    memo = {} if memo is None else memo
+    stack = [node]
+    while stack:  # children before parents, without recursion (deep programs)
+        n = stack[-1]
+        if id(n) in memo:
+            stack.pop()
+            continue
+        todo = [c for c in n.children() if id(c) not in memo]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        if n.type.kind != STATIC or n.type.dims:
+            memo[id(n)] = None
+        elif isinstance(n, ir.Const):
+            memo[id(n)] = "const"
+        elif isinstance(n, ir.DimSize):
+            memo[id(n)] = "dims"
+        elif isinstance(n, ir.Map):
+            kinds = [memo[id(c)] for c in n.args]
+            memo[id(n)] = None if None in kinds else "dims" if "dims" in kinds else "const"
+        else:
+            memo[id(n)] = None
+    return memo[id(node)]
+
+
+def fold(node: ir.Node):
+    """The value of a constant number (float or bool), float64 semantics."""
+    values: dict = {}
+    for n in ir.walk(node):
+        if isinstance(n, ir.Const):
+            values[id(n)] = float(n.value)
+        else:
+            values[id(n)] = number(n.op, *(values[id(a)] for a in n.args))
+    return values[id(node)]
 
 
 @dataclass
 class Emitter:
     """Writes straight-line code; `lines` is the body, `names[id(node)]` the
-    variable holding each emitted node."""
+    variable (or literal) holding each emitted node. `dtype` is the code for
+    the compute dtype where the code runs."""
 
     program: ir.Program
+    namer: Namer = field(default_factory=Namer)
+    dtype: str = "DTYPE"
     lines: list = field(default_factory=list)
     names: dict = field(default_factory=dict)
-    counter: int = 0
 
     def __post_init__(self):
-        self.groups = self.program.groups
-        self.let_names = {id(n): k for k, n in self.program.lets.items()}
+        p = self.program
+        self.groups = p.groups
+        self.let_names = {id(n): k for k, n in p.lets.items()}
+        self.args = {n: self.namer.claim(n) for n in [*p.inputs, *p.params, *p.kernels]}
+        self.dim_names = {d: self.namer.claim(d) for d in p.dims if not d.isdigit()}
+        self.used_dims: list = []     # dims the code reads, in first-use order
+        self.shift_keys = 0
+        self.number_kinds: dict = {}  # memo of number_kind
+
+    def is_number(self, node: ir.Node) -> bool:
+        """A value computed from constants and dim sizes only: a Python number."""
+        return number_kind(node, self.number_kinds) is not None
 
     def fresh(self, hint: str = "v") -> str:
-        self.counter += 1
-        return f"{hint}{self.counter}"
+        return self.namer.claim(hint)
 
     def line(self, text: str):
         self.lines.append(text)
+
+    def dim(self, d: str) -> str:
+        """The local holding dim d's size (a literal dim is its number)."""
+        if d.isdigit():
+            return d
+        if d not in self.used_dims:
+            self.used_dims.append(d)
+        return self.dim_names[d]
 
     # ---------------------------------------------------------------- layout
     def group_map(self, src: tuple, dst: tuple) -> dict:
@@ -92,7 +146,7 @@ class Emitter:
         for i, a in enumerate(axes):
             if a in gm:
                 h = gm[a]
-                expr = f"{expr}.repeat_interleave({dim_expr(h)} // {dim_expr(a)}, dim={i})"
+                expr = f"{expr}.repeat_interleave({self.dim(h)} // {self.dim(a)}, dim={i})"
                 axes[i] = h
         missing = [a for a in axes if a not in dst]
         assert not missing, (src, dst)
@@ -112,45 +166,42 @@ class Emitter:
                     idx = ["..."] + idx[len(order):]
                 expr = f"{expr}[{', '.join(idx)}]"
             if expand:
-                size = ", ".join(_size(a) for a in dst)
+                size = ", ".join(self.size(a) for a in dst)
                 expr = f"{expr}.expand({size})"
         return expr
+
+    def size(self, axis: str) -> str:
+        return {"b": "batch", "t": "time", "l": "-1"}.get(axis) or self.dim(axis)
 
     # ---------------------------------------------------------------- nodes
     def value(self, node: ir.Node) -> str:
         """Variable name (or literal) holding node; emits it on first use."""
         if id(node) in self.names:
             return self.names[id(node)]
-        name = getattr(self, "e_" + type(node).__name__)(node)
+        if number_kind(node, self.number_kinds) == "const":
+            name = literal(fold(node))
+        else:
+            name = getattr(self, "e_" + type(node).__name__)(node)
         self.names[id(node)] = name
         return name
 
     def assign(self, node: ir.Node, expr: str, hint: str = "v") -> str:
-        name = self.fresh(hint)
-        note = f"  # {self.let_names[id(node)]}" if id(node) in self.let_names else ""
-        axes = axes_of(node)
-        self.line(f"{name} = {expr}{note or ''}  # [{', '.join(axes)}]" if not note
-                  else f"{name} = {expr}{note} [{', '.join(axes)}]")
+        let = self.let_names.get(id(node))
+        name = self.fresh(let or hint)
+        self.line(f"{name} = {expr}  # [{', '.join(axes_of(node))}]")
         return name
 
     def e_Input(self, node):
-        return node.name
+        return self.args[node.name]
 
-    def e_Param(self, node):
-        return node.name
-
-    def e_KernelRef(self, node):
-        return node.name
-
-    def e_Const(self, node):
-        return repr(float(node.value))
+    e_Param = e_KernelRef = e_Input
 
     def e_DimSize(self, node):
-        return f"float({dim_expr(node.dim)})"
+        return f"float({self.dim(node.dim)})"
 
     def e_Random(self, node):
         a, b = (self.value(x) for x in node.args)
-        shape = "(" + "".join(f"{dim_expr(d)}, " for d in node.type.dims) + ")"
+        shape = "(" + "".join(f"{self.dim(d)}, " for d in node.type.dims) + ")"
         draw = "torch.rand" if node.dist == "uniform" else "torch.randn"
         scale = f"({b} - {a})" if node.dist == "uniform" else b
         return self.assign(node, f"{draw}({shape}, generator=generator, dtype=torch.float64, "
@@ -159,19 +210,11 @@ class Emitter:
     def e_Taps(self, node):
         return self.assign(node, f"{self.value(node.w)}.movedim(-1, 0)", "taps")
 
-    def is_number(self, node: ir.Node) -> bool:
-        """A value computed from constants and dim sizes only: a Python float."""
-        return node.type.kind == STATIC and not node.type.dims and all(
-            isinstance(n, (ir.Const, ir.DimSize, ir.Map)) for n in ir.walk(node))
-
     def e_Map(self, node):
         args = node.args
-        if self.is_number(node):
-            if len(args) == 1:
-                return self.assign(node, SCALAR_UNARY[node.op].format(x=self.value(args[0])))
-            op = "**" if node.op == "pow" else None
-            if op:
-                return self.assign(node, f"({self.value(args[0])} ** {self.value(args[1])})")
+        if self.is_number(node):  # needs a dim size: float64 semantics at run time
+            values = ", ".join(self.value(a) for a in args)
+            return self.assign(node, f"number({node.op!r}, {values})")
         if len(args) == 1:
             return self.assign(node, UNARY[node.op].format(x=self.value(args[0])))
         a, b = args
@@ -180,11 +223,11 @@ class Emitter:
         eb = self.aligned(b, dst)
         if node.op == "mul" and a.type.boolean != b.type.boolean:
             mask, val = (ea, eb) if a.type.boolean else (eb, ea)
-            return self.assign(node, f"torch.where({mask}, {val}, 0.0)")
+            return self.assign(node, f"select({mask}, {val}, {self.dtype})")
         return self.assign(node, BINARY[node.op].format(a=ea, b=eb))
 
     def aligned(self, node: ir.Node, dst: tuple) -> str:
-        if isinstance(node, (ir.Const, ir.DimSize)):
+        if self.is_number(node):
             return self.value(node)
         src = axes_of(node)
         # statics broadcast against tokens from the right: skip their leading axes
@@ -202,15 +245,9 @@ class Emitter:
     def e_Shift(self, node):
         # token shift with a carried buffer of the last k values (decode state)
         x = self.value(node.x)
-        key = self.state_key(node)
-        name = self.fresh("v")
+        self.shift_keys += 1
+        key = f"shift{self.shift_keys}"
+        name = self.fresh("shifted")
         self.line(f"{name}, new_state[{key!r}] = shift_tokens({x}, {node.k}, "
                   f"state.get({key!r}))  # [{', '.join(axes_of(node))}]")
         return name
-
-    def state_key(self, node) -> str:
-        return f"shift{self.counter}"
-
-
-def _size(axis: str) -> str:
-    return {"b": "batch", "t": "time", "l": "-1"}.get(axis, dim_expr(axis))

@@ -7,7 +7,8 @@ functions are rendered from their jinja2 templates once per set of flags.
 
 from __future__ import annotations
 
-import hashlib
+import ast
+import functools
 import re
 from importlib import resources
 
@@ -15,11 +16,50 @@ import jinja2
 
 from mixerc import __version__, ir, planner
 from mixerc.codegen import strategies
-from mixerc.codegen.emit import Emitter, axes_of, dim_expr
+from mixerc.codegen.emit import Emitter, axes_of
+from mixerc.codegen.names import Namer, comment, comment_lines
 from mixerc.jit import template_version
 
-RUNTIME_FILES = ("bind.py", "state.py", "chunks.py", "tokens.py", "attention.py", "conv.py",
-                 "autograd.py", "call.py")
+RUNTIME_FILES = ("bind.py", "state.py", "scalars.py", "chunks.py", "tokens.py", "attention.py",
+                 "conv.py", "autograd.py", "call.py")
+# names every generated module defines at top level or as locals of forward /
+# init_params: no user name may take them
+MODULE_NAMES = ("math", "sys", "torch", "F", "NAME", "IR_HASH", "TEMPLATE_VERSION", "SIGNATURE",
+                "DEFAULT_CONFIG", "CONFIG_SPACE", "CAUSAL", "CAUSAL_REASON", "STATE_KEYS",
+                "SOURCE", "config_allowed", "forward", "init_params", "mixer", "step", "module",
+                "Mixer")
+LOCAL_NAMES = ("sizes", "cfg", "state", "new_state", "batch", "time", "DTYPE", "DEVICE",
+               "generator", "device", "out", "T")
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_names() -> tuple:
+    """({defined name: runtime module}, {every top-level name}) of the runtime
+    files a generated module may import from or inline. Imported names (torch,
+    F, ...) are only in the second: they are reserved, never imported from us."""
+    root = resources.files("mixerc.runtime")
+    defined, everything = {}, set()
+    for f in RUNTIME_FILES:
+        for node in ast.walk(ast.parse(root.joinpath(f).read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                everything.update((a.asname or a.name).split(".")[0] for a in node.names)
+        for node in ast.parse(root.joinpath(f).read_text()).body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            elif isinstance(node, ast.Try):  # `except ImportError: class X` fallbacks
+                names = [n.name for n in ast.walk(node) if isinstance(n, ast.ClassDef)]
+            for n in names:
+                defined.setdefault(n, "mixerc.runtime." + f[:-3])
+    return defined, everything | set(defined)
+
+
+def new_namer() -> Namer:
+    return Namer(MODULE_NAMES + LOCAL_NAMES + tuple(runtime_names()[1]) + ("dense_apply",))
 
 
 def _env() -> jinja2.Environment:
@@ -40,10 +80,12 @@ class Writer(Emitter):
     keys and rendered template functions."""
 
     def __init__(self, plan: planner.ModulePlan):
-        super().__init__(plan.program)
+        super().__init__(plan.program, new_namer())
         self.plan = plan
         self.env = _env()
-        self.functions: dict = {}      # rendered source -> function name
+        self.functions: list = []      # rendered template functions, in order
+        self.function_names: dict = {} # (template, flags) -> function name
+        self.state_keys: set = set()
         self.config: dict = {}         # "M.chunk" -> default
         self.spaces: dict = {}         # "M.chunk" -> choices
         self.apply_out: dict = {}      # id(apply) -> variable
@@ -61,7 +103,15 @@ class Writer(Emitter):
         return name
 
     def size_expr(self, dims) -> str:
-        return " * ".join(dim_expr(d) for d in dims) or "1"
+        return " * ".join(self.dim(d) for d in dims) or "1"
+
+    def state_key(self, hint: str) -> str:
+        """A state dict key no other matrix of this module uses."""
+        key, n = hint, 2
+        while key in self.state_keys:
+            key, n = f"{hint}_{n}", n + 1
+        self.state_keys.add(key)
+        return key
 
     def canon(self, node: ir.Node, heads: tuple, tail: tuple) -> str:
         """node as [batch, time, prod(heads)(, prod(tail))] (a reshaped view or copy)."""
@@ -78,13 +128,11 @@ class Writer(Emitter):
     def coefficients(self, poly) -> str:
         """Python list of the polynomial's coefficients, evaluated at run time."""
         import sympy
-        subs = {name: self.value(n) for name, n in poly.symbols.items()}
+        subs = {sympy.Symbol(name): sympy.Symbol(self.value(n))
+                for name, n in poly.symbols.items()}
         out = []
         for c in poly.coeffs:
-            text = sympy.pycode(c, fully_qualified_modules=False)
-            for name, var in subs.items():
-                text = re.sub(rf"\b{name}\b", var, text)
-            text = re.sub(r"\bsqrt\b", "math.sqrt", text)
+            text = sympy.pycode(c.xreplace(subs), fully_qualified_modules=True)
             out.append(f"float({text})")
         return "[" + ", ".join(out) + "]"
 
@@ -96,16 +144,14 @@ class Writer(Emitter):
         return f"cfg[{full!r}]"
 
     def function(self, template: str, base: str, **flags) -> str:
-        variant = "_".join(k for k, v in sorted(flags.items()) if v is True)
-        name = f"{base}_{variant}" if variant else base
-        src = self.env.get_template(template).render(name=name, **flags)
-        if src not in self.functions:
-            taken = set(self.functions.values())
-            while name in taken:
-                name += "_"
-                src = self.env.get_template(template).render(name=name, **flags)
-            self.functions[src] = name
-        return self.functions[src]
+        """The name of `template` rendered with `flags` (rendered once per module)."""
+        key = (template, tuple(sorted((k, repr(v)) for k, v in flags.items())))
+        if key not in self.function_names:
+            variant = "_".join(k for k, v in sorted(flags.items()) if v is True)
+            name = self.namer.claim(f"{base}_{variant}" if variant else base)
+            self.function_names[key] = name
+            self.functions.append(self.env.get_template(template).render(name=name, **flags))
+        return self.function_names[key]
 
     # ------------------------------------------------------------ matrices
     def e_Apply(self, node: ir.Apply) -> str:
@@ -114,7 +160,7 @@ class Writer(Emitter):
         return self.apply_out[id(node)]
 
     def emit_matrix(self, mp: planner.MatrixPlan):
-        key = key_of(mp.name)
+        key = self.state_key(key_of(mp.name))
         if not mp.terms:
             return self.emit_dense(mp, key)
         values, widths = self.values(mp)
@@ -128,8 +174,9 @@ class Writer(Emitter):
             if v != values:
                 v = self.assign(v)
             strategy = strategies.BY_NAME[tp.strategy]
-            self.line(f"# {mp.name}, term {i + 1}/{len(mp.terms)}: {tp.strategy}"
-                      if len(mp.terms) > 1 else f"# {mp.name}: {mp.info.cls}, {tp.strategy}")
+            self.line("# " + comment(f"{mp.name}, term {i + 1}/{len(mp.terms)}: {tp.strategy}"
+                                     if len(mp.terms) > 1 else
+                                     f"{mp.name}: {mp.info.cls}, {tp.strategy}"))
             y = strategy.emit(tp, mp, self, tkey, v)
             if not y.isidentifier():  # an expression: bind it before reshaping
                 y = self.assign(y, hint="y")
@@ -164,13 +211,13 @@ class Writer(Emitter):
 
     def split_outputs(self, mp, y, widths):
         off = 0
-        head_sizes = ", ".join(dim_expr(d) for d in mp.heads)
+        head_sizes = ", ".join(self.dim(d) for d in mp.heads)
         for a, vdims in zip(mp.applies, widths):
             width = self.size_expr(vdims)
             sl = y if len(mp.applies) == 1 else f"{y}[..., {off}:{off} + {width}]" \
                 if off else f"{y}[..., :{width}]"
             shape = ", ".join(x for x in ("batch, time", head_sizes,
-                                          ", ".join(dim_expr(d) for d in vdims)) if x)
+                                          ", ".join(self.dim(d) for d in vdims)) if x)
             src = ("b", "t") + tuple(mp.heads) + tuple(vdims)
             expr = self.convert(f"{sl}.reshape({shape})", src, ("b", "t") + a.type.dims)
             self.apply_out[id(a)] = super().assign(a, expr)
@@ -183,11 +230,12 @@ class Writer(Emitter):
         idx = [n for n in self.program.nodes() if isinstance(n, ir.Apply)]
         for a in mp.applies:
             i = next(j for j, n in enumerate(idx) if n is a)
-            y = self.fresh("v")
-            inputs = ", ".join(f"{n!r}: {n}" for n in self.program.inputs)
-            others = ", ".join(f"{n!r}: {n}" for n in
+            y = self.fresh("y")
+            inputs = ", ".join(f"{n!r}: {self.args[n]}" for n in self.program.inputs)
+            others = ", ".join(f"{n!r}: {self.args[n]}" for n in
                                list(self.program.params) + list(self.program.kernels))
-            self.line(f"# {mp.name}: {mp.info.cls}, dense fallback ({mp.why_dense})")
+            self.line("# " + comment(f"{mp.name}: {mp.info.cls}, dense fallback "
+                                     f"({mp.why_dense})"))
             self.line(f"{y}, new_state[{key + '.history'!r}] = dense_apply(SOURCE, {i}, "
                       f"{{{inputs}}}, {{{others}}}, sizes, state.get({key + '.history'!r}))")
             self.apply_out[id(a)] = y
@@ -200,17 +248,12 @@ class Writer(Emitter):
         from mixerc.inputs import decay_leaves
 
         p = self.program
-        em = Emitter(p)
+        em = Emitter(p, new_namer(), dtype="torch.float64")
         negative = decay_leaves(p)
-        used = sorted({d for dd in p.params.values() for d in dd if not d.isdigit()},
-                      key=list(p.dims).index)
-        for d in used:
-            em.line(f"{d} = sizes[{d!r}]")
-        em.line("out = {}")
+        kw = "generator=generator, dtype=torch.float64, device=device"
         for name, dims in p.params.items():
-            shape = "(" + "".join(f"{dim_expr(d)}, " for d in dims) + ")"
+            shape = "(" + "".join(f"{em.dim(d)}, " for d in dims) + ")"
             node = p.param_inits.get(name)
-            kw = "generator=generator, dtype=torch.float64, device=device"
             if node is None and name in negative:
                 expr = f"torch.log(torch.rand({shape}, {kw}) * 0.099 + 0.9)"
             elif node is None:
@@ -222,14 +265,26 @@ class Writer(Emitter):
                 v = em.convert(em.value(node), axes_of(node), dims, expand=True)
                 expr = f"{v}.expand({shape}).clone()"
             em.line(f"out[{name!r}] = {expr}")
-        em.line("return out")
-        return em.lines
+        head = [f"{em.dim_names[d]} = sizes[{d!r}]" for d in em.used_dims] + ["out = {}"]
+        return head + em.lines + ["return out"]
+
+    def imports(self, code: str) -> list:
+        """`from mixerc.runtime.X import a, b` lines for the runtime names `code` uses."""
+        used: dict = {}
+        for name, module in runtime_names()[0].items():
+            if module.endswith((".bind", ".call", ".state")) and name != "Signature":
+                continue  # the call layer runs the module; it does not import it
+            if re.search(rf"(?<![\w.]){re.escape(name)}\b", code):
+                used.setdefault(module, []).append(name)
+        lines = [f"from {m} import {', '.join(sorted(names))}" for m, names in sorted(used.items())]
+        if self.needs_dense:
+            lines.append("from mixerc.runtime.fallback import dense_apply")
+        return lines
 
     def render(self, standalone: bool = False) -> str:
         p = self.program
         outputs = [self.value(n) for n in p.outs.values()]
         body = list(self.lines)
-        used = {d for d in p.dims if not d.isdigit()}
         runtime_source = ""
         if standalone:
             if self.needs_dense:
@@ -240,20 +295,28 @@ class Writer(Emitter):
                     "mixerc at run time), so it cannot be written as a standalone module")
             runtime_source = inline_runtime()
         from mixerc.api import signature
-        lines = []
-        for mp in self.plan.matrices:
-            lines.append(f"{mp.name}: {mp.info.cls} -> {', '.join(mp.strategies)}")
+        plan = [f"{mp.name}: {mp.info.cls} -> {', '.join(mp.strategies)}"
+                for mp in self.plan.matrices]
+        source_comment = ([f"Source ({p.file}):", ""] + p.source.strip("\n").split("\n")
+                          + ["", "Matrices and algorithms:"] + [f"    {x}" for x in plan])
+        init_body = self.init_params()
+        functions = list(self.functions)
+        code = "\n".join(body + functions + [" ".join(self.constraints)])
         return self.env.get_template("torch/module.py.jinja").render(
-            version=__version__, name=p.name, file=p.file, source=p.source.strip("\n"),
-            plan_lines=lines, standalone=standalone, runtime_source=runtime_source,
+            version=__version__, name=p.name, source_comment=comment_lines("\n".join(
+                source_comment)), source_literal=repr(p.source),
+            standalone=standalone, runtime_source=runtime_source,
+            imports=self.imports(code + "\nSignature"),
             needs_dense=self.needs_dense, ir_hash=p.hash(), template_version=template_version(),
             signature=repr(signature(p)), default_config=repr(self.config),
             config_space=repr(self.spaces), constraints=self.constraints,
             state_keys=repr(sorted(set(re.findall(r"new_state\['([^']*)'\]", "\n".join(body))))),
             causal=repr(self.plan.analysis.causal),
-            causal_reason=repr(self.plan.analysis.reason or ""), init_body=self.init_params(),
-            functions=list(self.functions), args=list(p.inputs) + list(p.params) + list(p.kernels),
-            first_input=next(iter(p.inputs)), dims=sorted(used, key=list(p.dims).index),
+            causal_reason=repr(self.plan.analysis.reason or ""), init_body=init_body,
+            functions=functions, args=[self.args[n] for n in
+                                       list(p.inputs) + list(p.params) + list(p.kernels)],
+            first_input=self.args[next(iter(p.inputs))],
+            dims=[(self.dim_names[d], d) for d in self.used_dims],
             body=body, outputs=outputs)
 
 

@@ -22,6 +22,9 @@ from .ir import MATRIX, STATIC, TOKEN
 
 INF = math.inf
 Band = tuple  # (lo, hi) bounds on d = t - s where an entry can be nonzero
+# Positions t, s are below 2^31 (README, limits): a bound on t - s beyond that
+# is no bound at all, and a window of 1e12 tokens must not size a buffer.
+MAX_LAG = 2 ** 31
 
 # Elementwise functions with f(0) == 0 keep zeros zero, so they keep the band.
 _ZERO_PRESERVING = frozenset({"neg", "relu", "silu", "elu", "tanh", "abs", "sqrt"})
@@ -31,13 +34,19 @@ _ZERO_PRESERVING = frozenset({"neg", "relu", "silu", "elu", "tanh", "abs", "sqrt
 
 
 def affine(node: ir.Node, sizes: dict | None = None):
-    """node as alpha*t + beta*s + gamma, or None if it is not affine in t, s."""
+    """node as alpha*t + beta*s + gamma (alpha, beta finite; gamma may be inf or
+    nan, as `t - s < 1e400` has), or None if it is not affine in t, s."""
+    form = _affine(node)
+    return form if form is not None and all(math.isfinite(x) for x in form[:2]) else None
+
+
+def _affine(node: ir.Node):
     if isinstance(node, ir.Index):
         return (1.0, 0.0, 0.0) if node.which == "t" else (0.0, 1.0, 0.0)
     if isinstance(node, ir.Const):
         return (0.0, 0.0, node.value)
     if isinstance(node, ir.Map) and node.op in ("add", "sub", "neg", "mul"):
-        parts = [affine(a, sizes) for a in node.args]
+        parts = [affine(a) for a in node.args]
         if any(p is None for p in parts):
             return None
         if node.op == "neg":
@@ -70,6 +79,13 @@ def _predicate_band(node: ir.Map) -> Band:
     op, bound = node.op, -c / a
     if a < 0:
         op = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}.get(op, op)
+    if math.isnan(bound):  # every comparison with nan is false, but !=
+        return (-INF, INF) if op == "ne" else (1, 0)
+    if abs(bound) > MAX_LAG:  # beyond any position: always or never true
+        bound = math.copysign(INF, bound)
+        holds = {"lt": bound > 0, "le": bound > 0, "gt": bound < 0, "ge": bound < 0,
+                 "eq": False, "ne": True}[op]
+        return (-INF, INF) if holds else (1, 0)
     if op == "lt":
         return (-INF, math.ceil(bound) - 1)
     if op == "le":

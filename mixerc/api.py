@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import analysis as _analysis
-from . import ir, jit
+from . import ir
 from .checker import check
 from .dense import DenseBackend
 from .errors import MixerDecodeError, MixerError, MixerUnsupportedError, MixerValueError
@@ -42,9 +42,14 @@ def load_source(path_or_source) -> tuple[str, str]:
         f = resources.files("mixerc.examples").joinpath(text + ".mx")
         return f.read_text(), f"examples/{text}.mx"
     path = Path(text)
-    if path.suffix == ".mx" or path.exists():
+    try:
+        is_file = path.suffix == ".mx" or path.exists()
+    except (OSError, ValueError):  # not a usable path at all (too long, NUL, ...)
+        is_file = False
+    if is_file:
         return _read(path), text
-    raise MixerValueError(f"'{text}' is neither a file, mixer source, nor a standard mixer",
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    raise MixerValueError(f"{shown!r} is neither a file, mixer source, nor a standard mixer",
                           hint="standard mixers: " + ", ".join(stdlib_names()))
 
 
@@ -72,31 +77,20 @@ class CompiledMixer:
     or a tuple when the mixer has several `out`s.
     """
 
-    def __init__(self, program: ir.Program | None = None, backend: str = "dense", *,
-                 source: str | None = None, file: str = "<string>", module=None):
-        """From a checked program, or (JIT cache hit) from a generated module plus
-        the source it came from: the program is then parsed only if needed."""
-        if program is None and source is None:
-            raise MixerValueError("CompiledMixer needs a program or its source")
-        self._program = program
-        self._source, self._file = (source, file) if program is None else \
-            (program.source, program.file)
+    def __init__(self, program: ir.Program, backend: str = "dense"):
+        if not isinstance(program, ir.Program):
+            raise MixerValueError("CompiledMixer needs a checked program (use mixerc.compile)")
+        self.program = program
         self.backend_name = backend
         if backend == "torch":
             from .torch_backend import TorchBackend
-            self._impl = TorchBackend(self, module)
+            self._impl = TorchBackend(self)
             self.signature = self._impl.module.SIGNATURE
             self.name = self._impl.module.NAME
         else:
             self._impl = DenseBackend(self.program)
             self.signature = signature(self.program)
             self.name = self.program.name
-
-    @functools.cached_property
-    def program(self) -> ir.Program:
-        if self._program is None:
-            self._program = check(parse(self._source, self._file))
-        return self._program
 
     @functools.cached_property
     def analysis(self) -> _analysis.Analysis:
@@ -119,7 +113,7 @@ class CompiledMixer:
         return self.analysis.causal
 
     # ---------------------------------------------------------------- calls
-    def __call__(self, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
+    def __call__(self, /, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
                  **tensors):
         bound = bind(self.signature, tensors, check_finite=self._check_finite,
                      varlen=cu_seqlens is not None)
@@ -137,7 +131,7 @@ class CompiledMixer:
         y = outs[0] if len(outs) == 1 else tuple(outs)
         return (y, states) if return_state else y
 
-    def step(self, state, **tensors):
+    def step(self, state, /, **tensors):
         """One decode step: inputs are [batch, *dims] (no time axis); returns
         (y_t, new_state). Pass state=None at the first token."""
         self._need_causal("decode token by token")
@@ -184,7 +178,7 @@ class CompiledMixer:
                                    hint="call it on the whole sequence instead")
 
     # ---------------------------------------------------------------- inspection
-    def materialize(self, **tensors) -> dict:
+    def materialize(self, /, **tensors) -> dict:
         """The T x T matrices applied by `@`, float64, as name -> [batch, *dims, T, T]."""
         bound = bind(self.signature, tensors, check_finite=True)
         return DenseBackend(self.program).materialize(bound, self._names)
@@ -211,7 +205,7 @@ class CompiledMixer:
         raise MixerUnsupportedError(f"no {backend!r} code: the Triton backend is not "
                                     "implemented yet")
 
-    def module(self, *, dtype=torch.float32, device=None, seed=None, **dims):
+    def module(self, /, *, dtype=torch.float32, device=None, seed=None, **dims):
         """A torch.nn.Module owning the params, sized by `dims` (every dim the
         params use, by name, unless the source fixes it), initialized as the
         source declares (`param A_log : [H] = log(uniform(1, 16))`)."""
@@ -234,12 +228,7 @@ def compile(path_or_source, backend: str = "auto") -> CompiledMixer:  # noqa: A0
         raise MixerUnsupportedError("backend 'triton' is not implemented yet; use "
                                     "backend='torch' (any device) or 'dense' (the float64 "
                                     "reference)")
-    if backend == "dense":
-        return CompiledMixer(check(parse(source, file)), "dense")
-    module = jit.lookup_source(source)  # a cache hit skips parsing and code generation
-    if module is not None:
-        return CompiledMixer(None, "torch", source=source, file=file, module=module)
-    return CompiledMixer(check(parse(source, file)), "torch")
+    return CompiledMixer(check(parse(source, file)), "dense" if backend == "dense" else "torch")
 
 
 __all__ = ["compile", "CompiledMixer", "MixerError", "stdlib_names", "load_source"]

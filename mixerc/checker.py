@@ -13,11 +13,13 @@ product by accident.
 from __future__ import annotations
 
 import difflib
+import math
 
 from . import ir
 from . import syntax as ast
 from .errors import Loc, MixerError, MixerNameError, MixerSyntaxError, MixerTypeError
 from .ir import KERNEL, MATRIX, STATIC, TOKEN, Type
+from .syntax import MAX_INT
 
 MATH_FUNCS = ("exp", "log", "sqrt", "softplus", "sigmoid", "silu", "elu", "relu", "tanh",
               "abs", "logsigmoid")
@@ -26,6 +28,12 @@ STRUCT_FUNCS = ("decay", "toeplitz", "conv", "softmax", "shift", "rev", "tril", 
 INIT_FUNCS = ("uniform", "normal")  # only in a param's initial value
 BUILTINS = frozenset(MATH_FUNCS + STRUCT_FUNCS + INIT_FUNCS)
 RESERVED = frozenset({"t", "s", "T"})
+# keyword arguments of the Python API: a mixer's own names cannot take them
+API_NAMES = frozenset({"self", "initial_state", "return_state", "cu_seqlens", "config", "dtype",
+                       "device", "seed"})
+# Later passes recurse over the IR; through `let`s a value can nest deeper than
+# any one expression, so the IR has its own bound (README, The language).
+MAX_IR_DEPTH = 120
 _CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 _KIND_WORD = {TOKEN: "a token tensor", STATIC: "a static tensor", KERNEL: "a lag kernel",
               MATRIX: "a sequence matrix"}
@@ -50,6 +58,7 @@ class _Checker:
         self.index = {w: ir.Index(Type(MATRIX), which=w) for w in "ts"}
         self.contracted: dict = {}             # id(node) -> its Contract node
         self.init_of: str | None = None        # the param whose initial value is checked
+        self.depths: dict = {}                 # id(node) -> nesting depth of the IR
 
     # ------------------------------------------------------------ diagnostics
     def fail(self, cls, message, loc, hint=None):
@@ -61,6 +70,9 @@ class _Checker:
         if name in BUILTINS:
             self.fail(MixerNameError, f"'{name}' is a builtin function and cannot be redefined",
                       loc)
+        if name in API_NAMES:
+            self.fail(MixerNameError, f"'{name}' is reserved: it is a keyword argument of "
+                      "mixerc's Python API (m(..., initial_state=S), m.module(dtype=...))", loc)
         if name in self.defined:
             first = self.defined[name]
             self.fail(MixerNameError, f"duplicate definition of {what} '{name}'", loc,
@@ -121,13 +133,38 @@ class _Checker:
             elif isinstance(st, ast.Out):
                 self.define(st.name, st.loc, "out")
                 self.outs[st.name] = self.out(st)
+            self.check_depth(self.env.get(st.name) or self.outs[st.name], st)
         inits = {d.name: self.param_init(d) for d in p.decls if d.kind == "param" and d.init}
+        if not self.inputs:
+            loc = Loc(p.loc.file, p.loc.line, p.loc.col, p.loc.line, p.loc.col + 5)
+            self.fail(MixerTypeError, f"mixer {p.name} has no `input`: the sequence length comes "
+                      "from the token inputs", loc, hint="add a line such as `input x : [H]`")
         if not self.outs:
             loc = Loc(p.loc.file, p.loc.line, p.loc.col, p.loc.line, p.loc.col + 5)
             self.fail(MixerTypeError, f"mixer {p.name} has no `out`", loc,
                       hint="add a line such as `out y = M @ x`")
         return ir.Program(p.name, dict(self.dims), self.inputs, self.params, self.kernels,
                           self.lets, self.outs, source=p.source, file=p.file, param_inits=inits)
+
+    def check_depth(self, node: ir.Node, st) -> None:
+        """Refuse a value nested deeper than MAX_IR_DEPTH (counting through lets)."""
+        depths = self.depths
+        stack = [node]
+        while stack:  # children first, with an explicit stack
+            n = stack[-1]
+            if id(n) in depths:
+                stack.pop()
+                continue
+            todo = [c for c in n.children() if id(c) not in depths]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            depths[id(n)] = 1 + max((depths[id(c)] for c in n.children()), default=0)
+        if depths[id(node)] > MAX_IR_DEPTH:
+            self.fail(MixerTypeError, f"{st.name} nests {depths[id(node)]} operations deep "
+                      f"(counting through the lets it uses); mixerc's limit is {MAX_IR_DEPTH}",
+                      st.loc, hint="README, The language: limits")
 
     def param_init(self, decl) -> ir.Node:
         """`param w : [H] = expr`: a static value from constants, dims and
@@ -446,8 +483,12 @@ class _Checker:
         sign = 1
         if isinstance(node, ast.Unary) and node.op == "neg":
             sign, node = -1, node.x
-        if not isinstance(node, ast.Num) or node.value != int(node.value):
+        if not isinstance(node, ast.Num) or not math.isfinite(node.value) \
+                or node.value != int(node.value):
             self.fail(MixerTypeError, f"{e.func}() {name} must be an integer literal", node.loc)
+        if abs(node.value) > MAX_INT:
+            self.fail(MixerTypeError, f"{e.func}() {name} must be between -{MAX_INT} and "
+                      f"{MAX_INT}", node.loc)
         return sign * int(node.value)
 
     def call_random(self, e):

@@ -15,7 +15,11 @@ from operator import mul
 
 import sympy
 
-T, t, C, L = sympy.symbols("T t C L", positive=True)
+# Sequence length, decode context, chunk length and kernel length. Dummies,
+# so that a mixer's own dim called C or L is a different symbol; `readable`
+# names them for printing without clashing with the mixer's names.
+T, t, C, L = (sympy.Dummy(n, positive=True) for n in ("T", "t", "C", "L"))
+SPECIAL = {T: ("T",), t: ("t",), C: ("C", "chunk"), L: ("L", "taps")}
 WORD = 4  # bytes per float32
 
 
@@ -127,14 +131,24 @@ def per_channel_choice(tp, mp, groups) -> tuple:
     return scan, chunked
 
 
-def as_python(expr: sympy.Expr, chunk: str = "C") -> str:
+def as_python(expr: sympy.Expr, chunk: str, dim_local) -> str:
     """Python code for a cost expression inside a generated forward, where the
-    sequence length is `time`, each dim a local of its own name, C the chunk."""
-    text = sympy.pycode(expr, fully_qualified_modules=False)
-    text = text.replace("math.", "")
-    subs = {"T": "time", "C": chunk}
-    import re
-    return re.sub(r"\b(T|C)\b", lambda m: subs[m.group(1)], text)
+    sequence length is `time`, dim d's size the local `dim_local(d)` and the
+    chunk length the code `chunk`."""
+    subs = {T: sympy.Symbol("time"), C: sympy.Symbol(chunk)}
+    for s in expr.free_symbols - set(subs):
+        subs[s] = sympy.Symbol(dim_local(s.name))
+    return sympy.pycode(expr.xreplace(subs), fully_qualified_modules=True)
+
+
+def readable(expr: sympy.Expr, taken=()) -> sympy.Expr:
+    """expr with T, t, the chunk and kernel lengths as plain symbols, named
+    so that none reads as one of the mixer's own names (`taken`)."""
+    subs = {}
+    for sym, names in SPECIAL.items():
+        name = next((n for n in names if n not in taken), names[-1] + "_")
+        subs[sym] = sympy.Symbol(name, positive=True)
+    return expr.xreplace(subs)
 
 
 def dense_cost(mp, groups) -> Cost:
@@ -154,5 +168,10 @@ def matrix_cost(mp, groups: dict) -> Cost:
 
 
 def evaluate(expr: sympy.Expr, sizes: dict) -> float:
+    """expr at `sizes`: dims by name, plus T, t, C (chunk) and L (kernel length)."""
     subs = {sympy.Symbol(k, positive=True): v for k, v in sizes.items() if not k.isdigit()}
+    for sym, names in SPECIAL.items():
+        value = next((sizes[n] for n in names if n in sizes), None)
+        if value is not None:
+            subs[sym] = value
     return float(expr.subs(subs))

@@ -89,6 +89,16 @@ class MixerCacheError(MixerError):
     file that is not a bundle, a bad MIXERC_AUTOTUNE value."""
 
 
+class CacheWarning(UserWarning):
+    """A cache (generated modules, autotune results) could not be used as
+    asked; the job goes on without it."""
+
+
+class MixerPerformanceWarning(UserWarning):
+    """The mixer runs, but slower than its class allows (e.g. a term with no
+    fast strategy runs through the dense interpreter)."""
+
+
 def exit_on_error(fn):
     """For CLI commands: a MixerError prints as a diagnostic (no traceback) and
     exits with status 2."""

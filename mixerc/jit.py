@@ -1,29 +1,42 @@
-"""JIT cache of generated modules: one .py file per (IR hash, backend, mixerc
-version, template version) under the cache directory, imported with
-importlib. A second compile of the same mixer in a new process only hashes,
-finds the file and imports it (Python keeps its bytecode beside it)."""
+"""JIT cache of generated modules: one .py file per rendered module under the
+cache directory, named by the sha256 of its text.
+
+The cache directory may be shared by a team or a cluster, so nothing in it is
+trusted. Every compile renders the module's source from the IR and the
+templates; the file `modules/mixer_<hash>.py` is used only when its bytes are
+exactly that source, and the module always runs from the rendered text (never
+from a file importlib would read, nor from a .pyc). A missing, different or
+unreadable file is a miss: the file is rewritten (atomically, readable by the
+team), and where the directory cannot be written the module runs from memory
+with one warning. The files are there for people (`mixerc compile`,
+tracebacks, reading what runs), not for speed.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
+import linecache
 import os
-import re
+import stat
 import sys
-import tempfile
+import types
+import warnings
 from pathlib import Path
 
 import platformdirs
 
 from . import __version__
+from .errors import CacheWarning
+
+MAX_MODULE_BYTES = 16 << 20  # a generated module is tens of KiB
 
 
 @functools.lru_cache(maxsize=1)
 def template_version() -> str:
     """Changes whenever anything that shapes generated code changes (templates,
-    strategies, emitters, runtime helpers): part of the JIT and autotune cache
-    keys. Reads bytes only, so a cache hit never imports the code generator."""
+    strategies, emitters, runtime helpers): part of the autotune cache key."""
     h = hashlib.sha256(__version__.encode())
     folders = [_folder(p) for p in ("mixerc.codegen", "mixerc.codegen.strategies",
                                      "mixerc.runtime")]
@@ -44,82 +57,92 @@ def _folder(package: str) -> Path:
 
 def cache_root() -> Path:
     root = os.environ.get("MIXERC_CACHE_DIR") or platformdirs.user_cache_dir("mixerc")
-    return Path(root)
+    return Path(root).expanduser()
 
 
-def module_key(ir_hash: str, backend: str, template_version: str) -> str:
-    text = f"{ir_hash}|{backend}|{__version__}|{template_version}"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def module_key(source: str) -> str:
+    """The name of a rendered module: a hash of its whole text."""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:24]
 
 
 def module_path(key: str) -> Path:
     return cache_root() / "modules" / f"mixer_{key}.py"
 
 
-def load(key: str, make_source) -> object:
-    """The module for key, generating and writing it on a miss. A broken
-    cached file (truncated, edited) is regenerated, never trusted blindly."""
-    path = module_path(key)
+_warned: set = set()  # cache roots already warned about (one warning each per process)
+
+
+def _warn_once(root: Path, message: str) -> None:
+    if str(root) not in _warned:
+        _warned.add(str(root))
+        warnings.warn(message, CacheWarning, stacklevel=4)
+
+
+def load(source: str) -> types.ModuleType:
+    """The module whose text is `source`, executed once per process; its file
+    in the cache directory is checked against `source` and rewritten if it
+    differs."""
+    key = module_key(source)
     name = f"mixerc_generated_{key}"
-    if name in sys.modules:
-        return sys.modules[name]
-    if path.exists():
+    mod = sys.modules.get(name)
+    if mod is not None and getattr(mod, "__mixerc_source__", None) == source:
+        return mod
+    path = module_path(key)
+    on_disk = read_regular_file(path, MAX_MODULE_BYTES)
+    data = source.encode("utf-8")
+    if on_disk != data:
+        if on_disk is not None or os.path.lexists(path):
+            warnings.warn(f"{path} is not the module mixerc generates for this mixer (edited "
+                          "or replaced); ignoring it and writing the generated one",
+                          CacheWarning, stacklevel=3)
         try:
-            return _import(name, path)
-        except Exception:  # a damaged file: rebuild it below
-            sys.modules.pop(name, None)
-    if make_source is None:
-        raise ImportError(f"no usable module at {path}")
-    source = make_source()
-    _atomic_write(path, source)
-    return _import(name, path)
+            atomic_write(path, data)
+        except OSError as e:
+            _warn_once(cache_root(), f"cannot write generated modules under {path.parent} "
+                       f"({e.strerror or e}); compiling them in memory")
+            path = None
+    filename = str(path) if path is not None else f"<mixerc generated {key}>"
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
+    mod.__mixerc_source__ = source
+    # tracebacks quote the text that ran, whatever happens to the file later
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec", dont_inherit=True), mod.__dict__)
+    sys.modules[name] = mod
+    return mod
 
 
-def _source_index(source: str) -> Path:
-    text = f"{source}|{__version__}|{template_version()}"
-    return cache_root() / "sources" / hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def lookup_source(source: str):
-    """The module generated earlier for exactly this source text, or None. The
-    index only maps source text to a module key; the module file itself is
-    keyed by IR hash."""
+def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of a regular file of at most max_bytes, else None (missing,
+    unreadable, a directory, a FIFO or device, which must not block us)."""
     try:
-        key = _source_index(source).read_text().strip()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
-    if not re.fullmatch(r"[0-9a-f]{24}", key) or not module_path(key).exists():
-        return None
     try:
-        return load(key, None)
-    except Exception:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        return data if len(data) <= max_bytes else None
+    except OSError:
         return None
+    finally:
+        os.close(fd)
 
 
-def remember_source(source: str, key: str):
-    try:
-        _atomic_write(_source_index(source), key)
-    except OSError:  # a read-only cache only costs speed
-        pass
-
-
-def _import(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "forward"):
-        raise ImportError(f"{path} is not a generated mixer module")
-    sys.modules[name] = module
-    return module
-
-
-def _atomic_write(path: Path, text: str):
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside path, then rename it over path: readers
+    see the old file or the new one. The file gets the usual permissions
+    (0666 less the umask), so a team sharing the directory can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".tmp")
+    tmp = path.parent / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

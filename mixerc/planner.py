@@ -203,15 +203,18 @@ def describe(mp_plan: ModulePlan) -> str:
     """The torch backend's algorithm for each matrix, with its cost model."""
     from . import cost
 
+    p = mp_plan.program
+    taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.kernels) | set(p.lets) \
+        | set(p.outs)
     lines = ["torch backend:"]
     for mp in mp_plan.matrices:
         how = ", ".join(t.strategy for t in mp.terms) if mp.terms else \
             f"dense fallback ({mp.why_dense})"
         lines.append(f"  {mp.name}: {how}")
         c = cost.matrix_cost(mp, mp_plan.program.groups)
-        lines.append(f"    prefill FLOPs  {c.prefill_flops}")
-        lines.append(f"    prefill bytes  {c.prefill_bytes}")
+        lines.append(f"    prefill FLOPs  {cost.readable(c.prefill_flops, taken)}")
+        lines.append(f"    prefill bytes  {cost.readable(c.prefill_bytes, taken)}")
         if mp_plan.analysis.causal:
-            lines.append(f"    decode FLOPs/token  {c.decode_flops}")
-            lines.append(f"    decode state elements  {c.state}")
+            lines.append(f"    decode FLOPs/token  {cost.readable(c.decode_flops, taken)}")
+            lines.append(f"    decode state elements  {cost.readable(c.state, taken)}")
     return "\n".join(lines)

@@ -15,6 +15,13 @@ import lark
 
 from .errors import Loc, MixerSyntaxError
 
+# Documented limits (README "The language"): passes over expressions recurse,
+# so nesting is bounded where Python's stack is known to hold; a mixer file is
+# a few hundred lines, far below the size cap.
+MAX_DEPTH = 100            # operations nested in one expression
+MAX_INT = 2 ** 31 - 1      # dim sizes, shifts and diagonal offsets
+MAX_SOURCE_CHARS = 1 << 20
+
 KEYWORDS = frozenset({"mixer", "dims", "divides", "input", "param", "kernel", "const",
                       "let", "out", "and", "or", "not"})
 
@@ -129,10 +136,9 @@ class Program(Node):
 @functools.lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
     text = resources.files("mixerc.grammar").joinpath("mixer.lark").read_text()
-    # lark caches its LALR tables keyed by the grammar text (building them costs
-    # ~0.3 s); a cache that cannot be written is only slower, never wrong
-    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                     cache=True)
+    # No `cache=True`: lark would unpickle its tables from the shared temp dir,
+    # where any local user can plant a file. Building them takes ~50 ms.
+    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
 _TOKEN_WORDS = {
@@ -163,6 +169,9 @@ def parse(source: str, file: str = "<string>") -> Program:
     """Parse mixer source text. Raises MixerSyntaxError on malformed input."""
     if not isinstance(source, str):
         raise MixerSyntaxError(f"mixer source must be text, got {type(source).__name__}")
+    if len(source) > MAX_SOURCE_CHARS:
+        raise MixerSyntaxError(f"the source has {len(source)} characters; mixerc reads at most "
+                               f"{MAX_SOURCE_CHARS}", Loc(file, 1, 1, 1, 2))
     try:
         tree = _parser().parse(source)
     except lark.exceptions.UnexpectedCharacters as e:
@@ -187,7 +196,25 @@ def parse(source: str, file: str = "<string>") -> Program:
     except lark.exceptions.LarkError as e:  # anything else lark may raise on odd input
         line, col = _end_pos(source)
         raise MixerSyntaxError(f"cannot parse: {e}", Loc(file, 1, 1, 1, 2), source=source) from None
+    _check_depth(tree, file, source)
     return _Builder(file, source).program(tree.children[0])
+
+
+def _check_depth(tree, file: str, source: str) -> None:
+    """Refuse expressions nested deeper than MAX_DEPTH, before anything recurses
+    over them. The parse tree is walked with an explicit stack."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH + 3:  # start, mixer and the statement are 3 levels
+            meta = node.meta
+            loc = Loc(file, getattr(meta, "line", 1), getattr(meta, "column", 1),
+                      getattr(meta, "end_line", 1), getattr(meta, "end_column", 2))
+            raise MixerSyntaxError(
+                f"expression nested more than {MAX_DEPTH} operations deep", loc, source=source,
+                hint="mixerc's limit on nesting (README, The language); a long sum or "
+                "product of many terms nests one level per term")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _expect_hint(expected) -> str | None:
@@ -215,6 +242,14 @@ class _Builder:
         if line is None:
             return Loc(self.file, 1, 1, 1, 2)
         return Loc(self.file, line, meta.column, meta.end_line, meta.end_column)
+
+    def int_token(self, tok) -> int:
+        text = str(tok).lstrip("0") or "0"
+        if len(text) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            raise MixerSyntaxError(f"{str(tok)[:20]}{'...' * (len(str(tok)) > 20)} is too "
+                                   f"large for a size (at most {MAX_INT})", self.loc(tok),
+                                   source=self.source)
+        return int(text)
 
     def name_token(self, tok) -> tuple[str, Loc]:
         name = str(tok)
@@ -257,7 +292,7 @@ class _Builder:
     def dim_decl(self, tree) -> DimDecl:
         name, loc = self.name_token(tree.children[0])
         size_tok, div_tok = tree.children[1], tree.children[2]
-        size = None if size_tok is None else int(size_tok)
+        size = None if size_tok is None else self.int_token(size_tok)
         divides, dloc = None, None
         if div_tok is not None:
             divides, dloc = self.name_token(div_tok)
@@ -273,7 +308,7 @@ class _Builder:
                 n, loc = self.name_token(tok)
                 out.append(ShapeDim(loc, name=n))
             else:
-                out.append(ShapeDim(self.loc(tok), literal=int(tok)))
+                out.append(ShapeDim(self.loc(tok), literal=self.int_token(tok)))
         return tuple(out)
 
     # --- expressions

@@ -17,17 +17,12 @@ def _compiling() -> bool:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, mixer, module=None):
-        """mixer: the CompiledMixer (its program and analysis are computed only
-        when needed); module: the generated module if the JIT cache had it."""
+    def __init__(self, mixer):
+        """mixer: the CompiledMixer. The module is rendered from its plan every
+        time; the JIT cache only checks it against its file (mixerc/jit.py)."""
         self.mixer = mixer
-        if module is None:
-            program = mixer.program
-            key = jit.module_key(program.hash(), "torch", jit.template_version())
-            module = jit.load(key, lambda: self.generate()[0])
-            jit.remember_source(program.source, key)
-        self.module = module
-        self.key = module.__name__.rsplit("_", 1)[-1]
+        self.module = jit.load(self.generate()[0])
+        self.key = self.module.__name__.rsplit("_", 1)[-1]
         self.config = dict(self.module.DEFAULT_CONFIG)
         self._configs: dict = {}   # shape bucket -> config (autotune cache or defaults)
 
@@ -45,9 +40,7 @@ class TorchBackend:
         return generate(self.plan, standalone=standalone)
 
     def source(self) -> str:
-        # the file this process imported: MIXERC_CACHE_DIR may have changed since
-        with open(self.module.__file__) as f:
-            return f.read()
+        return self.module.__mixerc_source__  # the text that runs
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         cfg = self.config_for(bound) if config is None else config

@@ -51,6 +51,24 @@ class Bound:
     origin: dict = field(default_factory=dict)  # dim -> which argument fixed it
 
 
+class _Lead(str):
+    """The label of a leading axis (batch, time, a kernel's taps): a str that
+    never equals a dim of the same name."""
+
+    def __eq__(self, other):
+        return isinstance(other, _Lead) and str.__eq__(self, other)
+
+    def __hash__(self):
+        return hash(("lead", str(self)))
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+BATCH, TIME, TAPS = _Lead("batch"), _Lead("time"), _Lead("L")
+
+
 def _fmt(dims, sizes) -> str:
     return "[" + ", ".join(str(sizes.get(d, d)) for d in dims) + "]"
 
@@ -98,8 +116,10 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
                               f"{', '.join(missing)}")
     sizes: dict = {n: s for n, s, _ in sig.dims if s is not None}
     origin: dict = {n: "the mixer source" for n in sizes}
-    lead = ["batch"] if step else ["batch", "time"]
+    # the leading axes are tracked apart from dims, so a dim may be called batch
+    lead = [BATCH] if step else [BATCH, TIME]
     batch_time: dict = {}
+    lead_origin: dict = {}
 
     def fit(kind, name, t, dims, leading):
         if not isinstance(t, torch.Tensor):
@@ -107,22 +127,26 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
         if not t.is_floating_point():
             raise MixerValueError(f"{kind} {name} must be a floating-point tensor, got {t.dtype}")
         want = list(leading) + list(dims)
+        labels = [str(x) for x in want]
         if t.dim() != len(want):
             raise MixerShapeError(f"{kind} {name} has shape {list(t.shape)}, expected "
-                                  f"[{', '.join(want)}] ({len(want)} dims, got {t.dim()})")
+                                  f"[{', '.join(labels)}] ({len(want)} dims, got {t.dim()})")
         for axis, (label, n) in enumerate(zip(want, t.shape)):
-            table, where = (batch_time, "batch/time") if label in lead else (sizes, "dim")
-            if label in ("L",) and axis == 0 and kind == "kernel":
+            is_lead = isinstance(label, _Lead)
+            table, where = (batch_time, lead_origin) if is_lead else (sizes, origin)
+            if is_lead and label.name == "L":
                 continue
             if label in table and table[label] != n:
-                expected = [batch_time.get(x, sizes.get(x, x)) for x in want]
+                expected = [batch_time.get(x) if isinstance(x, _Lead) else sizes.get(x, x)
+                            for x in want]
+                expected = [str(x) if e is None else e for x, e in zip(want, expected)]
                 raise MixerShapeError(
-                    f"{kind} {name} has shape {list(t.shape)}, expected [{', '.join(want)}] = "
-                    f"{expected}: {label} is {table[label]} (from {origin[label]}) "
+                    f"{kind} {name} has shape {list(t.shape)}, expected [{', '.join(labels)}] = "
+                    f"{expected}: {label} is {table[label]} (from {where[label]}) "
                     f"but {name} gives {n}")
             if label not in table:
                 table[label] = int(n)
-                origin[label] = f"{kind} {name}"
+                where[label] = f"{kind} {name}"
         wanted = check_finite is True or (check_finite == "params" and kind != "input")
         if wanted and (_compiling() or (kind != "input" and _known_finite(t))):
             wanted = False
@@ -138,7 +162,7 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
     for name, dims in sig.params:
         fit("param", name, kwargs[name], dims, [])
     for name, dims in sig.kernels:
-        fit("kernel", name, kwargs[name], dims, ["L"])
+        fit("kernel", name, kwargs[name], dims, [TAPS])
     for n, _, h in sig.dims:
         if h and n in sizes and h in sizes and sizes[h] % sizes[n]:
             raise MixerShapeError(f"dim {n} = {sizes[n]} (from {origin[n]}) does not divide "
@@ -147,9 +171,9 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
     for name, _ in sig.kernels:
         if kwargs[name].shape[0] < 1:
             raise MixerShapeError(f"kernel {name} has no taps (L = 0)")
-    if varlen and batch_time.get("batch", 1) != 1:
+    if varlen and batch_time.get(BATCH, 1) != 1:
         raise MixerShapeError(f"with cu_seqlens the batch must be 1 (sequences packed along "
-                              f"time), got batch {batch_time['batch']}")
+                              f"time), got batch {batch_time[BATCH]}")
     if not sig.inputs:
         raise MixerValueError(f"{sig.name} has no token inputs")
     first = kwargs[sig.inputs[0][0]]
@@ -161,7 +185,7 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
                                   f"{sig.inputs[0][0]} is on {first.device}")
     pick = lambda table: {n: kwargs[n] for n, _ in table}  # noqa: E731
     return Bound(pick(sig.inputs), pick(sig.params), pick(sig.kernels), sizes,
-                 batch_time["batch"], None if step else batch_time["time"], dtype,
+                 batch_time[BATCH], None if step else batch_time[TIME], dtype,
                  first.device, origin)
 
 

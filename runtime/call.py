@@ -94,7 +94,7 @@ class Mixer:
             raise MixerDecodeError(f"mixer {self.name} cannot {what}: it is not causal. "
                                    f"{self.mod.CAUSAL_REASON}")
 
-    def __call__(self, *, initial_state=None, return_state=False, cu_seqlens=None, config=None,
+    def __call__(self, /, *, initial_state=None, return_state=False, cu_seqlens=None, config=None,
                  **tensors):
         if initial_state is not None or return_state:
             self._need_causal("carry a decode state")
@@ -111,7 +111,7 @@ class Mixer:
                                   return_state)
         return (single(outs), state) if return_state else single(outs)
 
-    def step(self, state, **tensors):
+    def step(self, state, /, **tensors):
         """One decode step: inputs [batch, *dims] (no time axis); returns (y_t, state)."""
         self._need_causal("decode token by token")
         bound = bind(self.mod.SIGNATURE, tensors, step=True, check_finite="params")
@@ -119,7 +119,7 @@ class Mixer:
         outs, new = run(self.mod, bound, state, True)
         return single([o[:, 0] for o in outs]), new
 
-    def module(self, *, dtype=torch.float32, device=None, seed=None, **dims):
+    def module(self, /, *, dtype=torch.float32, device=None, seed=None, **dims):
         return MixerModule(self, self.mod.init_params, sizes_for_module(self.mod.SIGNATURE, dims),
                            dtype=dtype, device=device, seed=seed)
 
@@ -160,16 +160,19 @@ class MixerModule(torch.nn.Module):
             if not torch.isfinite(value).all():
                 raise MixerValueError(f"the initial value of param {name} has NaN/Inf")
             param = torch.nn.Parameter(value.to(dtype=dtype, device=device))
-            self.register_parameter(name, param)
+            if hasattr(self, name):  # named like a Module attribute (forward, training, ...):
+                self._parameters[name] = param  # reachable by name, not as an attribute
+            else:
+                self.register_parameter(name, param)
 
     def _params(self):
         return {n: p for n, p in self.named_parameters(recurse=False)}
 
-    def forward(self, initial_state=None, return_state=False, cu_seqlens=None, **inputs):
+    def forward(self, /, initial_state=None, return_state=False, cu_seqlens=None, **inputs):
         return self.mixer(initial_state=initial_state, return_state=return_state,
                           cu_seqlens=cu_seqlens, **inputs, **self._params())
 
-    def step(self, state, **inputs):
+    def step(self, state, /, **inputs):
         return self.mixer.step(state, **inputs, **self._params())
 
     def extra_repr(self) -> str:

@@ -120,11 +120,12 @@ def emit(tp, mp, w, key, values):
         scan = w.function("torch/scan.py.jinja", base="recurrent", strict=f["strict"],
                           title=mp.info.cls)
         scan_cost, chunked_cost = cost.per_channel_choice(tp, mp, w.program.groups)
+        sc, cc = w.fresh("scan_cost"), w.fresh("chunked_cost")
         w.line("# cost model (per head, elementwise ops weighted): a recurrence or chunks")
-        w.line(f"scan_cost = {cost.as_python(scan_cost, chunk)}")
-        w.line(f"chunked_cost = {cost.as_python(chunked_cost, chunk)}")
+        w.line(f"{sc} = {cost.as_python(scan_cost, chunk, w.dim)}")
+        w.line(f"{cc} = {cost.as_python(chunked_cost, chunk, w.dim)}")
         w.line("# backward: autograd through the chunks or the steps (per-channel decay)")
-        w.line(f"if scan_cost <= chunked_cost or time == 1:")
+        w.line(f"if {sc} <= {cc} or time == 1:")
         w.line(f"    {y}, new_state[{key!r}] = {scan}({q}, {k}, {values}, {a}, "
                f"state.get({key!r}), {chunk})")
         w.line("else:")
@@ -150,11 +151,12 @@ def _emit_polynomial(tp, mp, w, key, values, q, k, c, ones):
     quad = w.function("torch/poly_quadratic.py.jinja", base="poly_quadratic", strict=f["strict"])
     fn = w.function("torch/chunked.py.jinja", base="chunked", per_channel=False,
                     strict=f["strict"], has_decay=False, title=mp.info.cls + " (feature map)")
+    qf, ff = w.fresh("quadratic_flops"), w.fresh("feature_flops")
     w.line("# cost model (FLOPs per head): the quadratic form or the chunked feature map")
-    w.line(f"quadratic_flops = {cost.as_python(quadratic, chunk)}")
-    w.line(f"feature_flops = {cost.as_python(features, chunk)}")
+    w.line(f"{qf} = {cost.as_python(quadratic, chunk, w.dim)}")
+    w.line(f"{ff} = {cost.as_python(features, chunk, w.dim)}")
     y = w.fresh("y")
-    w.line("if quadratic_flops <= feature_flops:")
+    w.line(f"if {qf} <= {ff}:")
     w.line(f"    {y}, new_state[{key!r}] = {quad}({q}, {k}, {values}, {c}, state.get({key!r}))")
     w.line("else:")
     w.line(f"    {y}, new_state[{key!r}] = chunked_apply({fn}, poly_features({q}, {c}), "
@@ -162,17 +164,22 @@ def _emit_polynomial(tp, mp, w, key, values, q, k, c, ones):
     return y
 
 
+CHUNK, SUB = 64, 16  # defaults: always allowed, so no search is needed to run
+
+
 def space(tp):
-    s = {"chunk": ([16, 32, 64, 128, 256], 64)}
+    s = {"chunk": ([16, 32, 64, 128, 256], CHUNK)}
     if tp.flags["per_channel"]:
-        s["sub"] = ([8, 16, 32], 16)
+        s["sub"] = ([8, 16, 32], SUB)
     return s
 
 
 def constraints(tp, key):
     """Python expressions over `cfg` and `T` that a config must satisfy (rendered
-    into the generated module's `config_allowed`)."""
-    out = [f"cfg[{key + '.chunk'!r}] < 2 * max(T, 16)"]  # no chunk far longer than the input
+    into the generated module's `config_allowed`); the defaults satisfy them for
+    every T."""
+    chunk = f"cfg[{key + '.chunk'!r}]"
+    out = [f"({chunk} < 2 * max(T, 16) or {chunk} == {CHUNK})"]  # no chunk far longer than T
     if tp.flags["per_channel"]:
-        out.append(f"cfg[{key + '.sub'!r}] <= cfg[{key + '.chunk'!r}]")
+        out.append(f"cfg[{key + '.sub'!r}] <= {chunk}")
     return out
