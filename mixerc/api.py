@@ -228,6 +228,10 @@ class CompiledMixer:
     def materialize(self, **tensors) -> dict:
         """The T x T matrices applied by `@`, float64, as name -> [batch, *dims, T, T]."""
         bound = bind(self.signature, tensors, check_finite=True)
+        if bound.device.type == "meta":
+            name = next(n for n, x in tensors.items() if x.device.type == "meta")
+            raise MixerValueError(f"materialize() needs values, but {name} is on the meta "
+                                  "device (it holds shapes only)")
         return DenseBackend(self.program).materialize(bound, self._names)
 
     def explain(self) -> str:
