@@ -8,7 +8,7 @@ inlines this file; the lines marked `inline: drop` are then already defined).
 import torch
 
 from mixerc.runtime.bind import MixerValueError, bind, check_cu_seqlens  # inline: drop
-from mixerc.runtime.state import MixerState, _map, check_state  # inline: drop
+from mixerc.runtime.state import MixerState, check_state, map_tensors  # inline: drop
 
 try:
     from mixerc.errors import MixerDecodeError
@@ -68,9 +68,10 @@ def _run_empty_batch(mod, bound, cfg, state, args):
     run a batch of one (zeros) and keep none of it."""
     n = len(mod.SIGNATURE.inputs)
     one = [x.new_zeros((1,) + x.shape[1:]) for x in args[:n]] + args[n:]
-    start = {k: _map(v, lambda t: t.new_zeros((1,) + t.shape[1:])) for k, v in state.items()}
+    start = {k: map_tensors(v, lambda t: t.new_zeros((1,) + t.shape[1:]))
+             for k, v in state.items()}
     outs, new = mod.forward(bound.sizes, cfg, start, *one)
-    return [o[:0] for o in outs], {k: _map(v, lambda t: t[:0]) for k, v in new.items()}
+    return [o[:0] for o in outs], {k: map_tensors(v, lambda t: t[:0]) for k, v in new.items()}
 
 
 def run_varlen(forward, sig, tensors, cu_seqlens, initial_state, return_state):

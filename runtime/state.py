@@ -19,17 +19,17 @@ class MixerState:
     sizes: tuple = ()   # ((dim, size), ...) it ran at
 
     def to(self, *args, **kwargs) -> "MixerState":
-        return replace(self, tensors=_map(self.tensors, lambda v: v.to(*args, **kwargs)))
+        return replace(self, tensors=map_tensors(self.tensors, lambda v: v.to(*args, **kwargs)))
 
     def select(self, index) -> "MixerState":
         """The state of some sequences of the batch (index along batch)."""
-        return replace(self, tensors=_map(self.tensors, lambda v: v[index]))
+        return replace(self, tensors=map_tensors(self.tensors, lambda v: v[index]))
 
 
-def _map(value, fn):
+def map_tensors(value, fn):
     """fn on every tensor of a (nested) dict of tensors; other values kept."""
     if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     return fn(value) if isinstance(value, torch.Tensor) else value
 
 

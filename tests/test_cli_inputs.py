@@ -72,7 +72,8 @@ def test_non_utf8_byte_is_a_line_col_error(tmp_path):
 
 def test_non_utf8_column_counts_characters_not_bytes(tmp_path):
     path = tmp_path / "mixed.mx"
-    path.write_bytes(GOOD.replace("note", "été \xff").encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    text = GOOD.replace("note", "été \xff").encode("utf-8")  # é is 2 bytes, 1 column
+    path.write_bytes(text.replace(b"\xc3\xbf", b"\xff"))   # then a lone 0xff
     assert_diagnostic(cli("check", path), f"{path}:3:24: error:", "0xff")
 
 
