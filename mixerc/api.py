@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from . import analysis as _analysis
 from . import ir
 from .checker import check
 from .dense import DenseBackend
-from .errors import MixerDecodeError, MixerError, MixerUnsupportedError, MixerValueError
+from .errors import (Loc, MixerDecodeError, MixerError, MixerSyntaxError,
+                     MixerUnsupportedError, MixerValueError)
 from .runtime import call
 from .runtime.bind import Signature, bind
 from .syntax import parse
@@ -37,7 +40,7 @@ def load_source(path_or_source) -> tuple[str, str]:
                               f"got {type(path_or_source).__name__}")
     text = path_or_source
     if "{" in text:
-        return text, "<string>"
+        return text.removeprefix("\ufeff"), "<string>"
     if text in stdlib_names():
         f = resources.files("mixerc.examples").joinpath(text + ".mx")
         return f.read_text(), f"examples/{text}.mx"
@@ -54,10 +57,48 @@ def load_source(path_or_source) -> tuple[str, str]:
 
 
 def _read(path: Path) -> str:
+    """A source file's text. Only regular files are opened: a named pipe would
+    block open() forever, a directory or device is no mixer."""
     try:
-        return path.read_text()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise MixerValueError(f"cannot read {path}: {_file_kind(path)}, not a regular file",
+                                  hint="give the path of a .mx file")
+        # O_NONBLOCK: should the path turn into a pipe after the check, open() still returns
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise MixerValueError(f"cannot read {path}: not a regular file")
+            data = f.read()
     except OSError as e:
         raise MixerValueError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_source(data, str(path))
+
+
+def _file_kind(path: Path) -> str:
+    mode = os.stat(path).st_mode
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"it is {word}"
+    return "it is a special file"
+
+
+def decode_source(data: bytes, file: str) -> str:
+    """Source bytes as text: strict UTF-8, a leading byte-order mark dropped. A
+    byte that is not UTF-8 is an error at its line and column."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]  # valid UTF-8 up to the bad byte
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8")) + 1
+        raise MixerSyntaxError(f"the file is not valid UTF-8: byte 0x{data[e.start]:02x} "
+                               f"({e.reason})", Loc(file, line, col, line, col + 1),
+                               hint="save the file as UTF-8",
+                               source=data.decode("utf-8", "replace")) from None
 
 
 def signature(p: ir.Program) -> Signature:
@@ -181,6 +222,10 @@ class CompiledMixer:
     def materialize(self, /, **tensors) -> dict:
         """The T x T matrices applied by `@`, float64, as name -> [batch, *dims, T, T]."""
         bound = bind(self.signature, tensors, check_finite=True)
+        if bound.device.type == "meta":
+            name = next(n for n, x in tensors.items() if x.device.type == "meta")
+            raise MixerValueError(f"materialize() needs values, but {name} is on the meta "
+                                  "device (it holds shapes only)")
         return DenseBackend(self.program).materialize(bound, self._names)
 
     def explain(self) -> str:

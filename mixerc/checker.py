@@ -35,6 +35,7 @@ API_NAMES = frozenset({"self", "initial_state", "return_state", "cu_seqlens", "c
 # any one expression, so the IR has its own bound (README, The language).
 MAX_IR_DEPTH = 120
 _CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+_OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}
 _KIND_WORD = {TOKEN: "a token tensor", STATIC: "a static tensor", KERNEL: "a lag kernel",
               MATRIX: "a sequence matrix"}
 
@@ -247,7 +248,9 @@ class _Checker:
         if isinstance(e, ast.Binary):
             if e.op == "matmul":
                 return self.matmul(e)
-            return self.binary(e.op, self.expr(e.a), self.expr(e.b), e.loc, e.a.loc, e.b.loc)
+            a, b = self.expr(e.a), self.expr(e.b)
+            self.matmul_precedence(e, a, b)
+            return self.binary(e.op, a, b, e.loc, e.a.loc, e.b.loc)
         if isinstance(e, ast.Compare):
             nodes = [self.expr(x) for x in e.operands]
             result = None
@@ -308,6 +311,18 @@ class _Checker:
         if id(x) not in self.contracted:
             self.contracted[id(x)] = ir.Contract(Type(x.type.kind, x.type.dims), x=x, loc=x.loc)
         return self.contracted[id(x)]
+
+    def matmul_precedence(self, e: ast.Binary, a: ir.Node, b: ir.Node):
+        """`A * B @ v` parses as `A * (B @ v)`: when a matrix meets the token
+        result of an `@` elementwise, say that `@` binds tighter."""
+        if (a.type.kind, b.type.kind) != (MATRIX, TOKEN) or \
+                not (isinstance(e.b, ast.Binary) and e.b.op == "matmul"):
+            return
+        op = _OP_SYMBOL.get(e.op, e.op)
+        self.fail(MixerTypeError, "cannot combine a sequence matrix with a token tensor "
+                  f"elementwise: `@` binds tighter than `{op}`", e.loc,
+                  hint=f"`A {op} B @ v` reads as `A {op} (B @ v)`; to apply the combined "
+                  f"matrix write `(A {op} B) @ v`")
 
     # --- kinds and dims of elementwise ops
     def result_kind(self, a: Type, b: Type, loc) -> str:

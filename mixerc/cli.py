@@ -58,7 +58,8 @@ def explain(file, show_ir):
 @click.argument("file")
 @click.option("-o", "--output", default="M.png", show_default=True, help="image to write")
 @click.option("--matrix", "which", default=None, help="which matrix (default: M, else the first)")
-@click.option("-T", "--time", "T", default=64, show_default=True, help="sequence length")
+@click.option("-T", "--time", "T", default=64, show_default=True, type=click.IntRange(min=1),
+              help="sequence length")
 @click.option("--dims", default="", help="dim sizes, e.g. H=4,N=8")
 @click.option("--seed", default=0, show_default=True)
 @exit_on_error
@@ -101,8 +102,13 @@ def plot(file, output, which, T, dims, seed):
     ax.set_ylabel("t (target position)")
     fig.colorbar(im, ax=ax, shrink=0.85)
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(output, dpi=120)
+    except (OSError, ValueError) as e:  # a missing folder, no permission, an unknown suffix
+        raise MixerValueError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    finally:
+        plt.close(fig)
     click.echo(f"wrote {output}: {which} of {p.name}, {T}x{T}")
 
 
@@ -119,17 +125,22 @@ def compile_command(file, output, backend):
     from pathlib import Path
 
     from .api import CompiledMixer
+    from .errors import MixerValueError
 
     m = CompiledMixer(_load(file), backend)
     source = m._impl.generate(standalone=True)[0]
-    Path(output).write_text(source)
+    try:
+        Path(output).write_text(source)
+    except OSError as e:
+        raise MixerValueError(f"cannot write {output}: {e.strerror or e}") from None
     plan = "; ".join(f"{x.name}: {', '.join(x.strategies)}" for x in m._impl.plan.matrices)
     click.echo(f"wrote {output}: {m.name} ({plan})")
 
 
 @main.command()
-@click.option("-T", "--time", "T", default=256, show_default=True, help="sequence length")
-@click.option("--batch", default=2, show_default=True)
+@click.option("-T", "--time", "T", default=256, show_default=True, type=click.IntRange(min=1),
+              help="sequence length")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1))
 @exit_on_error
 def demo(T, batch):
     """Run the standard library on random CPU inputs: torch backend vs dense."""

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from . import ir
+from .errors import MixerValueError
 from .ir import MATRIX, STATIC, TOKEN
+from .runtime.state import MixerState, check_state
 
 PREFIX = ("b", "t", "s", "l")
 BLOCK_ELEMENTS = 1 << 23  # float64 elements per materialized row block (64 MiB)
@@ -241,7 +243,7 @@ class Evaluator:
         if node.u.type.kind == TOKEN:
             u = V(u.data, tuple("s" if a == "t" else a for a in u.axes))
         width = self.T * self.B * _numel(self.sizes, self.subtree_axes(node))
-        block = max(1, BLOCK_ELEMENTS // width)
+        block = max(1, BLOCK_ELEMENTS // max(width, 1))
         out = None  # written block by block: no small buffers kept between big ones
         for start in range(0, len(rows), block):
             ti = rows[start:start + block]
@@ -357,67 +359,81 @@ def _numel(sizes: dict, dims) -> int:
 # ------------------------------------------------------------------ backend
 
 
-@dataclass
-class HistoryState:
-    """Decode state of the dense backend: every token input seen so far.
-
-    Exact for any causal mixer (the next output is the last row of the dense
-    program over the history); O(t) memory. torch.save-able.
-    """
-
-    inputs: dict   # name -> [batch, t, *dims]
-    length: int
-
-
 class DenseBackend:
-    """Runs a program through the Evaluator in float64; casts back at the end."""
+    """Runs a program through the Evaluator in float64; casts back at the end.
+
+    Its decode state is a MixerState holding every token input seen so far
+    (name -> [batch, t, *dims]): exact for any causal mixer (the next output
+    is the last row of the dense program over the history); O(t) memory."""
 
     name = "dense"
 
     def __init__(self, program: ir.Program):
         self.p = program
+        self.owner = (program.name, program.hash(), "dense")
 
-    def _env(self, bound, history: HistoryState | None):
+    def _history(self, state, bound) -> dict | None:
+        """The inputs a state of this program holds, checked against it."""
+        what = "initial_state" if bound.time is not None else "state"  # a call / a step
+        if check_state(state, self.owner, bound.sizes, bound.batch, what) is None:
+            return None
+        if set(state.tensors) != set(bound.inputs):
+            raise MixerValueError(f"{what} does not belong to {self.p.name}: it holds "
+                                  f"{sorted(state.tensors)}, expected {sorted(bound.inputs)}")
+        for n, x in state.tensors.items():
+            want = bound.inputs[n].shape[2:] if bound.time is not None else \
+                bound.inputs[n].shape[1:]
+            if x.dim() < 2 or x.shape[1] != state.length or x.shape[2:] != want:
+                raise MixerValueError(f"{what}[{n!r}] has shape {list(x.shape)}, not "
+                                      f"[batch, {state.length}, {', '.join(map(str, want))}]")
+        return state.tensors
+
+    def _env(self, bound, history: dict | None):
         env = {}
         for n, x in bound.inputs.items():
             x = x.to(torch.float64)
             if history is not None:
-                x = torch.cat([history.inputs[n].to(device=x.device, dtype=torch.float64), x], 1)
+                x = torch.cat([history[n].to(device=x.device, dtype=torch.float64), x], 1)
             env[n] = x
         for n, x in list(bound.params.items()) + list(bound.kernels.items()):
             env[n] = x.to(torch.float64)
         return env
 
-    def run(self, bound, history: HistoryState | None, rows_from: int):
+    def run(self, bound, history: dict | None, rows_from: int):
         """Outputs at time rows_from..end of the (history + new) sequence."""
         env = self._env(bound, history)
         T = next(iter(env[n] for n in bound.inputs)).shape[1]
+        sizes = dict(bound.sizes)
+        sizes.update({d.name: d.size for d in self.p.dims.values() if d.size is not None})
+        shapes = [(bound.batch, T - rows_from) + tuple(sizes[d] for d in node.type.dims)
+                  for node in self.p.outs.values()]
+        if T == rows_from or bound.batch == 0 or bound.device.type == "meta":
+            # nothing to evaluate (no new token, no sequence), or shapes only (meta)
+            return [torch.zeros(s, dtype=bound.dtype, device=bound.device) for s in shapes], env
         ev = Evaluator(self.p, env, bound.sizes, bound.batch, T)
         rows = torch.arange(rows_from, T, device=bound.device)
         outs = []
-        for node in self.p.outs.values():
+        for node, shape in zip(self.p.outs.values(), shapes):
             v = ev.value(node, rows)
             v = ev.layout(v, ("b", "t") + node.type.dims)
-            shape = (bound.batch, len(rows)) + tuple(ev.sizes[d] for d in node.type.dims)
             outs.append(v.data.expand(shape).to(bound.dtype))
         return outs, env
 
+    def _state(self, bound, env) -> MixerState:
+        history = {n: env[n].to(bound.dtype) for n in bound.inputs}
+        return MixerState(history, next(iter(history.values())).shape[1], self.owner,
+                          tuple(sorted(bound.sizes.items())))
+
     def forward(self, bound, initial_state=None, return_state=False):
-        start = 0 if initial_state is None else initial_state.length
-        outs, env = self.run(bound, initial_state, start)
-        state = None
-        if return_state:
-            state = HistoryState({n: env[n].to(bound.dtype) for n in bound.inputs},
-                                 env[next(iter(bound.inputs))].shape[1])
-        return outs, state
+        history = self._history(initial_state, bound)
+        outs, env = self.run(bound, history, 0 if history is None else initial_state.length)
+        return outs, (self._state(bound, env) if return_state else None)
 
     def step(self, bound, state):
-        one = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
-        bound.inputs = one
-        outs, env = self.run(bound, state, 0 if state is None else state.length)
-        new = HistoryState({n: env[n].to(bound.dtype) for n in bound.inputs},
-                           env[next(iter(bound.inputs))].shape[1])
-        return [o[:, 0] for o in outs], new
+        history = self._history(state, bound)
+        bound.inputs = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
+        outs, env = self.run(bound, history, 0 if history is None else state.length)
+        return [o[:, 0] for o in outs], self._state(bound, env)
 
     def materialize(self, bound, names: dict) -> dict:
         env = self._env(bound, None)

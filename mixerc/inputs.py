@@ -37,7 +37,7 @@ def random_inputs(program: ir.Program, sizes: dict, batch: int, time: int, *, se
     negative = decay_leaves(program)
 
     def sample(name, shape):
-        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        x = torch.randn(tuple(shape), generator=g, dtype=torch.float64)  # () for a scalar param
         if name in negative:  # a log-decay per step: in (-1, 0)
             x = -torch.sigmoid(x) * 0.5 - 0.01
         return x.to(dtype=dtype, device=device)

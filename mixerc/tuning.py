@@ -9,6 +9,7 @@ import functools
 import torch
 
 from .autotune.space import Choice, ConfigSpace
+from .errors import MixerValueError
 from .inputs import random_inputs
 from .runtime.bind import bind
 
@@ -27,6 +28,24 @@ def space_of(module) -> ConfigSpace:
                                                                                    shape["T"])])
 
 
+def usable_device(device) -> str:
+    """The device as a string, or a MixerValueError when this torch cannot put a
+    tensor there (cuda:0 on a CPU build, a missing GPU index, a typo)."""
+    try:
+        dev = torch.device(device)
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        cuda = "this torch has CUDA" if torch.cuda.is_available() else \
+            "this torch build sees no CUDA device"
+        raise MixerValueError(f"device {str(device)!r} is not usable: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                              hint=f"{cuda}; use cpu or cuda:N") from None
+    if dev.type == "meta":
+        raise MixerValueError("device 'meta' holds no data: nothing can be timed there",
+                              hint="use cpu or cuda:N")
+    return str(dev)
+
+
 class TorchTuningProblem:
     """Inputs are built lazily: a problem used only for a cache lookup is cheap."""
 
@@ -42,7 +61,7 @@ class TorchTuningProblem:
         if backend.program.kernels:
             self.shape["L"] = int(kernel_len or time)
         self.dtype = dtype
-        self.device = str(torch.device(device))
+        self.device = usable_device(device)
         self.space = space_of(module)
 
     @functools.cached_property

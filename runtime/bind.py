@@ -148,7 +148,9 @@ def bind(sig: Signature, kwargs: dict, *, step: bool = False, check_finite=False
                 table[label] = int(n)
                 where[label] = f"{kind} {name}"
         wanted = check_finite is True or (check_finite == "params" and kind != "input")
-        if wanted and (_compiling() or (kind != "input" and _known_finite(t))):
+        # meta tensors hold no values to check: a call on them propagates shapes
+        if wanted and (_compiling() or t.device.type == "meta" or
+                       (kind != "input" and _known_finite(t))):
             wanted = False
         if wanted and bool(torch.isfinite(t).all()):
             if kind != "input":

@@ -8,7 +8,7 @@ inlines this file; the lines marked `inline: drop` are then already defined).
 import torch
 
 from mixerc.runtime.bind import MixerValueError, bind, check_cu_seqlens  # inline: drop
-from mixerc.runtime.state import MixerState  # inline: drop
+from mixerc.runtime.state import MixerState, check_state, map_tensors  # inline: drop
 
 try:
     from mixerc.errors import MixerDecodeError
@@ -19,38 +19,59 @@ except ImportError:  # standalone module
 HALF = (torch.float16, torch.bfloat16)
 
 
-def check_state(mod, state, batch: int) -> dict:
-    """The tensors of a MixerState this module returned earlier, or an error."""
-    if state is None:
+def owner_of(mod) -> tuple:
+    """Who a state of this generated module belongs to (see MixerState.owner)."""
+    return (mod.NAME, mod.IR_HASH, "torch")
+
+
+def state_tensors(mod, state, bound) -> dict:
+    """The tensors of a MixerState this module returned earlier at these sizes
+    and batch ({} for the start), or a MixerValueError."""
+    what = "initial_state" if bound.time is not None else "state"  # a call / a step
+    if check_state(state, owner_of(mod), bound.sizes, bound.batch, what) is None:
         return {}
-    if not isinstance(state, MixerState):
-        raise MixerValueError(f"initial_state must be the MixerState a previous call of "
-                              f"{mod.NAME} (torch backend) returned, got {type(state).__name__}")
-    want = set(mod.STATE_KEYS)
-    if set(state.tensors) != want:
-        raise MixerValueError(f"initial_state does not belong to {mod.NAME}: it holds "
-                              f"{sorted(state.tensors)}, expected {sorted(want)}")
-    for k, v in state.tensors.items():
-        if isinstance(v, torch.Tensor) and v.shape[0] != batch:
-            raise MixerValueError(f"initial_state[{k!r}] is for batch {v.shape[0]}, the inputs "
-                                  f"have batch {batch}")
-    return state.tensors
+    if state.tensors and set(state.tensors) != set(mod.STATE_KEYS):  # {}: the start state
+        raise MixerValueError(f"{what} does not belong to {mod.NAME}: it holds "
+                              f"{sorted(state.tensors)}, expected {sorted(mod.STATE_KEYS)}")
+    return dict(state.tensors)
 
 
 def run(mod, bound, initial_state=None, return_state=False, config=None):
     """Outputs (in the inputs' dtype) and the state after the last token.
-    Half inputs compute in float32."""
+    Half inputs compute in float32. No tokens (T = 0): empty outputs, the state
+    passes through; an empty batch: the shapes of a batch of one, emptied."""
     cdtype = torch.float32 if bound.dtype in HALF else bound.dtype
     sig = mod.SIGNATURE
     args = [bound.inputs[n].to(cdtype) for n, _ in sig.inputs]
     args += [bound.params[n].to(cdtype) for n, _ in sig.params]
     args += [bound.kernels[n].to(cdtype) for n, _ in sig.kernels]
-    state = check_state(mod, initial_state, bound.batch)
-    outs, new = mod.forward(bound.sizes, mod.DEFAULT_CONFIG if config is None else config,
-                            state, *args)
-    length = (0 if initial_state is None else initial_state.length) + args[0].shape[1]
+    state = state_tensors(mod, initial_state, bound)
+    cfg = mod.DEFAULT_CONFIG if config is None else config
+    time = args[0].shape[1]
+    if time == 0:
+        outs = [args[0].new_zeros((bound.batch, 0) + tuple(bound.sizes[d] for d in dims))
+                for _, dims in sig.outs]
+        new = state
+    elif bound.batch == 0:
+        outs, new = _run_empty_batch(mod, bound, cfg, state, args)
+    else:
+        outs, new = mod.forward(bound.sizes, cfg, state, *args)
+    length = (0 if initial_state is None else initial_state.length) + time
     outs = [o.to(bound.dtype) for o in outs]
-    return outs, (MixerState(new, length) if return_state else None)
+    if not return_state:
+        return outs, None
+    return outs, MixerState(new, length, owner_of(mod), tuple(sorted(bound.sizes.items())))
+
+
+def _run_empty_batch(mod, bound, cfg, state, args):
+    """Generated code may reshape with -1, which an empty batch makes ambiguous:
+    run a batch of one (zeros) and keep none of it."""
+    n = len(mod.SIGNATURE.inputs)
+    one = [x.new_zeros((1,) + x.shape[1:]) for x in args[:n]] + args[n:]
+    start = {k: map_tensors(v, lambda t: t.new_zeros((1,) + t.shape[1:]))
+             for k, v in state.items()}
+    outs, new = mod.forward(bound.sizes, cfg, start, *one)
+    return [o[:0] for o in outs], {k: map_tensors(v, lambda t: t[:0]) for k, v in new.items()}
 
 
 def run_varlen(forward, sig, tensors, cu_seqlens, initial_state, return_state):

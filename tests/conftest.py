@@ -24,6 +24,15 @@ def stdlib():
     return STDLIB
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_cache(tmp_path_factory):
+    """Every test runs against a temporary cache (MIXERC_CACHE_DIR), never the
+    user's platform cache dir; subprocesses inherit it through the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXERC_CACHE_DIR", str(tmp_path_factory.mktemp("session_cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def fresh_cache(tmp_path_factory):
     """A module's own JIT/autotune cache (MIXERC_CACHE_DIR): no tuned config

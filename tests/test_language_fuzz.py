@@ -101,7 +101,8 @@ def test_random_programs_mostly_check():
     property above would only exercise error paths."""
     counts = {"ok": 0, "error": 0}
 
-    @settings(max_examples=80, deadline=None, database=None)
+    # derandomize: the same 80 programs every run, so the guard cannot flake
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True)
     @given(y=token)
     def sample(y):
         try:
