@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..safe_io import RefusedFile, read_regular_file
 from .entry import MAX_BYTES
 from .identity import KEY_RE
 
@@ -55,10 +56,11 @@ class LocalDir:
         return Lock(self.root / ".locks" / f"{key}.{what}.lock", timeout)
 
     def get(self, key: str) -> bytes | None:
+        # a FIFO or device planted at the path would block or never end: refused
         try:
-            with open(self.path(key), "rb") as f:
-                return f.read(MAX_BYTES + 1)  # an oversized file is rejected, not slurped
-        except FileNotFoundError:
+            return read_regular_file(self.path(key), MAX_BYTES)
+        except RefusedFile as e:
+            warn(f"ignoring a bad autotune cache entry {key[:12]} in {self.root}: {e}")
             return None
         except OSError as e:
             warn(f"cannot read autotune cache file {self.path(key)}: {e}")
