@@ -189,8 +189,9 @@ class RedisRemote:
         if self.down:
             return None
         try:
+            client = self._connect()  # imports and setup: no network, outside the deadline
             with self._budget.operation(seconds, max_bytes):
-                return fn(self._connect())
+                return fn(client)
         except ImportError:
             _down_urls.add(self.url)
             _warn_remote_once("MIXERC_REMOTE_CACHE is set but the `redis` package is missing "
