@@ -21,7 +21,7 @@ from mixerc.runtime.tokens import MAX_POLY_FEATURES, poly_feature_count, poly_fe
 pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
-def kernel_source(f: str, decay: bool = False) -> str:
+def kernel_source(f: str, decay: bool = False, mask: str = "s <= t") -> str:
     gate = " * decay(-softplus(a))" if decay else ""
     return f"""mixer poly {{
   dims H, K, V
@@ -30,7 +30,7 @@ def kernel_source(f: str, decay: bool = False) -> str:
   input v : [H, V]
   input a : [H]
   let z = q @ k^T / sqrt(K)
-  out y = (({f}) * (s <= t){gate}) @ v
+  out y = (({f}) * ({mask}){gate}) @ v
 }}"""
 
 
@@ -121,10 +121,11 @@ def test_degree_16_at_k4_never_builds_its_feature_map():
     assert agrees_with_dense(m, src, inputs(T=8, K=4))
 
 
-def test_a_too_large_feature_map_runs_the_quadratic_form_with_a_kv_state():
+@pytest.mark.parametrize("mask", ["s <= t", "s < t"])
+def test_a_too_large_feature_map_runs_the_quadratic_form_with_a_kv_state(mask):
     """(1 + z)^8 at K = 8: 19 million features per token. Prefill, a continued
     block and a decode step all give the dense answer."""
-    src = kernel_source("(1 + z)^8")
+    src = kernel_source("(1 + z)^8", mask=mask)
     m, _ = compile_timed(src)
     assert strategies(m) == [["chunked"]]
     assert poly_feature_count(8, 8) > MAX_POLY_FEATURES
