@@ -3,29 +3,37 @@
 Both store raw bytes by key; parsing and checking is entry.py's job. The local
 directory is always there (one `<key>.json` per key, written atomically, read
 and written under a file lock so processes sharing the directory, even over a
-network filesystem, never see half a file). Redis is best effort: any
-connection problem or timeout turns it off for the rest of the process with a
-single warning, and the job goes on with the local directory.
+network filesystem, never see half a file). Redis is best effort: each remote
+operation has a total deadline and a cap on the bytes it reads
+(bounded_redis.py), and any connection problem, timeout or oversized reply
+turns it off for the rest of the process with a single warning; the job goes
+on with the local directory.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..errors import CacheWarning
+from ..safe_io import RefusedFile, atomic_write, read_regular_file
+from .bounded_redis import Budget, bounded_class
 from .entry import MAX_BYTES
 from .identity import KEY_RE
 
 REDIS_PREFIX = "mixerc:autotune:1:"
+# Total time for one remote operation (connect and handshake included), not
+# per socket read: a server that trickles its reply cannot stall a job longer.
 REDIS_TIMEOUT_S = 1.0
-
-
-class CacheWarning(UserWarning):
-    """The autotune cache could not be used as asked (the job goes on)."""
+REDIS_LIST_TIMEOUT_S = 10.0      # a whole listing (`mixerc cache ls/clear --remote`)
+# Bytes one operation may receive: an entry is at most MAX_BYTES (GETRANGE caps
+# what an honest server sends), plus room for the handshake and framing. A
+# larger reply is refused before it is read.
+REDIS_REPLY_BYTES = MAX_BYTES + (64 << 10)
+REDIS_SCAN_REPLY_BYTES = 1 << 20  # per SCAN reply (~1000 keys of ~90 bytes)
 
 
 def warn(message: str) -> None:
@@ -55,29 +63,21 @@ class LocalDir:
         return Lock(self.root / ".locks" / f"{key}.{what}.lock", timeout)
 
     def get(self, key: str) -> bytes | None:
+        # a FIFO or device planted at the path would block or never end: refused
         try:
-            with open(self.path(key), "rb") as f:
-                return f.read(MAX_BYTES + 1)  # an oversized file is rejected, not slurped
-        except FileNotFoundError:
+            return read_regular_file(self.path(key), MAX_BYTES)
+        except RefusedFile as e:
+            warn(f"ignoring a bad autotune cache entry {key[:12]} in {self.root}: {e}")
             return None
         except OSError as e:
             warn(f"cannot read autotune cache file {self.path(key)}: {e}")
             return None
 
     def put(self, key: str, data: bytes) -> bool:
-        """Write-to-temp then os.replace: readers see the old file or the new one."""
+        """Write-to-temp then os.replace: readers see the old file or the new one;
+        the file is readable by whoever shares the directory."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key[:16]}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path(key))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(self.path(key), data, fsync=True)
             return True
         except OSError as e:
             warn(f"cannot write autotune cache under {self.root}: {e}")
@@ -144,6 +144,7 @@ class RedisRemote:
     def __init__(self, url: str):
         self.url = url
         self._client = None
+        self._budget = Budget()
 
     @property
     def down(self) -> bool:
@@ -156,20 +157,28 @@ class RedisRemote:
         if self._client is None:
             import redis
             from redis.backoff import NoBackoff
+            from redis.connection import Connection, parse_url
             from redis.retry import Retry
 
+            # the URL's own connection class (TCP, TLS, unix socket), bounded
+            base = parse_url(self.url).get("connection_class", Connection)
             # no retries: one slow or dead server costs at most a timeout, once
             self._client = redis.Redis.from_url(
                 self.url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                connection_class=bounded_class(base), budget=self._budget)
         return self._client
 
-    def _call(self, what: str, fn):
-        """fn(client), or None with Redis switched off on any failure to talk to it."""
+    def _call(self, what: str, fn, seconds: float = REDIS_TIMEOUT_S,
+              max_bytes: int = REDIS_REPLY_BYTES):
+        """fn(client) within `seconds` and `max_bytes` received in all, or None
+        with Redis switched off on any failure to talk to it."""
         if self.down:
             return None
         try:
-            return fn(self._connect())
+            client = self._connect()  # imports and setup: no network, outside the deadline
+            with self._budget.operation(seconds, max_bytes):
+                return fn(client)
         except ImportError:
             _down_urls.add(self.url)
             _warn_remote_once("MIXERC_REMOTE_CACHE is set but the `redis` package is missing "
@@ -193,16 +202,20 @@ class RedisRemote:
         return bool(self._call("a write", lambda c: c.set(REDIS_PREFIX + key, data)))
 
     def keys(self, limit: int = 100_000) -> list:
+        """At most `limit` keys, in REDIS_LIST_TIMEOUT_S, each SCAN reply capped."""
         def scan(c):
-            out = []
-            for k in c.scan_iter(match=REDIS_PREFIX + "*", count=1000):
-                k = k.decode("ascii", "replace")[len(REDIS_PREFIX):]
-                if KEY_RE.match(k):
-                    out.append(k)
-                if len(out) >= limit:
-                    break
-            return sorted(out)
-        return self._call("a listing", scan) or []
+            out, cursor = set(), 0
+            while True:
+                self._budget.refill(REDIS_SCAN_REPLY_BYTES)
+                cursor, batch = c.scan(cursor, match=REDIS_PREFIX + "*", count=1000)
+                for k in batch:
+                    k = k.decode("ascii", "replace")[len(REDIS_PREFIX):] \
+                        if isinstance(k, bytes) else ""
+                    if KEY_RE.match(k):
+                        out.add(k)
+                if cursor == 0 or len(out) >= limit:
+                    return sorted(out)[:limit]
+        return self._call("a listing", scan, seconds=REDIS_LIST_TIMEOUT_S) or []
 
     def delete(self, key: str) -> None:
         self._call("a delete", lambda c: c.delete(REDIS_PREFIX + key))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import MixerCacheError
+from ..safe_io import read_regular_file
 from .backends import LocalDir, RedisRemote, remote_from_env, warn
 from .entry import MAX_BYTES, BadEntry, Entry, entry_from_json, parse_entry
 from .space import canonical_json
@@ -117,12 +118,10 @@ class Cache:
         """(imported, [reasons for rejected entries]). Every entry is checked like a
         cache read; a file that is not a bundle at all is a MixerCacheError."""
         try:
-            size = Path(path).stat().st_size
-            if size > MAX_BUNDLE_BYTES:
-                raise MixerCacheError(f"{path} is {size} bytes; a bundle is at most "
-                                      f"{MAX_BUNDLE_BYTES}")
-            obj = json.loads(Path(path).read_bytes().decode("utf-8"),
-                             parse_constant=_no_constant)
+            raw = read_regular_file(path, MAX_BUNDLE_BYTES)  # never blocks on a FIFO
+            if raw is None:
+                raise FileNotFoundError(f"no such file: {path}")
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise MixerCacheError(f"cannot read bundle {path}: {str(e)[:120]}") from None
         if not isinstance(obj, dict) or obj.get("schema") != BUNDLE_SCHEMA \

@@ -327,54 +327,86 @@ class Polynomial:
         return len(self.coeffs) - 1
 
 
+# A polynomial kernel is expanded into a feature map of sum_d K^d features per
+# token, so only low degrees pay: a term of higher degree (z^16, z^100000,
+# z^1e300) is not a polynomial kernel and goes to another strategy or the
+# dense path. The expansion's size is bounded too (e.g. (a + b + ... + z)^8
+# with many static symbols), so sympy never does more than a little work.
+MAX_POLY_DEGREE = 8
+MAX_POLY_MONOMIALS = 4096   # terms of the expanded expression, static symbols included
+
+
 def polynomial_of_lowrank(node: ir.Node) -> Polynomial | None:
-    """A polynomial of degree >= 2 in one low-rank product with scalar static
-    coefficients (Based: 1 + z + z^2/2), expanded with sympy; else None."""
+    """A polynomial of degree 2..MAX_POLY_DEGREE in one low-rank product with
+    scalar static coefficients (Based: 1 + z + z^2/2), expanded with sympy;
+    else None. Degree and expanded size are bounded on the IR, node by node,
+    before sympy builds that node's expression."""
     import sympy
 
     z = sympy.Symbol("z")
     found: list = []
     symbols: dict = {}
 
+    def small(e, degree: int, monomials: int):
+        if degree > MAX_POLY_DEGREE or monomials > MAX_POLY_MONOMIALS:
+            return None
+        return e, degree, monomials
+
+    def exponent(n) -> int | None:
+        """A pow's exponent if it is a literal integer 0..MAX_POLY_DEGREE."""
+        v = n.value if isinstance(n, ir.Const) else None
+        if not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0 <= v <= MAX_POLY_DEGREE or v != int(v):
+            return None
+        return int(v)
+
     def expr(n):
+        """(sympy expression, degree in z, bound on its expanded terms) or None."""
         if n.type.kind == STATIC:
             if n.type.dims:
                 return None  # per-head coefficients: not a scalar polynomial
             if isinstance(n, ir.Const):
-                return sympy.nsimplify(n.value)
+                v = n.value
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    return None
+                return sympy.Rational(repr(float(v))), 0, 1  # exact: 1e-300 stays 1e-300
             for name, seen in symbols.items():
                 if seen is n:
-                    return sympy.Symbol(name)
+                    return sympy.Symbol(name), 0, 1
             name = f"c{len(symbols)}"
             symbols[name] = n
-            return sympy.Symbol(name)
+            return sympy.Symbol(name), 0, 1
         if isinstance(n, ir.LowRank):
             found.append(n)
-            return z
+            return z, 1, 1
         if isinstance(n, ir.Contract):
             return expr(n.x)
-        if isinstance(n, ir.Map) and n.op in ("add", "sub", "mul", "div", "pow", "neg"):
-            args = [expr(a) for a in n.args]
-            if any(a is None for a in args):
+        if not (isinstance(n, ir.Map) and n.op in ("add", "sub", "mul", "div", "pow", "neg")):
+            return None
+        if n.op == "pow":
+            k = exponent(n.args[1])
+            base = None if k is None else expr(n.args[0])
+            if base is None:
                 return None
-            if n.op == "neg":
-                return -args[0]
-            a, b = args
-            if n.op == "pow":
-                if not (isinstance(n.args[1], ir.Const) and n.args[1].value == int(n.args[1].value)
-                        and n.args[1].value >= 0):
-                    return None
-            if n.op == "div" and b.has(z):
-                return None
-            return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b,
-                    "pow": a ** b}[n.op]
-        return None
+            e, d, m = base
+            return small(e ** k, d * k, math.comb(m + k - 1, k) if k else 1)
+        if n.op == "div" and n.args[1].type.kind != STATIC:
+            return None  # a polynomial divides by statics only
+        args = [expr(a) for a in n.args]
+        if any(a is None for a in args):
+            return None
+        if n.op == "neg":
+            return -args[0][0], args[0][1], args[0][2]
+        (a, da, ma), (b, db, mb) = args
+        if n.op in ("add", "sub"):
+            return small(a + b if n.op == "add" else a - b, max(da, db), ma + mb)
+        return small(a * b if n.op == "mul" else a / b, da + db, ma * mb)
 
-    e = expr(node)
-    if e is None or len({id(x) for x in found}) != 1:
+    got = expr(node)
+    if got is None or len({id(x) for x in found}) != 1:
         return None
     try:
-        poly = sympy.Poly(sympy.expand(e), z)
+        poly = sympy.Poly(sympy.expand(got[0]), z)
     except sympy.PolynomialError:
         return None
     if poly.degree() < 2:

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import linecache
 import os
-import stat
 import sys
 import types
 import warnings
@@ -29,6 +28,7 @@ import platformdirs
 
 from . import __version__
 from .errors import CacheWarning
+from .safe_io import atomic_write, read_regular_file
 
 MAX_MODULE_BYTES = 16 << 20  # a generated module is tens of KiB
 
@@ -88,10 +88,13 @@ def load(source: str) -> types.ModuleType:
     if mod is not None and getattr(mod, "__mixerc_source__", None) == source:
         return mod
     path = module_path(key)
-    on_disk = read_regular_file(path, MAX_MODULE_BYTES)
+    try:
+        on_disk = read_regular_file(path, MAX_MODULE_BYTES)
+    except OSError:  # a FIFO, device, directory or unreadable file: a miss
+        on_disk = b""
     data = source.encode("utf-8")
     if on_disk != data:
-        if on_disk is not None or os.path.lexists(path):
+        if on_disk is not None:
             warnings.warn(f"{path} is not the module mixerc generates for this mixer (edited "
                           "or replaced); ignoring it and writing the generated one",
                           CacheWarning, stacklevel=3)
@@ -110,39 +113,3 @@ def load(source: str) -> types.ModuleType:
     exec(compile(source, filename, "exec", dont_inherit=True), mod.__dict__)
     sys.modules[name] = mod
     return mod
-
-
-def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
-    """The bytes of a regular file of at most max_bytes, else None (missing,
-    unreadable, a directory, a FIFO or device, which must not block us)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-        return data if len(data) <= max_bytes else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside path, then rename it over path: readers
-    see the old file or the new one. The file gets the usual permissions
-    (0666 less the umask), so a team sharing the directory can read it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

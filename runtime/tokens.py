@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from mixerc.runtime.bind import MixerValueError  # inline: drop
+
 
 def shift_tokens(x, k, buf):
     """x [B, T, ...] delayed by k steps (zeros before the start), and the last k
@@ -19,11 +21,29 @@ def shift_tokens(x, k, buf):
     return full[:, :x.shape[1]], full[:, -k:]
 
 
-def poly_features(x, coeffs):
+# Features per token a polynomial kernel's feature map may have (sum_d K^d):
+# (1 + z)^8 at K = 8 would need 19 million. Above it, a kernel without decay
+# runs in its quadratic form with the keys and values as state
+# (poly_history.py.jinja); one with a decay has no such form: a clear error.
+MAX_POLY_FEATURES = 1 << 16
+
+
+def poly_feature_count(k: int, degree: int) -> int:
+    return sum(k ** d for d in range(degree + 1))
+
+
+def poly_features(x, coeffs, what="a polynomial kernel"):
     """Feature map of a polynomial kernel: phi(x) = [c_0, c_1 x, c_2 x(x)x, ...]
     over the last dim, so phi_c(u) . phi_1(w) = sum_d c_d (u . w)^d.
-    x: [B, T, H, K]; coeffs: numbers c_0..c_degree (all ones on the key side)."""
+    x: [B, T, H, K]; coeffs: numbers c_0..c_degree (all ones on the key side).
+    `what` names the mixer term in the error for a too large feature map."""
     B, T, H, K = x.shape
+    size = poly_feature_count(K, len(coeffs) - 1)
+    if size > MAX_POLY_FEATURES:
+        raise MixerValueError(
+            f"{what}: a polynomial kernel of degree {len(coeffs) - 1} with K = {K} needs "
+            f"{size} features per token (limit {MAX_POLY_FEATURES}); use a lower degree or "
+            f"a smaller K, or drop the decay so that its quadratic form can run")
     feats, power = [], x.new_ones(B, T, H, 1)
     for d, c in enumerate(coeffs):
         feats.append(power * c)

@@ -227,3 +227,25 @@ def test_an_unusable_cache_directory_warns_and_the_job_completes(tmp_path, monke
     assert r.best == {"M.chunk": 128} and r.benchmarks_run == 4
     with pytest.warns(CacheWarning, match="cannot read"):
         assert lookup(SleepProblem()) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX named pipes")
+def test_a_named_pipe_at_an_entry_path_is_a_miss_not_a_hang(tmp_path):
+    """open() on a FIFO with no writer blocks forever; the cache must not."""
+    from test_safe_io import quick
+
+    p = SleepProblem(fastest=128)
+    local = LocalDir()
+    local.root.mkdir(parents=True)
+    os.mkfifo(local.path(key_of(key_fields(p))))
+    with pytest.warns(CacheWarning, match="named pipe"):
+        r = quick(lookup, p)
+    assert r == {"value": None, "seconds": r["seconds"]} and r["seconds"] < 1, r
+    with pytest.warns(CacheWarning, match="named pipe"):
+        r = quick(tune, p, limit=10)
+    assert r["value"].best == {"M.chunk": 128}           # tuned, and the pipe replaced
+    assert lookup(p) == {"M.chunk": 128}
+    os.mkfifo(tmp_path / "bundle.json")
+    from mixerc.errors import MixerCacheError
+    r = quick(Cache.from_env().import_bundle, tmp_path / "bundle.json")
+    assert isinstance(r.get("error"), MixerCacheError) and "named pipe" in str(r["error"])

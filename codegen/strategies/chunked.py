@@ -51,7 +51,8 @@ def match(parts, mp, program):
         q, k, dim = lr.u, lr.w, lr.dim
     elif not parts.lowranks and len(parts.rest) == 1 and not parts.summed:
         poly = analysis.polynomial_of_lowrank(parts.rest[0])
-        if poly is None:
+        if poly is None or parts.rows or parts.statics or parts.cols:
+            # scale factors cannot be folded into q or k: f(c z) is not c f(z)
             return None
         q, k, dim = poly.lowrank.u, poly.lowrank.w, poly.lowrank.dim
         flags["features"] = poly  # f(z) = sum_d c_d z^d, z = u . w, as a feature map
@@ -102,7 +103,9 @@ def emit(tp, mp, w, key, values):
         ones = ", ".join(["1.0"] * (poly.degree + 1))
         if not f["has_decay"]:
             return _emit_polynomial(tp, mp, w, key, values, q, k, c, ones)
-        q, k = w.assign(f"poly_features({q}, {c})"), w.assign(f"poly_features({k}, [{ones}])")
+        what = repr(_term_name(w, mp, key))  # named in the error for a too large feature map
+        q = w.assign(f"poly_features({q}, {c}, {what})")
+        k = w.assign(f"poly_features({k}, [{ones}], {what})")
     a = "None"
     if f["has_decay"]:
         a = w.assign(w.canon(tp.operands["a"], mp.heads, (dim,) if f["per_channel"] else ()))
@@ -140,10 +143,20 @@ def emit(tp, mp, w, key, values):
     return y
 
 
+def _term_name(w, mp, key) -> str:
+    term = f", term {int(key.rsplit('.term', 1)[1]) + 1}" if ".term" in key else ""
+    return f"mixer {w.program.name}, matrix {mp.name}{term}"
+
+
 def _emit_polynomial(tp, mp, w, key, values, q, k, c, ones):
     """A polynomial kernel without decay: the quadratic form below the cost
-    model's crossover length, the chunked feature map above it (per call)."""
+    model's crossover length, the chunked feature map above it (per call).
+    Where the feature map would be too large (runtime/tokens.py
+    MAX_POLY_FEATURES, decided by K and the degree, so the same for every
+    call and the state keeps one form), the quadratic form over the keys and
+    values so far."""
     from mixerc import cost
+    from mixerc.runtime.tokens import MAX_POLY_FEATURES
 
     f = tp.flags
     quadratic, features = cost.polynomial_choice(tp, mp, w.program.groups)
@@ -156,7 +169,11 @@ def _emit_polynomial(tp, mp, w, key, values, q, k, c, ones):
     w.line(f"{qf} = {cost.as_python(quadratic, chunk, w.dim)}")
     w.line(f"{ff} = {cost.as_python(features, chunk, w.dim)}")
     y = w.fresh("y")
-    w.line(f"if {qf} <= {ff}:")
+    hist = w.function("torch/poly_history.py.jinja", base="poly_history", strict=f["strict"])
+    size = f"sum({q}.shape[-1] ** d for d in range({tp.flags['features'].degree + 1}))"
+    w.line(f"if {size} > {MAX_POLY_FEATURES}:  # feature map too large: keep k, v")
+    w.line(f"    {y}, new_state[{key!r}] = {hist}({q}, {k}, {values}, {c}, state.get({key!r}))")
+    w.line(f"elif {qf} <= {ff}:")
     w.line(f"    {y}, new_state[{key!r}] = {quad}({q}, {k}, {values}, {c}, state.get({key!r}))")
     w.line("else:")
     w.line(f"    {y}, new_state[{key!r}] = chunked_apply({fn}, poly_features({q}, {c}), "
