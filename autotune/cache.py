@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import MixerCacheError
 from ..safe_io import read_regular_file
+from ..safe_io import atomic_write
 from .backends import LocalDir, RedisRemote, remote_from_env, warn
 from .entry import MAX_BYTES, BadEntry, Entry, entry_from_json, parse_entry
 from .space import canonical_json
@@ -111,7 +112,11 @@ class Cache:
     def export(self, path: str | Path) -> int:
         good = [e for _, e in self.entries() if isinstance(e, Entry)]
         bundle = {"schema": BUNDLE_SCHEMA, "entries": [e.to_json() for e in good]}
-        Path(path).write_text(json.dumps(bundle, sort_keys=True, indent=1, allow_nan=False))
+        data = json.dumps(bundle, sort_keys=True, indent=1, allow_nan=False).encode()
+        try:  # a FIFO or device at `path` is replaced by the rename, never blocked on
+            atomic_write(path, data)
+        except OSError as e:
+            raise MixerCacheError(f"cannot write {path}: {e.strerror or e}") from None
         return len(good)
 
     def import_bundle(self, path: str | Path) -> tuple:

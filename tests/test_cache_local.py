@@ -249,3 +249,34 @@ def test_a_named_pipe_at_an_entry_path_is_a_miss_not_a_hang(tmp_path):
     from mixerc.errors import MixerCacheError
     r = quick(Cache.from_env().import_bundle, tmp_path / "bundle.json")
     assert isinstance(r.get("error"), MixerCacheError) and "named pipe" in str(r["error"])
+
+
+def test_export_over_a_fifo_does_not_block(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from mixerc.autotune.backends import LocalDir
+    from mixerc.autotune.cache import Cache
+
+    target = tmp_path / "bundle.json"
+    os.mkfifo(target)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(Cache(LocalDir(tmp_path / "c"))
+                                                         .export(target)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert done == [0] and target.is_file()
+
+
+def test_cache_files_are_shareable(tmp_path):
+    import os
+    import stat
+
+    from mixerc.autotune.backends import LocalDir
+
+    old = os.umask(0o022)
+    try:
+        LocalDir(tmp_path).put("ab" * 32, b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / ("ab" * 32 + ".json")).stat().st_mode) == 0o644
