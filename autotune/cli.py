@@ -168,7 +168,7 @@ def cache_ls(remote):
         ms = e.best_ms()
         kernel = e.fields["kernel"]
         table.add_row(key[:12], e.name,
-                      escape(f"{kernel['backend']} {kernel['template_version'][:8]}"), escape(shape), escape(f"{dev['type']} {dev['name']}"),
+                      escape(f"{kernel['backend']} {str(kernel.get('module', ''))[:8]}"), escape(shape), escape(f"{dev['type']} {dev['name']}"),
                       escape(_label(e.best) if e.best else "-"),
                       "-" if ms is None else f"{ms:.3f}", e.effort, escape(e.tuned_at[:16]))
     _console(width=160).print(table)

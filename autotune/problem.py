@@ -17,7 +17,7 @@ from .space import ConfigSpace
 @runtime_checkable
 class TuningProblem(Protocol):
     name: str        # mixer name, for display
-    key: dict        # kernel identity: {"ir_hash", "backend", "template_version", ...}: str -> str
+    key: dict        # kernel identity: {"module", "backend", ...}: str -> str
     shape: dict      # exact sizes by dim name plus "B", "T"; dtype names, e.g. "dtype": "float32"
     space: ConfigSpace
     device: str      # "cpu" or "cuda:0"
@@ -29,7 +29,7 @@ class TuningProblem(Protocol):
         """None if `output` matches the reference, else why not."""
 
 
-REQUIRED_KEY = ("ir_hash", "backend", "template_version")
+REQUIRED_KEY = ("module", "backend")  # module: a hash of the generated code that runs
 
 
 def bucket_T(t: int) -> int:

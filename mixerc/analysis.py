@@ -637,7 +637,9 @@ def analyze(program: ir.Program) -> Analysis:
     return Analysis(program, matrices, reason is None, reason, token_state)
 
 
-def explain(program: ir.Program, analysis: Analysis | None = None) -> str:
+def explain(program: ir.Program, analysis: Analysis | None = None, states: bool = True) -> str:
+    """Class, causality and terms of each matrix; with states=True also what a
+    decode step would keep by class (a backend's plan says what it keeps)."""
     a = analysis or analyze(program)
     lines = [f"mixer {program.name}: {a.cls}",
              f"  causal: {'yes' if a.causal else 'no'}"
@@ -650,7 +652,8 @@ def explain(program: ir.Program, analysis: Analysis | None = None) -> str:
         for t in m.terms:
             if len(m.terms) > 1 or t.kind not in ("dense",):
                 lines.append(f"    term: {_term_text(t)}")
-        lines.append(f"    decode state: {m.state}")
+        if states:
+            lines.append(f"    decode state: {m.state}")
     for what, dims in a.token_state:
         lines.append(f"  token state: {what} [{', '.join(dims)}]")
     if not a.causal:

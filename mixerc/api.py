@@ -12,16 +12,13 @@ from pathlib import Path
 import torch
 
 from . import analysis as _analysis
-from . import ir
+from . import backends, ir
 from .checker import check
-from .dense import DenseBackend
 from .errors import (Loc, MixerDecodeError, MixerError, MixerSyntaxError,
                      MixerUnsupportedError, MixerValueError)
 from .runtime import call
-from .runtime.bind import Signature, bind
+from .runtime.bind import bind, signature_of
 from .syntax import parse
-
-BACKENDS = ("auto", "dense", "torch", "triton")
 
 
 def stdlib_names() -> list:
@@ -101,15 +98,6 @@ def decode_source(data: bytes, file: str) -> str:
                                source=data.decode("utf-8", "replace")) from None
 
 
-def signature(p: ir.Program) -> Signature:
-    return Signature(
-        p.name,
-        tuple((d.name, d.size, d.divides) for d in p.dims.values() if not d.name.isdigit())
-        + tuple((d.name, d.size, None) for d in p.dims.values() if d.name.isdigit()),
-        tuple(p.inputs.items()), tuple(p.params.items()), tuple(p.kernels.items()),
-        tuple((n, node.type.dims) for n, node in p.outs.items()))
-
-
 class CompiledMixer:
     """A compiled mixer: call it on tensors, decode with `step`, inspect it.
 
@@ -122,16 +110,10 @@ class CompiledMixer:
         if not isinstance(program, ir.Program):
             raise MixerValueError("CompiledMixer needs a checked program (use mixerc.compile)")
         self.program = program
-        self.backend_name = backend
-        if backend == "torch":
-            from .torch_backend import TorchBackend
-            self._impl = TorchBackend(self)
-            self.signature = self._impl.module.SIGNATURE
-            self.name = self._impl.module.NAME
-        else:
-            self._impl = DenseBackend(self.program)
-            self.signature = signature(self.program)
-            self.name = self.program.name
+        self.name = program.name
+        self.backend_name = backends.resolve(backend)
+        self._impl = backends.get(backend).compile(self)
+        self.signature = self._impl.signature
 
     @functools.cached_property
     def analysis(self) -> _analysis.Analysis:
@@ -143,15 +125,19 @@ class CompiledMixer:
 
     @property
     def _check_finite(self):
-        """The reference checks everything for NaN/Inf; the fast path checks the
-        (small) params and kernels and leaves the inputs alone."""
-        return True if self.backend_name == "dense" else "params"
+        """The reference checks everything for NaN/Inf; the fast paths check the
+        (small) params and kernels and leave the inputs alone."""
+        return self._impl.check_finite
 
     @property
     def causal(self) -> bool:
-        if self.backend_name == "torch":
-            return self._impl.module.CAUSAL
         return self.analysis.causal
+
+    @property
+    def plan(self):
+        """The kernel plan that runs (mixerc/plan/model.py), or None for the
+        dense interpreter, which needs none."""
+        return getattr(self._impl, "plan", None)
 
     # ---------------------------------------------------------------- calls
     def __call__(self, /, *, initial_state=None, return_state: bool = False, cu_seqlens=None,
@@ -181,11 +167,12 @@ class CompiledMixer:
         return (outs[0] if len(outs) == 1 else tuple(outs)), new
 
     def tuning_problem(self, shape: dict, dtype=torch.float32, device="cpu"):
-        """This mixer at one shape as an autotune problem (torch backend). shape
-        holds every dim by name plus B and T (and L, the kernel length, for
-        mixers with kernels)."""
-        if self.backend_name != "torch":
-            raise MixerUnsupportedError("autotuning needs backend='torch'")
+        """This mixer at one shape as an autotune problem. shape holds every dim
+        by name plus B and T (and L, the kernel length, for mixers with
+        kernels)."""
+        if not hasattr(self._impl, "tuning_problem"):
+            raise MixerUnsupportedError(f"the {self.backend_name} backend has nothing to tune; "
+                                        "compile with backend='torch'")
         shape = dict(shape)
         missing = [k for k in ("B", "T") if k not in shape]
         if missing:
@@ -226,39 +213,34 @@ class CompiledMixer:
             name = next(n for n, x in tensors.items() if x.device.type == "meta")
             raise MixerValueError(f"materialize() needs values, but {name} is on the meta "
                                   "device (it holds shapes only)")
+        from .dense import DenseBackend
         return DenseBackend(self.program).materialize(bound, self._names)
 
     def explain(self) -> str:
-        """Class, causality and decode state of each matrix; with the torch
-        backend also its algorithm and cost model."""
-        text = _analysis.explain(self.program, self.analysis)
-        if self.backend_name == "torch":
-            from . import planner
-            text += "\n" + planner.describe(self._impl.plan)
-        return text
+        """Class, causality and decode state of each matrix, then the plan that
+        runs: per term its algorithm, operands, decode state and cost."""
+        planned = hasattr(self._impl, "explain")
+        text = _analysis.explain(self.program, self.analysis, states=not planned)
+        return text + ("\n" + self._impl.explain() if planned else "")
 
     def source(self, backend: str | None = None) -> str:
         """The code that runs: the typed IR for `dense`, the generated module for
         `torch`."""
-        backend = backend or self.backend_name
-        if backend == "dense":
-            return self.program.text()
-        if backend == "torch":
-            impl = self._impl if self.backend_name == "torch" else \
-                CompiledMixer(self.program, "torch")._impl
-            return impl.source()
-        raise MixerUnsupportedError(f"no {backend!r} code: the Triton backend is not "
-                                    "implemented yet")
+        if backend is None or backends.resolve(backend) == self.backend_name:
+            return self._impl.source()
+        return backends.get(backend).compile(self).source()
+
+    def _runner(self, backend: str):
+        return self._impl if self.backend_name == backend else \
+            backends.get(backend).compile(self)
 
     def module(self, /, *, dtype=torch.float32, device=None, seed=None, **dims):
         """A torch.nn.Module owning the params, sized by `dims` (every dim the
         params use, by name, unless the source fixes it), initialized as the
         source declares (`param A_log : [H] = log(uniform(1, 16))`)."""
         sizes = call.sizes_for_module(self.signature, dims)
-        torch_impl = self._impl if self.backend_name == "torch" else \
-            CompiledMixer(self.program, "torch")._impl
-        return call.MixerModule(self, torch_impl.module.init_params, sizes, dtype=dtype,
-                                device=device, seed=seed)
+        init = getattr(self._impl, "init_params", None) or self._runner("torch").init_params
+        return call.MixerModule(self, init, sizes, dtype=dtype, device=device, seed=seed)
 
     def __repr__(self) -> str:
         return f"<CompiledMixer {self.name} backend={self.backend_name} {self.analysis.cls}>"
@@ -266,14 +248,9 @@ class CompiledMixer:
 
 def compile(path_or_source, backend: str = "auto") -> CompiledMixer:  # noqa: A001
     """Compile a mixer from a .mx path, a standard-library name, or source text."""
-    if backend not in BACKENDS:
-        raise MixerValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backends.get(backend)  # an unknown or unavailable backend fails before any parsing
     source, file = load_source(path_or_source)
-    if backend == "triton":
-        raise MixerUnsupportedError("backend 'triton' is not implemented yet; use "
-                                    "backend='torch' (any device) or 'dense' (the float64 "
-                                    "reference)")
-    return CompiledMixer(check(parse(source, file)), "dense" if backend == "dense" else "torch")
+    return CompiledMixer(check(parse(source, file)), backend)
 
 
 __all__ = ["compile", "CompiledMixer", "MixerError", "stdlib_names", "load_source"]

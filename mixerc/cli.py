@@ -42,14 +42,16 @@ def check(files):
 @exit_on_error
 def explain(file, show_ir):
     """Matrix class, causality and decode state of FILE."""
-    from . import analysis
+    import warnings
 
-    from . import planner
+    from .api import CompiledMixer
+    from .errors import MixerPerformanceWarning
 
     p = _load(file)
-    result = analysis.analyze(p)
-    click.echo(analysis.explain(p, result))
-    click.echo(planner.describe(planner.plan(p, result)))
+    with warnings.catch_warnings():  # explain prints them itself
+        warnings.simplefilter("ignore", MixerPerformanceWarning)
+        m = CompiledMixer(p, "torch")
+    click.echo(m.explain())
     if show_ir:
         click.echo("\n" + p.text())
 

@@ -62,11 +62,10 @@ def _feature(tp, mp, groups) -> sympy.Expr:
     q = tp.operands.get("q")
     if q is None:
         return sympy.Integer(1)
-    return prod(d for d in q.type.dims if d not in mp.heads and groups.get(d) not in mp.heads)
+    return prod(q.feature)
 
 
 def term_cost(tp, mp, groups) -> Cost:
-    info = mp.info
     H, V = prod(mp.heads), _value_width(mp, groups)
     if tp.strategy == "chunked" and tp.flags.get("features") is not None \
             and not tp.flags.get("has_decay"):
@@ -82,13 +81,22 @@ def term_cost(tp, mp, groups) -> Cost:
                     H * 4 * K * V, WORD * H * 2 * K * V, H * K * V)
     if tp.strategy == "chunked":
         K = _rank(tp, mp)
-        extra = 0
-        return Cost(H * (2 * T * C * (K + V) + 4 * T * K * V + 2 * T * K * V / C + extra),
+        return Cost(H * (2 * T * C * (K + V) + 4 * T * K * V + 2 * T * K * V / C),
                     WORD * H * T * (2 * K + 2 * V + 1), H * 4 * K * V, WORD * H * 2 * K * V,
                     H * K * V)
+    if tp.strategy == "global":
+        K = _rank(tp, mp)
+        return Cost(H * 4 * T * K * V, WORD * H * T * (2 * K + 2 * V), 0, 0, 0)
+    if tp.strategy == "banded":
+        K = _feature(tp, mp, groups)
+        lo, hi = tp.mask.band
+        width = int(hi) - int(lo) + 1
+        keys = sympy.Min(T, width + C)  # whole chunks around the band
+        return Cost(H * 2 * T * keys * (K + V), WORD * H * T * (2 * K + 2 * V),
+                    H * 2 * width * (K + V), WORD * H * width * (K + V), H * width * (K + V))
     if tp.strategy == "flash":
         D = _feature(tp, mp, groups)
-        lo, hi = info.band
+        lo, hi = tp.mask.band
         keys = T if hi == sympy.oo or hi == float("inf") else sympy.Min(T, int(hi) + 1)
         ctx = t if hi == float("inf") else sympy.Min(t, int(hi) + 1)
         causal = sympy.Rational(1, 2) if lo >= 0 and hi == float("inf") else 1
@@ -159,8 +167,6 @@ def dense_cost(mp, groups) -> Cost:
 
 
 def matrix_cost(mp, groups: dict) -> Cost:
-    if not mp.terms:
-        return dense_cost(mp, groups)
     parts = [term_cost(tp, mp, groups) for tp in mp.terms]
     return Cost(*(sum((getattr(c, f) for c in parts), sympy.Integer(0))
                   for f in ("prefill_flops", "prefill_bytes", "decode_flops", "decode_bytes",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import ir
 from .errors import MixerValueError
 from .ir import MATRIX, STATIC, TOKEN
+from .runtime.bind import signature_of
 from .runtime.state import MixerState, check_state
 
 PREFIX = ("b", "t", "s", "l")
@@ -451,3 +452,26 @@ class DenseBackend:
             shape = (bound.batch,) + tuple(ev.sizes[d] for d in dims) + (T, T)
             out[name] = m.data.expand(shape).clone()
         return out
+
+
+class DenseRunner(DenseBackend):
+    """The dense interpreter as a backend runner (mixerc/backends.py)."""
+
+    check_finite = True  # the reference checks every tensor for NaN/Inf
+
+    def __init__(self, mixer):
+        super().__init__(mixer.program)
+        self.signature = signature_of(mixer.program)
+
+    def source(self) -> str:
+        return self.p.text()  # the typed IR is what runs
+
+
+class _Dense:
+    name = "dense"
+
+    def compile(self, mixer) -> DenseRunner:
+        return DenseRunner(mixer)
+
+
+BACKEND = _Dense()

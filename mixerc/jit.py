@@ -14,9 +14,7 @@ tracebacks, reading what runs), not for speed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import linecache
 import os
 import sys
@@ -26,33 +24,10 @@ from pathlib import Path
 
 import platformdirs
 
-from . import __version__
 from .errors import CacheWarning
 from .safe_io import atomic_write, read_regular_file
 
 MAX_MODULE_BYTES = 16 << 20  # a generated module is tens of KiB
-
-
-@functools.lru_cache(maxsize=1)
-def template_version() -> str:
-    """Changes whenever anything that shapes generated code changes (templates,
-    strategies, emitters, runtime helpers): part of the autotune cache key."""
-    h = hashlib.sha256(__version__.encode())
-    folders = [_folder(p) for p in ("mixerc.codegen", "mixerc.codegen.strategies",
-                                     "mixerc.runtime")]
-    folders.append(folders[0] / "templates" / "torch")
-    files = [f for folder in folders for f in sorted(folder.iterdir(), key=lambda p: p.name)
-             if f.name.endswith((".py", ".jinja"))]
-    here = Path(__file__).parent  # the stages whose output the code generator reads
-    files += [here / "analysis.py", here / "planner.py", here / "ir.py"]
-    for f in files:
-        h.update(f"{f.parent.name}/{f.name}".encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _folder(package: str) -> Path:
-    """A package's directory without importing the package itself."""
-    return Path(importlib.util.find_spec(package).submodule_search_locations[0])
 
 
 def cache_root() -> Path:

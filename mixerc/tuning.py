@@ -46,7 +46,7 @@ def usable_device(device) -> str:
     return str(dev)
 
 
-class TorchTuningProblem:
+class ModuleTuningProblem:
     """Inputs are built lazily: a problem used only for a cache lookup is cheap."""
 
     def __init__(self, backend, sizes: dict, batch: int, time: int, dtype=torch.float32,
@@ -54,8 +54,9 @@ class TorchTuningProblem:
         self.backend = backend
         module = backend.module
         self.name = backend.program.name
-        self.key = {"ir_hash": module.IR_HASH, "backend": "torch",
-                    "template_version": module.TEMPLATE_VERSION}
+        # the kernel's identity is the text of the module that runs: any change to
+        # the plan, the templates or the runtime it renders is a new key
+        self.key = {"module": backend.key, "backend": backend.name}
         self.sizes = {k: int(v) for k, v in sizes.items()}
         self.shape = dict(self.sizes, B=int(batch), T=int(time), dtype=dtype_name(dtype))
         if backend.program.kernels:
@@ -71,8 +72,7 @@ class TorchTuningProblem:
                              kernel_len=self.shape.get("L", 16))
 
     def _bound(self, args):
-        from .api import signature
-        return bind(signature(self.backend.program), args)
+        return bind(self.backend.signature, args)
 
     def runner(self, config: dict):
         bound = self._bound(self._args)

@@ -206,3 +206,15 @@ def check_cu_seqlens(cu_seqlens, total: int) -> list:
         raise MixerValueError(f"cu_seqlens must rise from 0 to the packed length {total}, "
                               f"got {offs}")
     return offs
+
+
+def signature_of(program) -> Signature:
+    """The Signature of a checked program (mixerc.ir.Program)."""
+    dims = program.dims.values()
+    return Signature(
+        program.name,
+        tuple((d.name, d.size, d.divides) for d in dims if not d.name.isdigit())
+        + tuple((d.name, d.size, None) for d in dims if d.name.isdigit()),
+        tuple(program.inputs.items()), tuple(program.params.items()),
+        tuple(program.kernels.items()),
+        tuple((n, node.type.dims) for n, node in program.outs.items()))

@@ -46,8 +46,8 @@ class ToyLinearAttention:
 
     def __init__(self, T=1024, H=2, D=16, wrong=(), crash=(), chunks=(8, 16, 32, 64, 128, 256),
                  default=16, template_version="1", seed=0):
-        self.key = {"ir_hash": "toy-linear-attention", "backend": "torch",
-                    "template_version": template_version}
+        # template_version stands for a changed generated module: a new key
+        self.key = {"module": f"toy-linear-attention-{template_version}", "backend": "torch"}
         self.shape = {"B": 1, "T": T, "H": H, "D": D, "dtype": "float32"}
         self.space = ConfigSpace({"M.chunk": Choice(list(chunks), default=default)},
                                  constraints=[lambda cfg, shape: cfg["M.chunk"] <= max(8, shape["T"])])
@@ -81,7 +81,7 @@ class SleepProblem:
 
     def __init__(self, chunks=(16, 32, 64, 128), fastest=64, default=32, template_version="1",
                  T=4096, base_ms=0.3):
-        self.key = {"ir_hash": "sleep", "backend": "torch", "template_version": template_version}
+        self.key = {"module": f"sleep-{template_version}", "backend": "torch"}
         self.shape = {"B": 1, "T": T, "H": 2, "dtype": "float32"}
         self.space = ConfigSpace({"M.chunk": Choice(list(chunks), default=default)})
         self.device = "cpu"

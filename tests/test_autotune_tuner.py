@@ -172,7 +172,7 @@ def test_modes_of_mixerc_autotune(monkeypatch):
 
 def test_malformed_problems_are_named():
     p = SleepProblem()
-    p.key = {"ir_hash": "x"}
+    p.key = {"module": "x"}
     with pytest.raises(MixerValueError, match="key"):
         tune(p)
     with pytest.raises(MixerValueError, match="effort"):

@@ -55,7 +55,7 @@ def poisoned_values(tmp_path, good: bytes) -> dict:
                                    timings=[{"config": {"M.chunk": code}, "ms": 0.1, "note": ""}]),
         "unknown knob": variant(best={"M.chunk": 64, "M.evil": 1}),
         "NaN time": good.replace(b'"ms": ', b'"ms": NaN, "x": ', 1),
-        "key of other fields": variant(fields={**entry["fields"], "kernel": {"ir_hash": "x"}}),
+        "key of other fields": variant(fields={**entry["fields"], "kernel": {"module": "x"}}),
         "huge": b'{"schema": "' + b"x" * (MAX_BYTES + 10) + b'"}',
         "deep": b"[" * 100_000 + b"]" * 100_000,
         "JSON list": b"[1, 2, 3]",

@@ -5,7 +5,9 @@ import mixerc
 import pytest
 import sympy
 from conftest import STDLIB
-from mixerc import cost, planner
+from mixerc import cost
+from mixerc.errors import MixerPerformanceWarning
+from mixerc.plan import plan
 
 SIZES = dict(H=8, G=2, D=64, K=16, V=64, P=64, N=64, E=512, C=64, L=4)
 QUADRATIC = {"attention"}
@@ -15,7 +17,7 @@ GROWING_STATE = {"attention", "gated_conv"}   # KV cache / history of L - 1 inpu
 def flops(name, T, t=1000):
     m = mixerc.compile(name, backend="torch")
     total = {"prefill": 0.0, "decode": 0.0, "state": 0.0}
-    for mp in m._impl.plan.matrices:
+    for mp in m.plan.matrices:
         c = cost.matrix_cost(mp, m.program.groups)
         subs = dict(SIZES, T=T, t=t)
         total["prefill"] += cost.evaluate(c.prefill_flops, subs)
@@ -47,7 +49,7 @@ def test_explain_prints_the_algorithm_and_costs():
     assert "M: chunked" in text and "prefill FLOPs" in text and "decode FLOPs/token" in text
     H, N, P = sympy.symbols("H N P", positive=True)
     m = mixerc.compile("ssd", backend="torch")
-    c = cost.matrix_cost(m._impl.plan.matrices[0], m.program.groups)
+    c = cost.matrix_cost(m.plan.matrices[0], m.program.groups)
     assert sympy.simplify(c.decode_flops - 4 * H * N * P) == 0
     assert sympy.simplify(c.state - H * N * P) == 0
 
@@ -56,12 +58,13 @@ def test_dense_fallback_is_reported():
     src = """mixer odd {
       dims H
       input x : [H]
-      out y = softmax(row(x) * col(x) + (t - s), mask = s <= t) @ x
+      out y = (softmax(row(x) * col(x) + (t - s), mask = s <= t) * decay(-softplus(x))) @ x
     }"""
-    m = mixerc.compile(src, backend="torch")
+    with pytest.warns(MixerPerformanceWarning, match=r"<string>:4:16: .*softmax multiplied"):
+        m = mixerc.compile(src, backend="torch")
     text = m.explain()
-    assert "dense fallback" in text
-    assert planner.plan(m.program).matrices[0].terms == []
+    assert "missing: a softmax multiplied by another matrix" in text
+    assert [t.strategy for t in plan(m.program).matrices[0].terms] == ["dense"]
 
 
 def test_absolute_positions_are_not_time_invariant():

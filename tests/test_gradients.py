@@ -8,8 +8,8 @@ import torch
 from conftest import CAUSAL, STDLIB, rel_err
 from reference import make_inputs
 
-from mixerc.codegen.torch_module import _env
-from mixerc.runtime import autograd, chunks
+from mixerc.codegen.torch.module import _env
+from mixerc.runtime.torch import autograd, chunks
 from mixerc.runtime.bind import bind
 
 f64 = torch.float64
@@ -80,7 +80,7 @@ def test_gradients_through_a_carried_state(name, compiled):
 
 
 def render(strict, has_decay, segment=chunks.SEGMENT):
-    src = _env().get_template("torch/chunked.py.jinja").render(
+    src = _env().get_template("chunked.py.jinja").render(
         name="f", per_channel=False, strict=strict, has_decay=has_decay, title="test")
     ns = {"torch": torch, "to_chunks": chunks.to_chunks, "from_chunks": chunks.from_chunks,
           "scan_states": chunks.scan_states, "segment_length": lambda x: segment}

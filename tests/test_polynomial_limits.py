@@ -16,7 +16,8 @@ from conftest import rel_err
 
 import mixerc
 from mixerc import analysis
-from mixerc.runtime.tokens import MAX_POLY_FEATURES, poly_feature_count, poly_features
+from mixerc.plan import decompose
+from mixerc.runtime.torch.tokens import MAX_POLY_FEATURES, poly_feature_count, poly_features
 
 pytestmark = pytest.mark.usefixtures("fresh_cache")
 
@@ -47,7 +48,7 @@ def compile_timed(src: str):
 
 
 def strategies(m) -> list:
-    return [mp.strategies for mp in m._impl.plan.matrices]
+    return [mp.strategies for mp in m.plan.matrices]
 
 
 def agrees_with_dense(m, src, args) -> bool:
@@ -108,7 +109,7 @@ def test_tiny_coefficients_stay_exact():
     """Constants enter sympy exactly: 1e-300 is not rounded to 0."""
     src = kernel_source("1e-300 * z^2 + z^2")
     m, _ = compile_timed(src)
-    poly = analysis.polynomial_of_lowrank(m._impl.plan.matrices[0].terms[0].parts.rest[0])
+    poly = analysis.polynomial_of_lowrank(decompose(m.plan.matrices[0].terms[0].node).rest[0])
     (c0,) = [sympy.Symbol(name) for name in poly.symbols]   # 1 / sqrt(K)
     assert poly.coeffs[2].subs(c0, 1) - 1 == sympy.Rational(1, 10 ** 300)
 

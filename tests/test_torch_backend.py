@@ -126,7 +126,7 @@ def test_group_level_matrices_applied_to_head_values():
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     args = dict(x=r(2, 30, 4, 3), q=r(2, 30, 2, 5), k=r(2, 30, 2, 5), a=r(2, 30, 2), h=r(5, 2))
     m = mixerc.compile(src, backend="torch")
-    assert [mp.strategies for mp in m._impl.plan.matrices] == [["toeplitz"], ["chunked"]]
+    assert [mp.strategies for mp in m.plan.matrices] == [["toeplitz"], ["chunked"]]
     assert rel_err(m(**args), mixerc.compile(src, backend="dense")(**args)) < 1e-9
 
 
@@ -137,7 +137,7 @@ def test_polynomial_kernel_picks_quadratic_or_feature_map_by_cost():
     from mixerc import cost
 
     m = mixerc.compile("based", backend="torch")
-    mp = m._impl.plan.matrices[0]
+    mp = m.plan.matrices[0]
     quadratic, features = cost.polynomial_choice(mp.terms[0], mp, m.program.groups)
     sizes = {"H": 4, "K": 6, "V": 5, "C": 64}
     crossover = next(T for T in range(16, 4000, 8)

@@ -8,7 +8,7 @@ the generated code reads like hand-written torch.
 
 Every identifier comes from a `Namer` (codegen/names.py), so user names can
 be anything the language accepts. Numbers (constants, dim sizes and math on
-them) follow the dense interpreter's float64 semantics (runtime/scalars.py):
+them) follow the dense interpreter's float64 semantics (runtime/torch/scalars.py):
 constant ones are folded here into literals, dim-dependent ones are computed
 by `number(...)` at run time.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from mixerc import ir
 from mixerc.codegen.names import Namer, literal
 from mixerc.ir import KERNEL, STATIC, TOKEN
-from mixerc.runtime.scalars import number
+from mixerc.runtime.torch.scalars import number
 
 PREFIX = ("b", "t", "l")
 
@@ -106,8 +106,10 @@ class Emitter:
         self.args = {n: self.namer.claim(n) for n in [*p.inputs, *p.params, *p.kernels]}
         self.dim_names = {d: self.namer.claim(d) for d in p.dims if not d.isdigit()}
         self.used_dims: list = []     # dims the code reads, in first-use order
+        self.state_keys: list = []    # keys of the decode state the code reads and writes
         self.shift_keys = 0
         self.number_kinds: dict = {}  # memo of number_kind
+        self.hints: dict = {}         # id(node) -> the name its role suggests
 
     def is_number(self, node: ir.Node) -> bool:
         """A value computed from constants and dim sizes only: a Python number."""
@@ -118,6 +120,11 @@ class Emitter:
 
     def line(self, text: str):
         self.lines.append(text)
+
+    def state(self, key: str) -> tuple:
+        """(read, write) code for the decode-state entry `key`."""
+        self.state_keys.append(key)
+        return f"state.get({key!r})", f"new_state[{key!r}]"
 
     def dim(self, d: str) -> str:
         """The local holding dim d's size (a literal dim is its number)."""
@@ -174,20 +181,23 @@ class Emitter:
         return {"b": "batch", "t": "time", "l": "-1"}.get(axis) or self.dim(axis)
 
     # ---------------------------------------------------------------- nodes
-    def value(self, node: ir.Node) -> str:
-        """Variable name (or literal) holding node; emits it on first use."""
+    def value(self, node: ir.Node, hint: str | None = None) -> str:
+        """Variable name (or literal) holding node; emits it on first use, named
+        after its `let`, else after `hint` (the operand role it plays), else v."""
         if id(node) in self.names:
             return self.names[id(node)]
         if number_kind(node, self.number_kinds) == "const":
             name = literal(fold(node))
         else:
+            if hint and id(node) not in self.hints:
+                self.hints[id(node)] = hint
             name = getattr(self, "e_" + type(node).__name__)(node)
         self.names[id(node)] = name
         return name
 
     def assign(self, node: ir.Node, expr: str, hint: str = "v") -> str:
         let = self.let_names.get(id(node))
-        name = self.fresh(let or hint)
+        name = self.fresh(let or self.hints.get(id(node)) or hint)
         self.line(f"{name} = {expr}  # [{', '.join(axes_of(node))}]")
         return name
 
@@ -246,8 +256,8 @@ class Emitter:
         # token shift with a carried buffer of the last k values (decode state)
         x = self.value(node.x)
         self.shift_keys += 1
-        key = f"shift{self.shift_keys}"
+        read, write = self.state(f"shift{self.shift_keys}")
         name = self.fresh("shifted")
-        self.line(f"{name}, new_state[{key!r}] = shift_tokens({x}, {node.k}, "
-                  f"state.get({key!r}))  # [{', '.join(axes_of(node))}]")
+        self.line(f"{name}, {write} = shift_tokens({x}, {node.k}, {read})  "
+                  f"# [{', '.join(axes_of(node))}]")
         return name

@@ -43,7 +43,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mixerc.runtime.chunks import from_chunks, to_chunks  # inline: drop
+from mixerc.runtime.torch.chunks import from_chunks, to_chunks  # inline: drop
 
 ADJOINT_BACKWARD = os.environ.get("MIXERC_CHUNKED_BACKWARD", "adjoint") != "autograd"
 

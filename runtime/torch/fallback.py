@@ -1,12 +1,12 @@
-"""Dense fallback for matrices no strategy claims: the dense interpreter
-evaluates just that `M @ u`, on the whole input history (its decode state).
-Needs mixerc itself, so standalone modules cannot use it."""
+"""Dense fallback for terms no strategy claims: the dense interpreter
+evaluates just that term of `M @ u`, on the whole input history (its decode
+state). Needs mixerc itself, so standalone modules cannot use it."""
 
 import functools
 
 import torch
 
-from mixerc import ir
+from mixerc import analysis, ir
 from mixerc.checker import check_source
 from mixerc.dense import Evaluator
 
@@ -17,9 +17,12 @@ def _applies(source: str) -> tuple:
     return program, [n for n in program.nodes() if isinstance(n, ir.Apply)]
 
 
-def dense_apply(source, index, inputs, others, sizes, history):
+def dense_apply(source, index, term, inputs, others, sizes, history):
+    """Term `term` of the matrix that Apply number `index` applies, times that
+    Apply's vector, for the new tokens; and the input history so far."""
     program, applies = _applies(source)
-    apply = applies[index]
+    full = applies[index]
+    apply = ir.Apply(full.type, m=analysis.terms(full.m)[term], u=full.u)
     first = next(iter(inputs.values()))
     dtype = first.dtype
     env = {}

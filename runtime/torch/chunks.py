@@ -56,3 +56,15 @@ def scan_states(start, decay, local):
         d = decay[:, :, c]
         S = (d[..., None, None] if d.dim() == 2 else d[..., None]) * S + local[:, :, c]
     return torch.stack(entering, dim=2), S
+
+
+def shift_chunks(x, o):
+    """x [B, H, n, ...] with chunk i holding what chunk i - o held (zeros where
+    that is outside 0..n-1): pairs each query chunk with the key chunk o back."""
+    n = x.shape[2]
+    if o == 0:
+        return x
+    pad = x.new_zeros(x.shape[:2] + (min(abs(o), n),) + x.shape[3:])
+    if o > 0:
+        return torch.cat([pad, x[:, :, :n - o]], 2)
+    return torch.cat([x[:, :, -o:], pad], 2)

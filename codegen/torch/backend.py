@@ -1,28 +1,38 @@
-"""Runs generated torch modules: dtype policy, state wrapping, decode steps."""
+"""The torch backend: renders the kernel plan into a Python module of torch
+code (codegen/torch/module.py), loads it through the module cache
+(mixerc/jit.py) and runs it with the call layer (runtime/call.py): dtype
+policy, states, the autotuned config per shape bucket."""
 
 from __future__ import annotations
 
-import functools
+import warnings
 
 import torch
 
-from . import jit
-from .runtime import call
+from mixerc import jit, plan as planner
+from mixerc.errors import MixerPerformanceWarning
+from mixerc.runtime import call
+
 
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler and compiler.is_compiling())
 
 
-class TorchBackend:
+class TorchRunner:
     name = "torch"
+    check_finite = "params"  # the (small) params and kernels; inputs are left alone
 
     def __init__(self, mixer):
-        """mixer: the CompiledMixer. The module is rendered from its plan every
-        time; the JIT cache only checks it against its file (mixerc/jit.py)."""
         self.mixer = mixer
-        self.module = jit.load(self.generate()[0])
-        self.key = self.module.__name__.rsplit("_", 1)[-1]
+        self.plan = planner.plan(mixer.program, mixer.analysis)
+        for _, message in self.plan.warnings:
+            warnings.warn(message, MixerPerformanceWarning, stacklevel=5)
+        source, _, _ = self.generate()
+        self.module = jit.load(source)
+        self.key = jit.module_key(source)  # names the module: the autotune key uses it
+        self.signature = self.module.SIGNATURE
+        self.init_params = self.module.init_params
         self.config = dict(self.module.DEFAULT_CONFIG)
         self._configs: dict = {}   # shape bucket -> config (autotune cache or defaults)
 
@@ -30,17 +40,15 @@ class TorchBackend:
     def program(self):
         return self.mixer.program
 
-    @functools.cached_property
-    def plan(self):
-        from . import planner  # only for code generation: a JIT cache hit never plans
-        return planner.plan(self.program, self.mixer.analysis)
-
     def generate(self, standalone: bool = False):
-        from .codegen.torch_module import generate
+        from mixerc.codegen.torch.module import generate
         return generate(self.plan, standalone=standalone)
 
     def source(self) -> str:
         return self.module.__mixerc_source__  # the text that runs
+
+    def explain(self) -> str:
+        return planner.describe(self.plan, "torch", DTYPES)
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         cfg = self.config_for(bound) if config is None else config
@@ -48,14 +56,14 @@ class TorchBackend:
 
     def tuning_problem(self, sizes, batch, time, dtype=torch.float32, device="cpu",
                        kernel_len=None):
-        from .tuning import TorchTuningProblem
-        return TorchTuningProblem(self, sizes, batch, time, dtype, device, kernel_len)
+        from mixerc.tuning import ModuleTuningProblem
+        return ModuleTuningProblem(self, sizes, batch, time, dtype, device, kernel_len)
 
     def config_for(self, bound) -> dict:
         """The config for this shape bucket: the autotune cache's (looked up once
         per bucket and process), else the defaults. Decode steps and calls under
         torch.compile use what is known without touching the cache."""
-        from .autotune import bucket_T
+        from mixerc.autotune import bucket_T
         time = next(iter(bound.inputs.values())).shape[1]
         if not self.module.CONFIG_SPACE or time == 1 or _compiling() or \
                 bound.device.type == "meta":  # shapes only: nothing to tune
@@ -64,7 +72,7 @@ class TorchBackend:
         bucket = (tuple(sorted(bound.sizes.items())), bound.batch, bucket_T(time),
                   str(bound.dtype), str(bound.device), kernel_len)
         if bucket not in self._configs:
-            from .autotune import config_for
+            from mixerc.autotune import config_for
             problem = self.tuning_problem(bound.sizes, bound.batch, time, bound.dtype,
                                           bound.device, kernel_len)
             self._configs[bucket] = config_for(problem)
@@ -74,3 +82,17 @@ class TorchBackend:
         bound.inputs = {n: x.unsqueeze(1) for n, x in bound.inputs.items()}
         outs, new = self.forward(bound, state, return_state=True)
         return [o[:, 0] for o in outs], new
+
+
+# which dtype each stage computes in (explain)
+DTYPES = {"*": "float16/bfloat16 inputs compute in float32; float32 and float64 as given"}
+
+
+class _Torch:
+    name = "torch"
+
+    def compile(self, mixer) -> TorchRunner:
+        return TorchRunner(mixer)
+
+
+BACKEND = _Torch()

@@ -1,0 +1,1 @@
+"""The torch backend: kernel plan -> a module of torch code (any device)."""

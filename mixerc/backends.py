@@ -1,0 +1,51 @@
+"""Backends: one registered object each.
+
+A backend turns a compiled mixer (its checked program, analysis and kernel
+plan) into something that runs: `compile(mixer)` returns a runner with
+`forward(bound, initial_state, return_state)`, `step(bound, state)`,
+`source()`, `signature` and, where it generates code, `plan`,
+`tuning_problem(...)` (its config space and cache keys) and `init_params`.
+The API looks backends up by name and never compares names itself, so
+adding one (codegen/triton/) touches no stage before it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import MixerUnsupportedError, MixerValueError
+
+# name -> "module:attribute" of the backend object, imported on first use
+BUILTIN = {"dense": "mixerc.dense:BACKEND", "torch": "mixerc.codegen.torch.backend:BACKEND"}
+PLANNED = {"triton": "the Triton backend is not implemented yet; use backend='torch' (any "
+                     "device) or 'dense' (the float64 reference)"}
+_registry: dict = {}
+
+
+def register(backend) -> None:
+    _registry[backend.name] = backend
+
+
+def names() -> tuple:
+    return ("auto",) + tuple(dict.fromkeys(list(BUILTIN) + list(_registry) + list(PLANNED)))
+
+
+def resolve(name: str) -> str:
+    """The backend `name` stands for ("auto": the fastest one that runs here)."""
+    if name == "auto":
+        return "torch"
+    return name
+
+
+def get(name: str):
+    name = resolve(name)
+    if name not in _registry:
+        if name in BUILTIN:
+            module, attr = BUILTIN[name].split(":")
+            register(getattr(importlib.import_module(module), attr))
+        elif name in PLANNED:
+            raise MixerUnsupportedError(f"backend {name!r}: {PLANNED[name]}")
+        else:
+            raise MixerValueError(f"unknown backend {name!r}; choose one of "
+                                  f"{', '.join(names())}")
+    return _registry[name]

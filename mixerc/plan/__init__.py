@@ -1,0 +1,192 @@
+"""Plan stage: IR + analysis -> kernel plan (mixerc/plan/model.py).
+
+Each sequence matrix is split into additive terms, each term into wrappers
+around a Hadamard product of factors (parts.py); the matchers (softmax.py,
+lowrank.py, simple.py) each claim the terms their strategy computes. A term
+no matcher claims runs through the dense interpreter, and the plan records a
+warning naming it and what kept it from a fast strategy: compiling such a
+mixer warns (MixerPerformanceWarning), `explain` says so, nothing is silent.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .. import analysis, cost, ir
+from .model import (INF, MaskPlan, MatrixPlan, ModulePlan, Operand, ScorePlan, StatePlan,
+                    StateTensor, TermPlan)
+from .parts import Parts, decompose
+from .simple import dense_term, match_diagonal, match_toeplitz
+from . import lowrank, softmax
+
+MATCHERS = (match_diagonal, softmax.match, match_toeplitz, lowrank.match)
+
+__all__ = ["plan", "describe", "ModulePlan", "MatrixPlan", "TermPlan", "Operand", "MaskPlan",
+           "ScorePlan", "StatePlan", "StateTensor", "Parts", "decompose", "INF"]
+
+
+def plan(program: ir.Program, result: analysis.Analysis | None = None) -> ModulePlan:
+    result = result or analysis.analyze(program)
+    matrices, warnings, keys = [], [], set()
+    for info in result.matrices:
+        node = info.applies[0].m
+        mp = MatrixPlan(info.name, _unique(_key(info.name), keys), node, info.applies,
+                        _heads(node, info.applies, program), [], info)
+        mp.value_label = _value_label(mp, program)
+        for i, term in enumerate(analysis.terms(node)):
+            parts = decompose(term)
+            tp = None
+            for matcher in MATCHERS:
+                tp = matcher(parts, mp, program, i)
+                if tp is not None:
+                    break
+            if tp is None:
+                why = why_dense(parts)
+                tp = dense_term(parts, mp, program, i, why)
+                where = term.loc or info.apply.loc
+                warnings.append((where, f"{where}: matrix {info.name}: this term runs through the "
+                                 f"dense interpreter (O(T^2) time and memory): {why}"))
+            mp.terms.append(tp)
+        matrices.append(mp)
+    return ModulePlan(program, result, matrices, warnings)
+
+
+def _key(name: str) -> str:
+    """A matrix name as a config/state key: conv(w_shift) -> conv_w_shift."""
+    key = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "m"
+    return key if not key[0].isdigit() else "m_" + key
+
+
+def _unique(key: str, taken: set) -> str:
+    out, n = key, 2
+    while out in taken:
+        out, n = f"{key}_{n}", n + 1
+    taken.add(out)
+    return out
+
+
+def _heads(matrix: ir.Node, applies: list, program: ir.Program) -> tuple:
+    """The matrix's dims as its applications see them: a group dim G of the
+    matrix applied to values with the head dim H becomes H (the matrix is
+    shared by the heads of a group), so operands and values line up."""
+    g = program.groups
+    out = []
+    for d in matrix.type.dims:
+        h = g.get(d)
+        if h and h not in matrix.type.dims and all(
+                h in a.u.type.dims and d not in a.u.type.dims for a in applies):
+            out.append(h)
+        else:
+            out.append(d)
+    return tuple(out)
+
+
+def value_dims(apply: ir.Apply, heads: tuple, groups: dict) -> tuple:
+    """The dims of the values an application reads that are not heads of the matrix."""
+    out = []
+    for d in apply.u.type.dims:
+        h = groups.get(d)
+        mapped = h if h and h in heads and d not in heads else d
+        if mapped not in heads:
+            out.append(mapped)
+    return tuple(out)
+
+
+def _value_label(mp: MatrixPlan, program: ir.Program) -> str:
+    widths = [" * ".join(value_dims(a, mp.heads, program.groups)) or "1" for a in mp.applies]
+    return " + ".join(widths)
+
+
+def why_dense(parts: Parts) -> str:
+    """What keeps a term from every fast strategy, in words."""
+    if any(w[0] == "transpose" for w in parts.wrappers) and not parts.toeplitz:
+        return "a transposed term (write it with rev() and shift(), as Hydra's backward does)"
+    if parts.softmaxes:
+        if len(parts.softmaxes) > 1 or parts.lowranks or parts.decays or parts.toeplitz \
+                or parts.rest or parts.masks:
+            return ("a softmax multiplied by another matrix (only static scales and row/col "
+                    "gates may multiply a softmax; put masks inside softmax(..., mask=...))")
+        sm = parts.softmaxes[0]
+        if softmax.mask_plan(sm.mask, set()) is None and sm.mask is not None \
+                and any(not isinstance(n, softmax.MASK_NODES) for n in ir.walk(sm.mask)
+                        if n.type.kind == ir.MATRIX):
+            return "the softmax's mask uses matrices other than t, s, row() and col()"
+        return ("the softmax's scores are not an elementwise function of one dot product "
+                "q @ k^T, t, s, per-token values (row, col) and per-head params")
+    if parts.masks and any(analysis.exact_band(m) is None for m in parts.masks):
+        return ("its mask is not a band lo <= t - s <= hi (a fast low-rank algorithm needs "
+                "one); masks on absolute positions or per-token values need a softmax")
+    if len(parts.lowranks) > 1:
+        return "a product of two low-rank matrices (its rank is the product of theirs)"
+    if parts.rest:
+        kinds = ", ".join(sorted({getattr(f, "op", type(f).__name__) for f in parts.rest}))
+        return (f"a factor that is not a low-rank product, decay, mask, Toeplitz kernel or "
+                f"softmax ({kinds}); polynomials of q @ k^T have degree <= 8")
+    if parts.lowranks or parts.decays:
+        lo, hi = analysis.band(parts.node)
+        return (f"its band t - s in [{lo}, {hi}] has no fast algorithm for this combination "
+                "(causal bands start at lag 0 or 1; a per-channel decay needs a causal band "
+                "with no upper bound)")
+    return "no strategy covers this combination of factors"
+
+
+# ------------------------------------------------------------------ explain
+
+
+def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = None) -> str:
+    """The plan in words: per matrix and term the strategy, operands, band,
+    decode state, backward and cost (the cost of what runs)."""
+    p = mplan.program
+    taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.kernels) | set(p.lets) \
+        | set(p.outs)
+    lines = [f"plan ({backend} backend):"]
+    for mp in mplan.matrices:
+        lines.append(f"  {mp.name}: {', '.join(mp.strategies)}")
+        for tp in mp.terms:
+            where = f" at {tp.loc}" if tp.loc else ""
+            lines.append(f"    term {tp.index + 1}{where}: {_term_line(tp)}")
+            if tp.strategy == "dense":
+                lines.append(f"      missing: {tp.why}")
+            for name, o in tp.operands.items():
+                shape = ", ".join(o.heads + o.feature)
+                lines.append(f"      {name}: [{shape}] {_node_text(o.node)}")
+            lines.append(f"      decode state: {tp.state.describe()}")
+            lines.append(f"      backward: {tp.backward}")
+            if dtypes:
+                lines.append(f"      dtypes: {dtypes.get(tp.strategy, dtypes.get('*', ''))}")
+        c = cost.matrix_cost(mp, p.groups)
+        lines.append(f"    prefill FLOPs  {cost.readable(c.prefill_flops, taken)}")
+        lines.append(f"    prefill bytes  {cost.readable(c.prefill_bytes, taken)}")
+        if mplan.analysis.causal:
+            lines.append(f"    decode FLOPs/token  {cost.readable(c.decode_flops, taken)}")
+            lines.append(f"    decode state elements  {cost.readable(c.state, taken)}")
+    for loc, message in mplan.warnings:
+        lines.append(f"  warning: {message}")
+    return "\n".join(lines)
+
+
+def _term_line(tp: TermPlan) -> str:
+    f = tp.flags
+    lo, hi = tp.mask.band
+    band = ("all t, s" if (lo, hi) == (-INF, INF) else f"t - s <= {hi}" if lo == -INF else
+            f"t - s >= {lo}" if hi == INF else f"{lo} <= t - s <= {hi}")
+    bits = [tp.strategy, band]
+    if tp.strategy == "flash":
+        bits.append("scores: scale * q.k" if tp.score.pure else "scores: modified in the tile")
+        if tp.mask.predicate is not None and not tp.mask.exact:
+            bits.append("mask: evaluated per tile, tiles classified empty/full/partial")
+    if f.get("has_decay"):
+        bits.append("per-channel decay" if f.get("per_channel") else "scalar decay")
+    if f.get("features") is not None:
+        bits.append(f"polynomial of degree {f['features'].degree}")
+    for w in tp.wrappers:
+        bits.append("reversed time" if w[0] == "rev" else f"shifted by {w[1]}")
+    return "; ".join(bits)
+
+
+def _node_text(node: ir.Node) -> str:
+    if isinstance(node, (ir.Input, ir.Param, ir.KernelRef)):
+        return node.name
+    if isinstance(node, ir.Const):
+        return f"{node.value:g}"
+    return f"(computed{' at ' + str(node.loc) if node.loc else ''})"

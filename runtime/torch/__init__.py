@@ -1,0 +1,1 @@
+"""What generated torch modules import at run time: chunking, attention, convolution, autograd glue, scalars, tiles."""

@@ -1,0 +1,96 @@
+"""Attention helpers for generated modules (flash strategy). Pure torch.
+
+Positions: a block of queries sits after `past` cached keys, so query i is at
+time past + i and key j (cache first, then the block's own keys) at time j.
+A band lo <= t - s <= hi (bounds may be +-math.inf) says which pairs mix.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def key_span(t0, t1, lo, hi, n_keys):
+    """Keys [first, last) that queries at times [t0, t1) may see under the band:
+    every key block outside it is skipped, never computed."""
+    first = 0 if hi == math.inf else max(0, t0 - int(hi))
+    last = n_keys if lo == -math.inf else min(n_keys, t1 - int(lo))
+    return first, max(first, last)
+
+
+def allowed_pairs(t0, t1, s0, s1, lo, hi, filled, device):
+    """Which (query, key) pairs of the block [t0, t1) x [s0, s1) may mix, as a
+    bool [t1 - t0, s1 - s0] (band only) or [B, 1, t1 - t0, s1 - s0] (band and
+    `filled` [B, S] or None, the cache slots that hold a token); None when
+    all may."""
+    ok = None
+    if not (t0 - (s1 - 1) >= lo and (t1 - 1) - s0 <= hi):  # the block straddles the band
+        d = torch.arange(t0, t1, device=device)[:, None] - torch.arange(s0, s1, device=device)
+        ok = (d >= lo) & (d <= hi)
+    if filled is not None:
+        f = filled[:, None, None, s0:s1]
+        ok = f if ok is None else ok & f
+    return ok
+
+
+def as_bias(ok, dtype):
+    """A bool mask as an additive score bias (0 or -inf): adding it is much
+    cheaper than masked_fill on the [B, H, n, m] scores."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, -math.inf)
+
+
+def window_tail(x, size):
+    """The last `size` steps of x [B, T, ...] along time, zero-padded in front
+    when T < size: a window cache keeps one fixed shape from the first token."""
+    T = x.shape[1]
+    if T >= size:
+        return x[:, T - size:]
+    return torch.cat([x.new_zeros(x.shape[0], size - T, *x.shape[2:]), x], 1)
+
+
+def inside_band(t0, t1, s0, s1, lo, hi):
+    """Every pair of queries [t0, t1) x keys [s0, s1) has lo <= t - s <= hi."""
+    return t0 - (s1 - 1) >= lo and (t1 - 1) - s0 <= hi
+
+
+def band_keep(t_pos, s_pos, lo, hi):
+    """Which pairs of a tile lie in the band lo <= t - s <= hi (bool)."""
+    d = t_pos - s_pos
+    return (d >= lo) & (d <= hi)
+
+
+def tile_classes(bounds, n_q, n_k):
+    """(full, any) as [n_q][n_k] lists of bools from a mask's (must, may) tile
+    bounds, which broadcast to [..., n_q, n_k]: a tile is full when the mask
+    holds on all of it for every batch and head, and is visited when it may
+    hold somewhere."""
+    out = []
+    for x, reduce in zip(bounds, (torch.all, torch.any)):
+        x = torch.as_tensor(x, dtype=torch.bool)
+        x = x.reshape((1,) * max(0, 2 - x.dim()) + tuple(x.shape))
+        x = x.broadcast_to(*x.shape[:-2], n_q, n_k).reshape(-1, n_q, n_k)
+        out.append(reduce(x, 0).tolist())
+    return out[0], out[1]
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def sdpa_attention(q, k, v, causal):
+    """softmax(q k^T) v with SDPA's fused kernels (scale 1: the scale is in q).
+    q: [B, T, H, D]; k, v: [B, S, Hk, *] with Hk dividing H (grouped heads are
+    passed as they are where SDPA supports it)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    r = q.shape[1] // k.shape[1]
+    if r > 1 and not _SDPA_GQA:  # torch < 2.5: repeat the key heads for the call only
+        k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    extra = {"enable_gqa": True} if r > 1 and _SDPA_GQA else {}
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0, **extra)
+    return y.transpose(1, 2)
+
+
+def tokens_seen(pos):
+    """The token count a cache's `pos` [B] records (0 for meta tensors: shapes
+    only, no values to read)."""
+    return 0 if pos.device.type == "meta" or not pos.numel() else int(pos[0])
