@@ -197,17 +197,20 @@ def causal_issue(node: ir.Node) -> ir.Node | None:
     tokens <= t, and the band lies on or below the diagonal where applied."""
     memo: dict = {}
 
-    def depends_on_time(n: ir.Node) -> bool:
-        return any(isinstance(x, ir.Input) for x in ir.walk(n))
+    def reads_positions(n: ir.Node) -> bool:
+        """n's value depends on where it sits in the sequence: it holds tokens
+        or absolute positions (not only t - s)."""
+        return any(x.type.kind == TOKEN or isinstance(x, (ir.Input, ir.Row, ir.Col))
+                   for x in ir.walk(n)) or not _is_time_invariant(n)
 
     def visit(n: ir.Node):
         if id(n) in memo:
             return memo[id(n)]
         bad = None
-        if isinstance(n, ir.Shift) and n.k < 0 and depends_on_time(n.x):
-            bad = n
-        elif isinstance(n, ir.Rev) and depends_on_time(n.x):
-            bad = n
+        if isinstance(n, ir.Shift) and n.k < 0:
+            bad = n  # row t reads row t + |k|, which a prefix does not have yet
+        elif isinstance(n, ir.Rev) and reads_positions(n.x):
+            bad = n  # time reversed: its value at t depends on the length
         elif isinstance(n, ir.Apply) and band(n.m)[0] < 0:
             bad = n
         elif isinstance(n, ir.Softmax) and band(n)[0] < 0:

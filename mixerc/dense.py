@@ -259,6 +259,8 @@ class Evaluator:
                 out = V(y.new_empty(shape), axes)
             out.data.narrow(t, start, len(ti)).copy_(y)
             del m, a, b, y
+        if out is not None and "b" not in out.axes:  # M @ 1 with M free of tokens: a
+            out = V(out.data.unsqueeze(0), ("b",) + out.axes)  # token all the same per batch
         return out
 
     # ------------------------------------------------------------- matrices

@@ -28,10 +28,10 @@ __all__ = ["plan", "describe", "ModulePlan", "MatrixPlan", "TermPlan", "Operand"
 def plan(program: ir.Program, result: analysis.Analysis | None = None) -> ModulePlan:
     result = result or analysis.analyze(program)
     matrices, warnings, keys = [], [], set()
-    for info in result.matrices:
-        node = info.applies[0].m
-        mp = MatrixPlan(info.name, _unique(_key(info.name), keys), node, info.applies,
-                        _heads(node, info.applies, program), [], info)
+    for info, applies in _independent(result.matrices):
+        node = applies[0].m
+        mp = MatrixPlan(info.name, _unique(_key(info.name), keys), node, applies,
+                        _heads(node, applies, program), [], info)
         mp.value_label = _value_label(mp, program)
         for i, term in enumerate(analysis.terms(node)):
             parts = decompose(term)
@@ -49,6 +49,26 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
             mp.terms.append(tp)
         matrices.append(mp)
     return ModulePlan(program, result, matrices, warnings)
+
+
+def _independent(matrices) -> list:
+    """(info, applies) per group of applications of one matrix that can run as
+    one call: an application whose vector is computed from another application
+    of the same matrix (M @ (M @ x)) goes into a later group."""
+    out = []
+    for info in matrices:
+        groups: list = []
+        for a in info.applies:
+            reached = {id(n) for n in ir.walk(a.u) if isinstance(n, ir.Apply)}
+            for g in groups:
+                if not any(id(b) in reached or id(a) in {id(n) for n in ir.walk(b.u)}
+                           for b in g):
+                    g.append(a)
+                    break
+            else:
+                groups.append([a])
+        out.extend((info, g) for g in groups)
+    return out
 
 
 def _key(name: str) -> str:

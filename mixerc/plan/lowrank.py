@@ -43,6 +43,8 @@ def match(parts, mp, program, index) -> TermPlan | None:
         return None
     q, k, dim, features, modal = form
     g = program.groups
+    if dim in mp.heads or g.get(dim) in mp.heads:
+        return None  # summed over a dim the matrix also keeps per head
     operands = {}
     if features is None:  # linear in q and k: gates fold into them
         for f in parts.rows + ([] if modal else parts.statics):

@@ -79,8 +79,8 @@ def score_plan(scores: ir.Node, heads: set, groups: dict) -> ScorePlan | None:
     if not contracts:
         return ScorePlan(scores, None)
     dot, outside = _dot(contracts[0], groups)
-    if dot is None:
-        return None
+    if dot is None or dot.x.dim in heads:
+        return None  # no dot product, or one summed over a head dim (one score for all heads)
     expr = rewrite.substitute(scores, {id(contracts[0]): outside})
     scale = _pure_scale(expr, dot, groups)
     return ScorePlan(expr, dot, scale, pure=scale is not False)

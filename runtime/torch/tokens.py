@@ -12,8 +12,8 @@ def shift_tokens(x, k, buf):
     previous call, or None at the start. k < 0 reads ahead (no state)."""
     if k == 0:
         return x, None
-    if k < 0:
-        pad = (0, 0) * (x.dim() - 2) + (0, -k)
+    if k < 0:  # reads ahead: the last |k| rows have nothing to read (all of them if T <= |k|)
+        pad = (0, 0) * (x.dim() - 2) + (0, min(-k, x.shape[1]))
         return F.pad(x[:, -k:], pad), None
     if buf is None:
         buf = x.new_zeros(x.shape[0], k, *x.shape[2:])

@@ -1,0 +1,74 @@
+"""Bugs the fuzz campaign found (tests/fuzz.py), each with its smallest
+program: torch equals dense in the forward, and prefill + decode where causal."""
+
+import mixerc
+import pytest
+import torch
+from mixerc.errors import MixerDecodeError
+from mixerc.inputs import default_sizes, random_inputs
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+
+CASES = {
+    "negative shift longer than the input":
+        "mixer f {\n  dims H\n  input x : [H]\n  out y = shift(x, -2)\n}",
+    "two convs sharing one weight":
+        "mixer f {\n  dims H\n  input x : [H]\n  input z : [H]\n  param w : [H, 3]\n"
+        "  out y = conv(x, w) + conv(z, w)\n}",
+    "a conv of a conv":
+        "mixer f {\n  dims H\n  input x : [H]\n  param w : [H, 3]\n  out y = conv(conv(x, w), w)\n}",
+    "polynomial kernel with a row gate":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  input z : [H]\n  out y = ((q @ k^T)^2 * (s <= t) * row(x)) @ z\n}",
+    "polynomial kernel with a col gate and a decay":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  input z : [H]\n  out y = ((1 + q @ k^T)^2 * decay(-softplus(x)) * col(x)) @ z\n}",
+    "a matrix applied to a number, shifted":
+        "mixer f {\n  dims H\n  input x : [H]\n  out y = shift(decay(-1) @ 1) + x\n}",
+    "a matrix applied to a number inside a decay":
+        "mixer f {\n  dims H\n  input x : [H]\n  out y = decay(-(decay(-1) @ 1)) @ x\n}",
+    "scores summed over the head dim":
+        "mixer f {\n  dims H\n  input x : [H]\n  input z : [H]\n  param a : [H]\n"
+        "  out y = softmax((x @ z^T) / a, mask = s <= t) @ z\n}",
+    "one matrix applied twice":
+        "mixer f {\n  dims H\n  input x : [H]\n  let M = decay(-1)\n  out y = M @ (M @ x)\n}",
+}
+
+
+def run(src, T):
+    dense = mixerc.compile(src, backend="dense")
+    fast = mixerc.compile(src, backend="torch")
+    p = dense.program
+    args = random_inputs(p, default_sizes(p), 2, T, seed=T, dtype=torch.float64)
+    want, got = dense(**args), fast(**args)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    return dense, fast, args, want
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_torch_equals_dense(name, T):
+    dense, fast, args, want = run(CASES[name], T)
+    if not dense.causal or T < 2:
+        return
+    inputs = set(dense.program.inputs)
+    head = {n: (x[:, :1] if n in inputs else x) for n, x in args.items()}
+    y, state = fast(**head, return_state=True)
+    torch.testing.assert_close(y, want[:, :1], rtol=1e-9, atol=1e-10)
+    for t in range(1, T):
+        y, state = fast.step(state, **{n: (x[:, t] if n in inputs else x)
+                                       for n, x in args.items()})
+        torch.testing.assert_close(y, want[:, t], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("body", ["tril(shift((s <= t), -1)) @ x", "rev(decay(-1) @ 1) + x",
+                                  "shift(x, -1)"])
+def test_reading_ahead_is_not_causal(body):
+    """Row t of shift(M, -1) is row t + 1 of M: a prefix lacks it, so no decode."""
+    src = f"mixer f {{\n  dims H\n  input x : [H]\n  out y = {body}\n}}"
+    run(src, 6)
+    m = mixerc.compile(src)
+    assert not m.causal
+    with pytest.raises(MixerDecodeError):
+        m.step(None, x=torch.randn(1, 2))
