@@ -22,6 +22,8 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -30,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.mx"))
-STAGES = ("load", "check", "explain", "plan", "codegen", "inputs", "dense", "torch", "compare", "decode")
+STAGES = ("load", "check", "explain", "plan", "codegen", "inputs", "dense", "torch", "compare",
+          "decode")
 OUTCOMES = ("ok", "mixer_error", "exception", "timeout", "mismatch")
 
 # ============================================================== generators
@@ -261,7 +264,12 @@ def make_case(seed: int, i: int) -> dict:
 
 # ============================================================== one case (in a worker)
 class Mismatch(Exception):
-    """torch and dense disagree on a well-conditioned case."""
+    """torch and dense disagree on a well-conditioned case; kind (count, shape,
+    values, causal) goes into the dedup key."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _project_frame(frames) -> str:
@@ -312,15 +320,17 @@ def _compare(got, want, what: str):
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
     if len(got) != len(want):
-        raise Mismatch(f"{what}: {len(got)} outputs, dense has {len(want)}")
+        raise Mismatch("count", f"{what}: {len(got)} outputs, dense has {len(want)}")
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
-            raise Mismatch(f"{what}: output {i} has shape {tuple(g.shape)}, dense {tuple(w.shape)}")
+            raise Mismatch("shape", f"{what}: output {i} has shape {tuple(g.shape)}, dense "
+                           f"{tuple(w.shape)}")
         if w.numel() == 0:
             continue
         err = float((g.double() - w).abs().max()) / max(1.0, float(w.abs().max()))
         if not (torch.isfinite(g).all() and err <= 1e-8):
-            raise Mismatch(f"{what}: output {i} differs from dense by {err:.3g} (relative)")
+            raise Mismatch("values", f"{what}: output {i} differs from dense by {err:.3g} "
+                           "(relative)")
 
 
 def run_case(case: dict, progress=lambda stage: None) -> dict:
@@ -368,7 +378,7 @@ def run_case(case: dict, progress=lambda stage: None) -> dict:
         at("compare")
         _compare(got, want, "forward")
         if dense.causal != fast.causal:
-            raise Mismatch(f"causal: dense says {dense.causal}, torch says {fast.causal}")
+            raise Mismatch("causal", f"dense says causal={dense.causal}, torch {fast.causal}")
         if dense.causal and T >= 2:
             at("decode")
             t0 = r.randint(1, T - 1)
@@ -388,17 +398,21 @@ def run_case(case: dict, progress=lambda stage: None) -> dict:
         except Exception as inner:  # noqa: BLE001 - a diagnostic that cannot render
             rec.update(_exception(inner))
     except Mismatch as e:
+        strategies = sorted({x for m in fast._impl.plan.matrices for x in m.strategies})
         rec.update(outcome="mismatch", etype="mismatch", message=str(e),
-                   frame=", ".join(x for m in fast._impl.plan.matrices for x in m.strategies))
+                   frame=f"{e.kind} with {', '.join(strategies) or 'no matrix'}")
     except Exception as e:  # noqa: BLE001 - that is what we look for
         rec.update(_exception(e))
     return rec
 
 
 def _exception(e: BaseException) -> dict:
-    frames = ((f.filename, f.name) for f in traceback.extract_tb(e.__traceback__))
+    frame = _project_frame((f.filename, f.name) for f in traceback.extract_tb(e.__traceback__))
+    if frame.startswith("<"):  # generated code or not ours: the message tells bugs apart
+        first = str(e).split("\n")[0]
+        frame += " | " + re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'_'", first))[:50]
     return {"outcome": "exception", "etype": type(e).__name__, "message": str(e)[:300],
-            "frame": _project_frame(frames), "tb": "".join(traceback.format_exception(e))[-4000:]}
+            "frame": frame, "tb": "".join(traceback.format_exception(e))[-4000:]}
 
 
 def _worker(conn, home: str, time_limit: float, memory_gb: float):
@@ -424,6 +438,10 @@ def _worker(conn, home: str, time_limit: float, memory_gb: float):
             faulthandler.dump_traceback_later(time_limit * 0.9, file=dump)  # a hang's stack
             rec = run_case(case, lambda stage: conn.send(("stage", stage)))
             faulthandler.cancel_dump_traceback_later()
+            # the next case starts from an empty JIT cache: outcomes never depend on order
+            shutil.rmtree(os.environ["MIXERC_CACHE_DIR"], ignore_errors=True)
+            for name in [m for m in sys.modules if m.startswith("mixerc_generated_")]:
+                del sys.modules[name]
             conn.send(("done", rec))
 
 
@@ -479,7 +497,7 @@ def campaign(cases, jobs: int = 2, time_limit: float = 5.0, memory_gb: float = 4
                 on_result(rec)
             slot.case, slot.done = None, slot.done + 1
             dead = rec["outcome"] == "timeout" or not slot.proc.is_alive()
-            if dead or slot.done >= 1000:  # a fresh worker now and then bounds memory growth
+            if dead or slot.done >= 1000:  # a fresh worker now and then: memory stays bounded
                 slot.stop(kill=dead)
                 slots[i] = _Slot(ctx, root, time_limit, memory_gb)
 
