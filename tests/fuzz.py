@@ -242,7 +242,7 @@ def _hostile() -> list:
               "  out b = v1\n}\n",
               "mixer f {  # \\xi C:\\Users\n  dims H\n  input x : [H]\n  out y = x\n}\n",
               "a" * 5000]
-    return progs + [f"mixer f {{\n  dims H, {d}\n  input {n} : [H]\n  out y = exp({n})\n}}\n"
+    return progs + [f"mixer f {{\n  dims H, {d}\n  input {n} : [H, {d}]\n  out y = exp({n})\n}}\n"
                     for n, d in [("lambda", "D"), ("None", "D"), ("state", "F"),
                                  ("sizes", "math"), ("torch", "D"), ("cfg", "DTYPE")]]
 
