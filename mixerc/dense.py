@@ -250,7 +250,11 @@ class Evaluator:
             ti = rows[start:start + block]
             m = self.matrix(node.m, ti, si)
             a, b, axes = self.union(m, u)
-            y = (a.data * b.data).sum(axes.index("s"))
+            y = a.data * b.data
+            if y.shape[axes.index("s")] == 1 and len(si) != 1:
+                # the same value in every column (row(z) @ 1): the sum over s is T of it
+                y = y * float(len(si))
+            y = y.sum(axes.index("s"))
             axes = tuple(x for x in axes if x != "s")
             t = axes.index("t")
             if out is None:

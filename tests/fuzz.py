@@ -337,7 +337,7 @@ def run_case(case: dict, progress=lambda stage: None) -> dict:
     """Run one case through every stage; the record says how it ended."""
     import torch
 
-    from mixerc import planner
+    from mixerc import plan as planner
     from mixerc.api import CompiledMixer, load_source
     from mixerc.checker import check_source
     from mixerc.errors import MixerError
@@ -398,7 +398,7 @@ def run_case(case: dict, progress=lambda stage: None) -> dict:
         except Exception as inner:  # noqa: BLE001 - a diagnostic that cannot render
             rec.update(_exception(inner))
     except Mismatch as e:
-        strategies = sorted({x for m in fast._impl.plan.matrices for x in m.strategies})
+        strategies = sorted({x for m in fast.plan.matrices for x in m.strategies})
         rec.update(outcome="mismatch", etype="mismatch", message=str(e),
                    frame=f"{e.kind} with {', '.join(strategies) or 'no matrix'}")
     except Exception as e:  # noqa: BLE001 - that is what we look for
@@ -429,7 +429,7 @@ def _worker(conn, home: str, time_limit: float, memory_gb: float):
     warnings.simplefilter("ignore")  # MixerPerformanceWarning and friends are fine
     import torch
     torch.set_num_threads(1)
-    import mixerc.codegen.torch_module  # noqa: F401 - import once, not in the first case's time
+    import mixerc.codegen.torch.module  # noqa: F401 - import once, not in the first case's time
     with open(os.path.join(home, "hang.txt"), "w+") as dump:
         conn.send(("ready",))
         while (case := conn.recv()) is not None:

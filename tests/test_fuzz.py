@@ -14,7 +14,6 @@ from mixerc.errors import MixerError
 CI_CASES = 1200  # ~50 s with --jobs 2 on the CI machine
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: fixes pending")
 def test_fuzz_campaign():
     results = fuzz.campaign(fuzz.make_case(0, i) for i in range(CI_CASES))
     groups = fuzz.failure_groups(results)

@@ -200,7 +200,7 @@ def _term_line(tp: TermPlan) -> str:
     if f.get("features") is not None:
         bits.append(f"polynomial of degree {f['features'].degree}")
     for w in tp.wrappers:
-        bits.append("reversed time" if w[0] == "rev" else f"shifted by {w[1]}")
+        bits.append({"rev": "reversed time", "transpose": "transposed"}.get(w[0]) or f"shifted by {w[1]}")
     return "; ".join(bits)
 
 

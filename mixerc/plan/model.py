@@ -157,11 +157,13 @@ class ModulePlan:
 
 
 def _leaves(roots, kind, skip=None) -> list:
+    """Nodes of `kind` in the matrix expressions `roots` (not inside the token
+    values their Row, Col and LowRank nodes read)."""
+    from .rewrite import matrix_part
     out, seen = [], set()
-    for n in ir.topo_order(roots):
-        if n is skip:
-            continue
-        if isinstance(n, kind) and id(n) not in seen:
-            seen.add(id(n))
-            out.append(n)
+    for root in roots:
+        for n in reversed(matrix_part(root)):
+            if n is not skip and isinstance(n, kind) and id(n) not in seen:
+                seen.add(id(n))
+                out.append(n)
     return out

@@ -45,6 +45,21 @@ def reversed_token(node: ir.Node) -> ir.Node:
     return ir.Rev(node.type, x=node, loc=node.loc)
 
 
+def matrix_part(root: ir.Node) -> list:
+    """The matrix-valued nodes of an expression, without descending into the
+    token values under Row, Col and LowRank (they are leaves of the matrix)."""
+    out, seen, stack = [], set(), [root]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or n.type.kind != MATRIX:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        if not isinstance(n, (ir.Row, ir.Col, ir.LowRank)):
+            stack.extend(n.children())
+    return out
+
+
 def uses_only(root: ir.Node, allowed: tuple, stop=()) -> bool:
     """Every matrix-valued node under root is one of `allowed` (token, static
     and kernel values below a Row/Col or a `stop` node are not inspected)."""

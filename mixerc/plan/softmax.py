@@ -70,8 +70,9 @@ def score_plan(scores: ir.Node, heads: set, groups: dict) -> ScorePlan | None:
     """The scores as an elementwise expression around one dot product."""
     if not rewrite.uses_only(scores, SCORE_NODES, stop=(ir.Row, ir.Col, ir.LowRank)):
         return None
-    contracts = [n for n in ir.walk(scores) if isinstance(n, ir.Contract)]
-    lowranks = {id(n) for n in ir.walk(scores) if isinstance(n, ir.LowRank)}
+    part = rewrite.matrix_part(scores)
+    contracts = [n for n in part if isinstance(n, ir.Contract)]
+    lowranks = {id(n) for n in part if isinstance(n, ir.LowRank)}
     if len(contracts) > 1 or len(lowranks) != len(contracts):
         return None  # two dot products, or a low rank summed some other way
     if not _per_head(scores, heads):
@@ -203,7 +204,7 @@ def _per_head(root: ir.Node, heads: set) -> bool:
 
 
 def _leaves(root, kind) -> list:
-    return [] if root is None else [n for n in ir.walk(root) if isinstance(n, kind)]
+    return [] if root is None else [n for n in rewrite.matrix_part(root) if isinstance(n, kind)]
 
 
 def _int(x):

@@ -22,7 +22,10 @@ def dense_apply(source, index, term, inputs, others, sizes, history):
     Apply's vector, for the new tokens; and the input history so far."""
     program, applies = _applies(source)
     full = applies[index]
-    apply = ir.Apply(full.type, m=analysis.terms(full.m)[term], u=full.u)
+    m = analysis.terms(full.m)[term]
+    if m.type.contracted:  # a term of a sum still inside its contraction: sum it here
+        m = ir.Contract(ir.Type(ir.MATRIX, m.type.dims), x=m)
+    apply = ir.Apply(full.type, m=m, u=full.u)
     first = next(iter(inputs.values()))
     dtype = first.dtype
     env = {}

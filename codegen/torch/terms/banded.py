@@ -24,7 +24,7 @@ def emit(tp, mp, w, key, values):
              f"chunk={w.config_key(key, 'chunk', tp)}"]
     poly = f["features"]
     if poly is not None:
-        args.append(w.coefficients(poly))
+        args.append(f"coeffs={w.coefficients(poly)}")
     fn = w.function("banded.py.jinja", base="banded", has_decay=f["has_decay"],
                     poly=poly is not None, cache=cached, window=int(f["hi"]),
                     title=mp.info.cls + " on a band")
