@@ -285,6 +285,8 @@ class _Checker:
                       f"'{n}'", e.loc, hint="it may use numbers, dims, consts and "
                       "uniform(lo, hi) / normal(mean, std)")
         if n in self.dims:
+            if self.dims[n].size is not None:  # `dims W = 8`: W is the number 8, so a mask
+                return self.const(self.dims[n].size, e.loc)  # 0 <= t - s < W is a band
             return ir.DimSize(Type(STATIC), dim=n, loc=e.loc)
         if n in BUILTINS:
             self.fail(MixerTypeError, f"'{n}' is a function; call it as {n}(...)", e.loc)

@@ -180,22 +180,25 @@ class Writer(Emitter):
         return self.assign(expr, hint="values")
 
     def split_outputs(self, mp, y, widths):
+        """Each application's slice of y [batch, time, Hm, V], in its own layout."""
         off = 0
+        single = len(mp.applies) == 1
         for a, vdims in zip(mp.applies, widths):
-            width = self.size_expr(vdims)
-            sl = y if len(mp.applies) == 1 else f"{y}[..., {off}:{off} + {width}]" \
-                if off else f"{y}[..., :{width}]"
+            width = _Lazy(lambda vdims=vdims: self.size_expr(vdims))  # only if sliced
             src = ("b", "t") + tuple(mp.heads) + tuple(vdims)
-            if len(mp.heads) == 1 and len(vdims) == 1 and len(mp.applies) == 1:
-                shaped = sl  # already [batch, time, H, V]
+            if len(mp.heads) == 1 and len(vdims) <= 1:  # no reshape: slice or index
+                shaped = y if single and vdims else f"{y}[..., {off}]" if not vdims else \
+                    f"{y}[..., {off}:{off} + {width}]" if off else f"{y}[..., :{width}]"
             else:
+                sl = y if single else f"{y}[..., {off}:{off} + {width}]" if off else \
+                    f"{y}[..., :{width}]"
                 head_sizes = ", ".join(self.dim(d) for d in mp.heads)
                 shape = ", ".join(x for x in ("batch, time", head_sizes,
                                               ", ".join(self.dim(d) for d in vdims)) if x)
                 shaped = f"{sl}.reshape({shape})"
             expr = self.convert(shaped, src, ("b", "t") + a.type.dims)
             self.apply_out[id(a)] = super().assign(a, expr)
-            off = f"{off} + {width}" if off else width
+            off = f"{off} + {width}" if off else str(width) if not single else 0
 
     def emit_dense(self, tp: TermPlan, mp: MatrixPlan, key: str, widths) -> str:
         """No strategy fits the term: the dense interpreter evaluates it (its
@@ -249,9 +252,10 @@ class Writer(Emitter):
         return head + em.lines + ["return out"]
 
     def used_runtime(self, code: str) -> list:
-        """The runtime names `code` refers to."""
-        return [n for n in runtime_index.defined()
-                if re.search(rf"(?<![\w.]){re.escape(n)}\b", code)]
+        """The runtime names `code` (module-level Python) reads."""
+        import ast
+        names = {n.id for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)}
+        return [n for n in runtime_index.defined() if n in names]
 
     def imports(self, names) -> list:
         """`from mixerc.runtime.X import a, b` lines for runtime names."""
@@ -269,7 +273,10 @@ class Writer(Emitter):
         body = list(self.lines)
         init_body = self.init_params()
         functions = list(self.functions)
-        code = "\n".join(body + functions + init_body + [" ".join(self.constraints)])
+        code = "\n".join(["def forward():", "    pass"] + ["    " + ln for ln in body]
+                         + functions + ["def init_params():", "    pass"]
+                         + ["    " + ln for ln in init_body]
+                         + [f"x = {c}" for c in self.constraints])
         used = self.used_runtime(code)
         if standalone and self.needs_dense:
             from mixerc.errors import MixerUnsupportedError
@@ -297,7 +304,8 @@ class Writer(Emitter):
                                        list(p.inputs) + list(p.params) + list(p.kernels)],
             first_input=self.args[next(iter(p.inputs))],
             dims=[(self.dim_names[d], d) for d in self.used_dims],
-            body=body, outputs=outputs, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
+            body=body, outputs=outputs, uses_dtype=re.search(r"\b(DTYPE|DEVICE)\b", code)
+            is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)
 
 

@@ -116,9 +116,18 @@ def inline(names) -> str:
     then the definitions, each under a comment naming its runtime module."""
     blocks = closure(names)
     used = set().union(*(d.reads for d in blocks)) if blocks else set()
-    lines = [line for line, binds in index()[1].items()
-             if binds & used and not binds <= HEADER_IMPORTS]
-    out = ["\n".join(sorted(set(lines)))] if lines else []
+    merged: dict = {}  # "from X import a, b" lines merged per module: no name twice
+    for line, binds in index()[1].items():
+        if not binds & used or binds <= HEADER_IMPORTS:
+            continue
+        node = ast.parse(line).body[0]
+        if isinstance(node, ast.ImportFrom):
+            merged.setdefault(f"from {node.module} import", set()).update(
+                a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
+        else:
+            merged.setdefault(line, set())
+    lines = sorted(k if not v else f"{k} {', '.join(sorted(v))}" for k, v in merged.items())
+    out = ["\n".join(lines)] if lines else []
     module = None
     for d in blocks:
         if d.module != module:

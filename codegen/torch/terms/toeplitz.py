@@ -13,8 +13,10 @@ def emit(tp, mp, w, key, values):
     for name, o in tp.operands.items():
         if name.startswith("scale"):  # static scale factors fold into the kernel
             kern = f"{kern} * {w.convert(w.value(o.node), axes_of(o.node), dst)}"
-    kern = kern if kern.isidentifier() else f"({kern})"
-    hk = w.assign(f"{kern}.reshape(-1, {w.size_expr(heads)})", hint="h")
+    if len(heads) > 1:  # one axis of channels
+        kern = kern if kern.isidentifier() else f"({kern})"
+        kern = f"{kern}.reshape(-1, {w.size_expr(heads)})"
+    hk = w.assign(kern, hint="h")
     first, stop = tp.flags["first"], tp.flags["stop"]
     if stop is not None:  # mask t - s <= stop - 1: drop the later taps
         w.line(f"{hk} = {hk}[:{stop}]")
