@@ -18,6 +18,7 @@ evaluate only its last row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -317,7 +318,11 @@ class Evaluator:
         sdim = scores.axes.index("s")
         data = scores.data.expand(*[self.T if a == "s" else n
                                     for a, n in zip(scores.axes, scores.data.shape)])
-        p = torch.nan_to_num(torch.softmax(data, dim=sdim), nan=0.0)  # fully masked row: 0
+        p = torch.softmax(data, dim=sdim)
+        if node.mask is not None:  # a row with no allowed key is 0 (a nan score stays nan)
+            anything = (data > -math.inf).any(dim=sdim, keepdim=True) | data.isnan().any(
+                dim=sdim, keepdim=True)
+            p = torch.where(anything, p, torch.zeros((), dtype=p.dtype))
         if len(si) != self.T or not torch.equal(si, full):
             p = p.index_select(sdim, si)
         return V(p, scores.axes)

@@ -30,6 +30,11 @@ CASES = {
     "scores summed over the head dim":
         "mixer f {\n  dims H\n  input x : [H]\n  input z : [H]\n  param a : [H]\n"
         "  out y = softmax((x @ z^T) / a, mask = s <= t) @ z\n}",
+    "a nan score stays nan (dense no longer zeroes it as if masked)":
+        "mixer f {\n  dims H\n  input x : [H]\n  out y = (softmax(diag(sqrt(x)))) @ x\n}",
+    "an anti-causal polynomial kernel with a row gate":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  out y = (triu((1 + q @ k^T)^2 * row(sigmoid(x)), 0)) @ x\n}",
     "one matrix applied twice":
         "mixer f {\n  dims H\n  input x : [H]\n  let M = decay(-1)\n  out y = M @ (M @ x)\n}",
 }
@@ -42,7 +47,7 @@ def run(src, T):
     args = random_inputs(p, default_sizes(p), 2, T, seed=T, dtype=torch.float64)
     want, got = dense(**args), fast(**args)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, equal_nan=True)
     return dense, fast, args, want
 
 

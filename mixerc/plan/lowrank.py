@@ -63,10 +63,8 @@ def match(parts, mp, program, index) -> TermPlan | None:
     wrappers = list(parts.wrappers)
     if lo == -INF and hi in (0, -1) and a is None:
         # anti-causal: the causal case on reversed time
-        wrappers.append(("rev",))
+        wrappers.append(("rev",))  # the gates apply outside it, in the original time
         q, k = rewrite.reversed_token(q), rewrite.reversed_token(k)
-        operands = {n: Operand(o.role, rewrite.reversed_token(o.node), o.heads)
-                    for n, o in operands.items()}
         lo, hi = -hi, INF
     flags = {"dim": dim, "features": features, "has_decay": a is not None,
              "per_channel": per_channel, "lo": lo, "hi": hi, "strict": lo == 1}
