@@ -38,11 +38,13 @@ def state_tensors(mod, state, bound) -> dict:
 
 def run(mod, bound, initial_state=None, return_state=False, config=None):
     """Outputs (in the inputs' dtype) and the state after the last token.
-    Half inputs compute in float32. No tokens (T = 0): empty outputs, the state
-    passes through; an empty batch: the shapes of a batch of one, emptied."""
+    Token inputs go in in their (common) dtype: the generated forward decides
+    where half precision is used; params and kernels compute in float32 for
+    half inputs. No tokens (T = 0): empty outputs, the state passes through;
+    an empty batch: the shapes of a batch of one, emptied."""
     cdtype = torch.float32 if bound.dtype in HALF else bound.dtype
     sig = mod.SIGNATURE
-    args = [bound.inputs[n].to(cdtype) for n, _ in sig.inputs]
+    args = [bound.inputs[n].to(bound.dtype) for n, _ in sig.inputs]
     args += [bound.params[n].to(cdtype) for n, _ in sig.params]
     args += [bound.kernels[n].to(cdtype) for n, _ in sig.kernels]
     state = state_tensors(mod, initial_state, bound)

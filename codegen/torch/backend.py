@@ -84,8 +84,14 @@ class TorchRunner:
         return [o[:, 0] for o in outs], new
 
 
-# which dtype each stage computes in (explain)
-DTYPES = {"*": "float16/bfloat16 inputs compute in float32; float32 and float64 as given"}
+# which dtype each stage computes in (explain), for float16/bfloat16 inputs;
+# float32 and float64 inputs compute in their own dtype throughout
+DTYPES = {
+    "flash": "half inputs: through SDPA on a GPU, q, k, v in the inputs' dtype (tensor cores, "
+             "float32 accumulation); scores, softmax statistics and the block loop in float32",
+    "*": "half inputs: float32 (prologue, matmuls, cumulative log-decays, states); the "
+         "Triton backend keeps matmuls in the inputs' dtype",
+}
 
 
 class _Torch:

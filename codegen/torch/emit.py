@@ -196,6 +196,8 @@ class Emitter:
         return name
 
     def assign(self, node: ir.Node, expr: str, hint: str = "v") -> str:
+        if expr.isidentifier():  # already a variable: no `a = b` lines
+            return expr
         let = self.let_names.get(id(node))
         name = self.fresh(let or self.hints.get(id(node)) or hint)
         self.line(f"{name} = {expr}  # [{', '.join(axes_of(node))}]")

@@ -304,8 +304,9 @@ class Writer(Emitter):
                                        list(p.inputs) + list(p.params) + list(p.kernels)],
             first_input=self.args[next(iter(p.inputs))],
             dims=[(self.dim_names[d], d) for d in self.used_dims],
-            body=body, outputs=outputs, uses_dtype=re.search(r"\b(DTYPE|DEVICE)\b", code)
-            is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
+            body=body, outputs=outputs, args_inputs=[self.args[n] for n in p.inputs],
+            uses_device=re.search(r"\bDEVICE\b", code) is not None,
+            uses_mm=re.search(r"\bMM_DTYPE\b", code) is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)
 
 

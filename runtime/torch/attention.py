@@ -77,17 +77,19 @@ def tile_classes(bounds, n_q, n_k):
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-def sdpa_attention(q, k, v, causal):
-    """softmax(q k^T) v with SDPA's fused kernels (scale 1: the scale is in q).
-    q: [B, T, H, D]; k, v: [B, S, Hk, *] with Hk dividing H (grouped heads are
-    passed as they are where SDPA supports it)."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+def sdpa_attention(q, k, v, causal, dtype=None):
+    """softmax(q k^T) v with SDPA's fused kernels (scale 1: the scale is in q),
+    computed in `dtype` (bf16/fp16 on a GPU: its flash kernel), returned in
+    q's dtype. q: [B, T, H, D]; k, v: [B, S, Hk, *] with Hk dividing H
+    (grouped heads are passed as they are where SDPA supports it)."""
+    out_dtype = q.dtype
+    q, k, v = (x.transpose(1, 2).to(dtype or out_dtype) for x in (q, k, v))
     r = q.shape[1] // k.shape[1]
     if r > 1 and not _SDPA_GQA:  # torch < 2.5: repeat the key heads for the call only
         k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
     extra = {"enable_gqa": True} if r > 1 and _SDPA_GQA else {}
     y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0, **extra)
-    return y.transpose(1, 2)
+    return y.transpose(1, 2).to(out_dtype)
 
 
 def tokens_seen(pos):

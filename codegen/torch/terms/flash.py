@@ -92,7 +92,7 @@ def emit(tp, mp, w, key, values):
             f"block_q={w.config_key(key, 'block_q', tp)}",
             f"block_k={w.config_key(key, 'block_k', tp)}"]
     if f["sdpa"]:
-        args.append(f"sdpa={w.config_key(key, 'sdpa', tp)}")
+        args += [f"sdpa={w.config_key(key, 'sdpa', tp)}", "mm_dtype=MM_DTYPE"]
     y, new_cache = w.fresh("y"), w.fresh("new_cache")
     w.line(f"{y}, {new_cache} = {fn}({', '.join(args)})")
     if f["cache"]:
