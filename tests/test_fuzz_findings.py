@@ -35,6 +35,9 @@ CASES = {
     "an anti-causal polynomial kernel with a row gate":
         "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
         "  out y = (triu((1 + q @ k^T)^2 * row(sigmoid(x)), 0)) @ x\n}",
+    "one kernel in two Toeplitz matrices, one cut by a band":
+        "mixer f {\n  dims H\n  input x : [H]\n  kernel h : [H]\n"
+        "  out y = (tril(toeplitz(h), k=-2)) @ x + (toeplitz(h))^T @ x\n}",
     "one matrix applied twice":
         "mixer f {\n  dims H\n  input x : [H]\n  let M = decay(-1)\n  out y = M @ (M @ x)\n}",
 }

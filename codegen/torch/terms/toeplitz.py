@@ -16,12 +16,13 @@ def emit(tp, mp, w, key, values):
     if len(heads) > 1:  # one axis of channels
         kern = kern if kern.isidentifier() else f"({kern})"
         kern = f"{kern}.reshape(-1, {w.size_expr(heads)})"
-    hk = w.assign(kern, hint="h")
     first, stop = tp.flags["first"], tp.flags["stop"]
     if stop is not None:  # mask t - s <= stop - 1: drop the later taps
-        w.line(f"{hk} = {hk}[:{stop}]")
+        kern = f"{w.assign(kern, hint='h')}[:{stop}]"
     if first:  # mask t - s >= first: zero the earlier taps
-        w.line(f"{hk} = torch.cat([torch.zeros_like({hk}[:{first}]), {hk}[{first}:]])")
+        kern = w.assign(kern, hint="h")
+        kern = f"torch.cat([torch.zeros_like({kern}[:{first}]), {kern}[{first}:]])"
+    hk = w.assign(kern, hint="h")
     fn = w.function("toeplitz.py.jinja", base="toeplitz", title=mp.info.cls)
     y = w.fresh("y")
     read, write = w.state(key)
