@@ -8,7 +8,11 @@ Sections (float32, batch 1, torch threads = all cores, shapes in SIZES):
      float64 interpreter at the (small) T it can reach, with the speedup there;
   2. decode-step time (`m.step`) after a prefill of 1k / 4k / 16k tokens;
   3. peers measured in the same process, interleaved with ours, after checking
-     on a small input that each computes what our mixer computes.
+     on a small input that each computes what our mixer computes;
+  4. mixers nobody shipped, one per class of the kernel plan (ALiBi, soft-capping,
+     document and prefix-LM masks, a decay inside a window, non-causal linear
+     attention, a decay times a polynomial kernel) against the standard mixer
+     of their class (benchmarks/classes.py).
 Calls over --max-call seconds stop a mixer's sweep (later T are reported as
 skipped, never extrapolated). See benchmarks/README.md.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import classes  # benchmarks/classes.py: section 4
 import mixerc
 from mixerc.inputs import default_sizes, random_inputs
 
@@ -48,11 +53,12 @@ SIZE_NOTES = ("based uses the Based paper's feature dim K=16 (its feature map ha
               "1 (a long convolution) and L = {L} in section 2.")
 MODES = {  # T sweep, dense T, decode contexts, repeats, decode steps, max seconds per call
     "full": dict(T=[1024, 2048, 4096, 8192, 16384], dense_T=[512, 2048],
-                 ctx=[1024, 4096, 16384], repeats=3, steps=20, max_call=90.0),
+                 ctx=[1024, 4096, 16384], repeats=3, steps=20, max_call=90.0,
+                 class_T=[2048, 8192]),
     "quick": dict(T=[1024, 2048, 4096], dense_T=[256], ctx=[1024, 4096], repeats=2,
-                  steps=10, max_call=20.0),
+                  steps=10, max_call=20.0, class_T=[2048]),
     "smoke": dict(T=[64, 128], dense_T=[32], ctx=[16, 64], repeats=1, steps=3,
-                  max_call=30.0),
+                  max_call=30.0, class_T=[64]),
 }
 FIT_LO, FIT_HI = 2048, 16384   # the scaling exponent's range (target: <= 1.15)
 SLOW_CALL = 2.0                # seconds: longer calls are timed once
@@ -502,8 +508,9 @@ def main(argv=None):
     p.add_argument("--decode-L", type=int, default=1024,
                    help="kernel length of kernel mixers in the decode section")
     p.add_argument("--max-call", type=float, help="seconds; longer calls end a sweep")
-    p.add_argument("--sections", default="forward,dense,decode,peers",
-                   help="comma-separated subset of forward,dense,decode,peers")
+    p.add_argument("--sections", default="forward,dense,decode,peers,classes",
+                   help="comma-separated subset of forward,dense,decode,peers,classes")
+    p.add_argument("--class-T", help="comma-separated T of the classes section")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--out", help="markdown file to write (default: print only)")
     o = p.parse_args(argv)
@@ -532,8 +539,12 @@ def main(argv=None):
     dec = decode_section(cases, o, prefills, fwd) if "decode" in sections else {}
     print("3. peers", flush=True)
     peers = peer_section(cases, o) if "peers" in sections else {}
+    print("4. classes", flush=True)
+    cls = classes.class_section(o, sizes, measure_pair, ms, kt) if "classes" in sections else {}
     text = report(o, cases, fwd, dense, dec, peers, machine_info(),
                   (load0, os.getloadavg()[0]), time.perf_counter() - start)
+    if cls:
+        text += "\n" + "\n".join(classes.class_table(o, cls, table, ms, kt))
     print("\n" + text)
     if o.out:
         Path(o.out).write_text(text + "\n")

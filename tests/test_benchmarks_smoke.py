@@ -16,8 +16,12 @@ def test_cpu_benchmark_smoke(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     text = out.read_text()
-    for section in ("### 1. Forward", "### 2. Decode step", "### 3. Peers"):
+    for section in ("### 1. Forward", "### 2. Decode step", "### 3. Peers", "### 4. Classes"):
         assert section in text
+    classes = text.split("### 4. Classes")[1]
+    for variant in ("alibi", "document", "prefix_lm", "window_decay", "noncausal_linear"):
+        assert f"| {variant} | " in classes, variant
+    assert "not timed" not in classes  # every variant matched dense and had a fast plan
     forward = text.split("### 1. Forward")[1].split("### 2.")[0]
     decode = text.split("### 2. Decode step")[1].split("### 3.")[0]
     for name in mixerc.stdlib_names():

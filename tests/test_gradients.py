@@ -82,8 +82,10 @@ def test_gradients_through_a_carried_state(name, compiled):
 def render(strict, has_decay, segment=chunks.SEGMENT):
     src = _env().get_template("chunked.py.jinja").render(
         name="f", per_channel=False, strict=strict, has_decay=has_decay, title="test")
+    from mixerc.runtime.torch.scalars import floored
     ns = {"torch": torch, "to_chunks": chunks.to_chunks, "from_chunks": chunks.from_chunks,
-          "scan_states": chunks.scan_states, "segment_length": lambda x: segment}
+          "scan_states": chunks.scan_states, "segment_length": lambda x: segment,
+          "floored": floored}
     exec(src, ns)
     return ns["f"]
 

@@ -77,21 +77,86 @@ def _ordered(root: ir.Node, leaves: TileLeaves, interval: bool) -> list:
     return out
 
 
-def render(root: ir.Node, leaves: TileLeaves, result: str) -> list:
-    """Lines computing `result = <root>` on a tile."""
+# in-place forms: a value computed from the dot product has the tile's full
+# shape and is read once, so its op can overwrite it (one pass, no new tile)
+INPLACE_UNARY = {"neg": "{x}.neg_()", "exp": "{x}.exp_()", "log": "{x}.log_()",
+                 "sqrt": "{x}.sqrt_()", "sigmoid": "{x}.sigmoid_()", "tanh": "{x}.tanh_()",
+                 "relu": "{x}.relu_()", "abs": "{x}.abs_()", "silu": "F.silu({x}, inplace=True)",
+                 "elu": "F.elu({x}, inplace=True)"}
+INPLACE_BINARY = {"add": "{a}.add_({b})", "sub": "{a}.sub_({b})", "mul": "{a}.mul_({b})",
+                  "div": "{a}.div_({b})"}
+
+
+def render(root: ir.Node, leaves: TileLeaves, result: str, inplace: bool = True) -> list:
+    """Lines computing `result = <root>` on a tile. With inplace (no gradient
+    to record), values computed from the dot product (`score`, full tile
+    shape) are updated in place where they are read once, and `x -+ a * b`
+    is one addcmul_ (no tile-sized product)."""
+    order = _ordered(root, leaves, interval=False)
+    parents: dict = {}
+    for n, leaf in order:
+        if leaf is None:
+            for c in n.children():
+                parents.setdefault(id(c), []).append(n)
+    once = lambda n: len(parents.get(id(n), ())) == 1  # noqa: E731
+    full = set()  # ids of values computed from the dot product: the tile's full shape
+    for n, leaf in order:
+        if leaf == "score" or (leaf is None and not n.type.boolean and
+                               any(id(c) in full for c in n.children())):
+            full.add(id(n))
+    deferred = {}     # id(a * b) -> (a, b) code, folded into its consumer's addcmul_
     lines, names = [], {}
-    for n, leaf in _ordered(root, leaves, interval=False):
+
+    def owned(n):  # a full-shape temporary nothing else reads: overwrite it
+        return inplace and id(n) in full and once(n) and not n.type.boolean
+
+    for n, leaf in order:
         if leaf is not None:
             names[id(n)] = leaf
             continue
         if not isinstance(n, ir.Map):
             raise ValueError(f"internal: {type(n).__name__} in a tile expression")
-        args = [names[id(a)] for a in n.args]
+        args = [names.get(id(a)) for a in n.args]
+        booleans = [a.type.boolean for a in n.args]
+        consumer = parents.get(id(n), [None])[0] if once(n) else None
+        if n.op == "mul" and not any(booleans) and consumer is not None and \
+                consumer.op in ("add", "sub") and consumer.args[1] is n and \
+                owned(consumer.args[0]) and id(n) not in full:
+            deferred[id(n)] = tuple(args)  # x -+ a * b: one addcmul_ below
+            continue
         if len(args) == 1:
+            if owned(n.args[0]) and n.op in INPLACE_UNARY:
+                lines.append(INPLACE_UNARY[n.op].format(x=args[0]))
+                names[id(n)] = args[0]
+                continue
             expr = UNARY[n.op].format(x=args[0])
-        elif n.op == "mul" and n.args[0].type.boolean != n.args[1].type.boolean:
-            mask, val = args if n.args[0].type.boolean else args[::-1]
+        elif n.op == "mul" and booleans[0] != booleans[1]:
+            mask, val = args if booleans[0] else args[::-1]
+            value = n.args[1] if booleans[0] else n.args[0]
+            if owned(value):  # where(mask, x, 0), in place
+                lines.append(f"{val}.masked_fill_(~{mask}, 0.0)")
+                names[id(n)] = val
+                continue
             expr = f"select({mask}, {val}, dtype)"
+        elif n.op in ("add", "sub") and id(n.args[1]) in deferred and owned(n.args[0]):
+            a_, b_ = deferred[id(n.args[1])]
+            x, y = n.args[1].args
+            sign = "-" if n.op == "sub" else ""
+            if number_kind(x, leaves.kinds) or number_kind(y, leaves.kinds):  # a number factor
+                num, other = (a_, b_) if number_kind(x, leaves.kinds) else (b_, a_)
+                lines.append(f"{args[0]}.add_({other}, alpha={sign}{num})")
+            else:
+                lines.append(f"{args[0]}.addcmul_({a_}, {b_}, value={sign or ''}1)")
+            names[id(n)] = args[0]
+            continue
+        elif n.op in INPLACE_BINARY and owned(n.args[0]):
+            lines.append(INPLACE_BINARY[n.op].format(a=args[0], b=args[1]))
+            names[id(n)] = args[0]
+            continue
+        elif n.op in ("add", "mul") and owned(n.args[1]):  # commutes: update the right one
+            lines.append(INPLACE_BINARY[n.op].format(a=args[1], b=args[0]))
+            names[id(n)] = args[1]
+            continue
         else:
             expr = BINARY[n.op].format(a=args[0], b=args[1])
         name = result if n is root else f"e{len(lines)}"

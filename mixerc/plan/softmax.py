@@ -84,7 +84,27 @@ def score_plan(scores: ir.Node, heads: set, groups: dict) -> ScorePlan | None:
         return None  # no dot product, or one summed over a head dim (one score for all heads)
     expr = rewrite.substitute(scores, {id(contracts[0]): outside})
     scale = _pure_scale(expr, dot, groups)
-    return ScorePlan(expr, dot, scale, pure=scale is not False)
+    if scale is False:  # a modified score: a static scale of the dot folds into q
+        expr, dot = _fold_scale(expr, dot, groups)
+    return ScorePlan(expr, dot, scale if scale is not False else None, pure=scale is not False)
+
+
+def _fold_scale(expr: ir.Node, dot: ir.Node, groups: dict):
+    """(expr, dot) with `c * (q . k)` (or `(q . k) / c`) for a static c turned
+    into (c q) . k: one multiply per query instead of one per score."""
+    parents = [n for n in ir.walk(expr) if isinstance(n, ir.Map) and
+               any(a is dot for a in n.args)]
+    if len(parents) != 1 or parents[0].op not in ("mul", "div"):
+        return expr, dot
+    p = parents[0]
+    other = p.args[1] if p.args[0] is dot else p.args[0]
+    if other.type.kind != STATIC or other.type.boolean or (p.op == "div" and p.args[0] is not dot):
+        return expr, dot
+    lr = dot.x
+    q = mul(lr.u, other, groups) if p.op == "mul" else div(lr.u, other, groups)
+    lowrank = ir.LowRank(lr.type, u=q, w=lr.w, dim=lr.dim, loc=lr.loc)
+    folded = ir.Contract(dot.type, x=lowrank, loc=dot.loc)
+    return rewrite.substitute(expr, {id(p): folded}), folded
 
 
 def _dot(contract: ir.Contract, groups: dict):

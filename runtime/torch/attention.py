@@ -96,3 +96,72 @@ def tokens_seen(pos):
     """The token count a cache's `pos` [B] records (0 for meta tensors: shapes
     only, no values to read)."""
     return 0 if pos.device.type == "meta" or not pos.numel() else int(pos[0])
+
+
+def add_range(ranges, a, b):
+    """Append [a, b) to a sorted list of ranges, merging it with the last one
+    when they touch."""
+    if ranges and ranges[-1][1] == a:
+        ranges[-1] = (ranges[-1][0], b)
+    else:
+        ranges.append((a, b))
+
+
+def gather_runs(keys, values, cols, runs, partial, start, dtype):
+    """The keys, values and per-key values [B, Hk, S, *] of the ranges `runs`,
+    side by side (views when there is one range), their times, and `partial`
+    re-expressed in the gathered positions."""
+    if len(runs) == 1:
+        a, b = runs[0]
+        K, V, C = keys[:, :, a:b], values[:, :, a:b], [c[:, :, a:b] for c in cols]
+        pos = torch.arange(start + a, start + b, device=keys.device, dtype=dtype)
+    else:
+        K = torch.cat([keys[:, :, a:b] for a, b in runs], 2)
+        V = torch.cat([values[:, :, a:b] for a, b in runs], 2)
+        C = [torch.cat([c[:, :, a:b] for a, b in runs], 2) for c in cols]
+        pos = torch.cat([torch.arange(start + a, start + b, device=keys.device, dtype=dtype)
+                         for a, b in runs])
+    where, offset, i = [], 0, 0
+    for a, b in runs:  # both lists are sorted: walk them together
+        while i < len(partial) and partial[i][0] < b:
+            c0, c1 = max(partial[i][0], a), min(partial[i][1], b)
+            if c0 < c1:
+                where.append((offset + c0 - a, offset + c1 - a))
+            if partial[i][1] <= b:
+                i += 1
+            else:
+                break
+        offset += b - a
+    return K, V, C, pos, where
+
+
+# scores one softmax piece may hold (elements): 64 MiB in float32
+SCORE_BUDGET = 1 << 24
+
+
+def piece_keys(B, H, n, block_k):
+    """Keys per softmax piece for n queries of B x H heads: whole tiles, at
+    least one, the scores within SCORE_BUDGET."""
+    return max(block_k, SCORE_BUDGET // max(1, B * H * n) // block_k * block_k)
+
+
+# scores one softmax piece may hold (elements): 64 MiB in float32
+SCORE_BUDGET = 1 << 24
+
+
+def piece_keys(B, H, n, block_k):
+    """Keys per softmax piece for n queries of B x H heads: whole tiles, at
+    least one, the scores within SCORE_BUDGET."""
+    return max(block_k, SCORE_BUDGET // max(1, B * H * n) // block_k * block_k)
+
+
+def mask_ranges(score, masked, grad):
+    """score with -inf where the mask rules a pair out: `masked` lists
+    (start, end, allowed) column ranges of the tile; elsewhere it holds."""
+    for c0, c1, keep in masked:
+        if grad:
+            score = torch.cat([score[..., :c0], score[..., c0:c1].masked_fill(~keep, -math.inf),
+                               score[..., c1:]], -1)
+        else:
+            score[..., c0:c1].masked_fill_(~keep, -math.inf)
+    return score

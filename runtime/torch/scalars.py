@@ -8,6 +8,8 @@ generation folds constant numbers with `number` too, so a folded literal and
 a run-time value agree.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +53,25 @@ def select(mask, value, dtype):
     if not isinstance(value, torch.Tensor):
         value = torch.tensor(float(value), dtype=dtype, device=mask.device)
     return torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+
+def drop_denormals(p, inplace):
+    """p (>= 0) with its subnormal entries (below the dtype's smallest normal number)
+    set to 0. Far keys under a strong bias or decay give weights like e^-100,
+    subnormal in float32, and a CPU multiplies subnormals ~10x slower; they are
+    below the dtype's precision relative to the row's weights, so dropping them
+    changes no result."""
+    tiny = p < torch.finfo(p.dtype).tiny  # p >= 0 (softmax weights); a nan stays nan
+    return p.masked_fill_(tiny, 0.0) if inplace else p.masked_fill(tiny, 0.0)
+
+
+def floored(x):
+    """x with every entry below log(smallest normal) + 30 set to -inf: exp(x) is
+    then exactly 0 there instead of a subnormal number (a CPU multiplies
+    subnormals ~10x slower, also as products inside a matmul). What is dropped
+    is below 1e-25 of 1: under float32's and float64's precision; a nan stays."""
+    floor = math.log(torch.finfo(x.dtype).tiny) + 30.0
+    small = x < floor
+    return x.masked_fill(small, -math.inf) if torch.is_grad_enabled() and x.requires_grad \
+        else x.masked_fill_(small, -math.inf)

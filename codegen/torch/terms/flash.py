@@ -13,8 +13,9 @@ from mixerc.plan.model import INF
 from mixerc.plan.parts import mul
 from mixerc.plan import value_dims
 
-# the fastest blocks measured on a 2-core CPU (B=1, H=8, D=64, float32, T = 2k..8k)
-BLOCK_Q, BLOCK_K = 256, 1024
+# queries per block and keys per tile: the fastest measured on a 2-core CPU (B=1,
+# H=8, D=64, float32, T = 2k..8k); keys of a block are gathered into one softmax
+BLOCK_Q, BLOCK_K = 64, 128
 
 
 def _num(x) -> str:
@@ -47,10 +48,11 @@ def emit(tp, mp, w, key, values):
     if score.pure:
         q_node = tp.operands["q"].node if score.scale is None else \
             mul(tp.operands["q"].node, score.scale, g)
-        score_code = []
+        score_code = score_grad = []
     else:
         q_node = tp.operands["q"].node if "q" in tp.operands else None
         score_code = tiles.render(score.expr, leaves, "score")
+        score_grad = tiles.render(score.expr, leaves, "score", inplace=False)
     if tp.mask.exact or tp.mask.predicate is None:
         mask_code, classify = ["keep = band_keep(t_pos, s_pos, lo, hi)"], None
     else:
@@ -77,6 +79,7 @@ def emit(tp, mp, w, key, values):
     window = tp.mask.window if f["cache"] else None
     fn = w.function("flash.py.jinja", base="flash", cache=f["cache"], window=window,
                     sdpa=f["sdpa"], causal=f["lo"] == 0, score_code=score_code,
+                    score_grad=score_grad,
                     mask_code=mask_code, classify=classify is not None,
                     exact=tp.mask.exact or tp.mask.predicate is None,
                     classify_code=classify or [], rows=bool(rows), cols=bool(cols),
