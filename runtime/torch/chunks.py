@@ -68,3 +68,23 @@ def shift_chunks(x, o):
     if o > 0:
         return torch.cat([pad, x[:, :, :n - o]], 2)
     return torch.cat([x[:, :, -o:], pad], 2)
+
+
+def chunks_outermost(x, chunk):
+    """[B, T, H, *rest] -> [n, B H, chunk, *rest], zero-padded at the end, in one
+    copy: a range of chunks is then a contiguous block (matmuls over it read a
+    view)."""
+    B, T, H = x.shape[:3]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    x = x.reshape(B, n, chunk, H, *x.shape[3:]).movedim(1, 0).movedim(3, 2)
+    return x.reshape(n, B * H, chunk, *x.shape[4:])
+
+
+def from_chunks_outermost(y, B, T):
+    """[n, B H, chunk, V] -> [B, T, H, V] (the first T steps)."""
+    n, BH, C = y.shape[:3]
+    y = y.reshape(n, B, BH // B, C, *y.shape[3:]).movedim(0, 1).movedim(3, 2)
+    return y.reshape(B, n * C, BH // B, *y.shape[4:])[:, :T]
