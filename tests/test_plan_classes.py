@@ -79,6 +79,9 @@ FIXED = [  # the named variants, whatever the random draw
                              " @ v"),                                      # documents, GQA
     HEAD.format(kh="H", body="  out y = (decay(-softplus(u)) * (q @ k^T) * (t - s < 6)) @ v"),
     HEAD.format(kh="H", body="  out y = ((q @ k^T) * (0 <= t - s < 7)) @ v"),
+    # bands wider than two chunks: the chunk pairs inside them enter as states
+    HEAD.format(kh="H", body="  out y = (decay(-softplus(u)) * (q @ k^T) * (t - s < 30)) @ v"),
+    HEAD.format(kh="H", body="  out y = ((q @ k^T) * (-20 <= t - s <= 25)) @ v"),
     HEAD.format(kh="H", body="  out y = ((q @ k^T) @ v) / ((q @ k^T) @ 1 + 50)"),  # non-causal
 ]
 PROGRAMS = FIXED + instances(softmax_program, 12, 1) + instances(lowrank_program, 12, 2)
