@@ -28,6 +28,10 @@ class TuningProblem(Protocol):
     def check(self, output) -> str | None:
         """None if `output` matches the reference, else why not."""
 
+    # optional: screen(config) -> None, or why `config` is dropped before any
+    # benchmark (the Triton backend: kernels that spill or overflow shared
+    # memory on this GPU, from compiling them)
+
 
 REQUIRED_KEY = ("module", "backend")  # module: a hash of the generated code that runs
 

@@ -209,6 +209,11 @@ def _tune(problem, eff, budget_s, cache, key, fields, default, entry, notes, pro
         if runs and time.perf_counter() - start > budget:
             notes.append(f"budget of {budget:g} s spent after {runs} benchmarks")
             break
+        why = problem.screen(cfg) if hasattr(problem, "screen") else None
+        if why is not None:  # e.g. kernels that spill on this GPU: never benchmarked
+            results[c], trials[c] = None, Trial(cfg, None, f"dropped before benchmarking: {why}")
+            notes.append(f"dropped {c}: {why}")
+            continue
         trial = _run(problem, cfg, eff)
         runs += 1
         results[c], trials[c] = trial.ms, trial

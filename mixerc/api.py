@@ -112,6 +112,7 @@ class CompiledMixer:
         self.program = program
         self.name = program.name
         self.backend_name = backends.resolve(backend)
+        self.auto = backend == "auto"  # a backend may hand other devices to another
         self._impl = backends.get(backend).compile(self)
         self.signature = self._impl.signature
 

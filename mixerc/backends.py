@@ -6,7 +6,8 @@ plan) into something that runs: `compile(mixer)` returns a runner with
 `source()`, `signature` and, where it generates code, `plan`,
 `tuning_problem(...)` (its config space and cache keys) and `init_params`.
 The API looks backends up by name and never compares names itself, so
-adding one (codegen/triton/) touches no stage before it.
+adding one touches no stage before it. "auto" is triton where a CUDA device
+and triton are present (CPU tensors then run on the torch backend), else torch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import importlib
 from .errors import MixerUnsupportedError, MixerValueError
 
 # name -> "module:attribute" of the backend object, imported on first use
-BUILTIN = {"dense": "mixerc.dense:BACKEND", "torch": "mixerc.codegen.torch.backend:BACKEND"}
-PLANNED = {"triton": "the Triton backend is not implemented yet; use backend='torch' (any "
-                     "device) or 'dense' (the float64 reference)"}
+BUILTIN = {"dense": "mixerc.dense:BACKEND", "torch": "mixerc.codegen.torch.backend:BACKEND",
+           "triton": "mixerc.codegen.triton.backend:BACKEND"}
+PLANNED: dict = {}  # name -> why it cannot be used yet
 _registry: dict = {}
 
 
@@ -33,8 +34,16 @@ def names() -> tuple:
 def resolve(name: str) -> str:
     """The backend `name` stands for ("auto": the fastest one that runs here)."""
     if name == "auto":
-        return "torch"
+        return "triton" if _gpu_kernels() else "torch"
     return name
+
+
+def _gpu_kernels() -> bool:
+    """A CUDA device and triton: generated GPU kernels can run here."""
+    import importlib.util
+
+    import torch
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def get(name: str):

@@ -114,21 +114,43 @@ def plot(file, output, which, T, dims, seed):
     click.echo(f"wrote {output}: {which} of {p.name}, {T}x{T}")
 
 
+TARGETS = ("sm_90a", "sm_90", "sm_89", "sm_80")  # codegen/triton/fitness.py
+
+
 @main.command(name="compile")
 @click.argument("file")
-@click.option("-o", "--output", required=True, help="the Python module to write")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("-o", "--output", default=None,
+              help="the Python module to write (with --target: a folder for the module and "
+                   "each kernel's PTX and SASS)")
+@click.option("--backend", type=click.Choice(["torch", "triton"]), default="torch",
+              show_default=True)
+@click.option("--target", type=click.Choice(TARGETS), default=None,
+              help="compile every Triton kernel for this GPU (no GPU needed) and print its "
+                   "registers, spills, shared memory and matrix instructions")
+@click.option("--configs", type=click.Choice(["default", "all"]), default="default",
+              show_default=True, help="with --target: the default config or every config of "
+                                      "the tuner's space")
+@click.option("--dims", default="", help="with --target: dim sizes, e.g. H=16,D=128 "
+                                         "(default: D=V=128, the rest 16)")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
+              show_default=True, help="with --target: the inputs' dtype")
 @exit_on_error
-def compile_command(file, output, backend):
-    """Write FILE as a standalone Python module that needs only torch.
+def compile_command(file, output, backend, target, configs, dims, dtype):
+    """Write FILE as a standalone Python module (torch: needs only torch;
+    triton: torch and triton), or with --target check its Triton kernels
+    for a GPU architecture without one.
 
-    It exposes mixer(**inputs, **params), step(state, **inputs_t) and
+    The module exposes mixer(**inputs, **params), step(state, **inputs_t) and
     module(**dims) (an nn.Module owning the params)."""
     from pathlib import Path
 
     from .api import CompiledMixer
     from .errors import MixerValueError
 
+    if target is not None:
+        return _fitness(file, output, target, configs, dims, dtype)
+    if output is None:
+        raise MixerValueError("compile needs -o FILE (the module to write), or --target")
     m = CompiledMixer(_load(file), backend)
     source = m._impl.generate(standalone=True)[0]
     try:
@@ -137,6 +159,58 @@ def compile_command(file, output, backend):
         raise MixerValueError(f"cannot write {output}: {e.strerror or e}") from None
     plan = "; ".join(f"{x.name}: {', '.join(x.strategies)}" for x in m._impl.plan.matrices)
     click.echo(f"wrote {output}: {m.name} ({plan})")
+
+
+def _fitness(file, output, target, configs, dims, dtype):
+    import os
+    from pathlib import Path
+
+    # real kernels, not the interpreter's (triton.jit reads this when a kernel is defined)
+    os.environ.pop("TRITON_INTERPRET", None)
+    from .api import CompiledMixer
+    from .errors import MixerValueError
+    from .inputs import parse_dims
+
+    p = _load(file)
+    m = CompiledMixer(p, "triton")
+    from mixerc.codegen.triton import fitness
+    try:
+        overrides = parse_dims(dims)
+    except ValueError as e:
+        raise MixerValueError(f"--dims: {e}") from None
+    sizes = {d.name: d.size for d in p.dims.values() if d.size is not None}
+    for d in p.dims.values():
+        sizes.setdefault(d.name, 128 if d.name in ("D", "V", "K") else 16)
+    sizes.update(overrides)
+    fits = fitness.check(m._impl, sizes, target, configs, mm_dtype=dtype,
+                         keep_asm=output is not None)
+    shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    click.echo(f"{p.name}: Triton kernels for {target} ({shown}, {dtype} inputs)")
+    if not fits:
+        click.echo("  no Triton kernels: every term runs on the torch backend")
+    else:
+        click.echo(fitness.table(fits, target))
+        bad = [f for f in fits if not f.fits]
+        click.echo(f"{len(fits) - len(bad)} of {len(fits)} kernel configs fit {target}"
+                   + (f"; the tuner drops the other {len(bad)}" if bad else ""))
+    gpu = fitness.TARGETS[target][3]
+    click.echo(f"roofline on an {gpu} (B=1 per head group, T=4096):")
+    for name, flops, nbytes, fwd, both in fitness.roofline(
+            m._impl, sizes, 1, 4096, target, 4 if dtype == "fp32" else 2):
+        click.echo(f"  {name}: {flops / 1e9:.2f} GFLOP, {nbytes / 1e6:.1f} MB -> forward "
+                   f"{fwd * 1e6:.1f} us, forward + backward {both * 1e6:.1f} us")
+    if output is not None:
+        out = Path(output)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{p.name}_triton.py").write_text(m._impl.generate(standalone=True)[0])
+            for f in fits:
+                cfg = "_".join(str(v) for v in f.config.values())
+                for kind, text in f.files.items():
+                    (out / f"{f.kernel}_{cfg}.{kind}").write_text(text)
+        except OSError as e:
+            raise MixerValueError(f"cannot write {output}: {e.strerror or e}") from None
+        click.echo(f"wrote {out}/: the module and each kernel's PTX and SASS")
 
 
 @main.command()

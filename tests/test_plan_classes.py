@@ -105,10 +105,7 @@ def inputs(m, B=2, T=37, seed=0, dtype=f64):
 
 def small_blocks(m):
     """Blocks that divide neither T nor each other: every tile kind appears."""
-    cfg = m._impl.config
-    for key in list(cfg):
-        knob = key.rsplit(".", 1)[1]
-        cfg[key] = {"block_q": 8, "block_k": 12, "chunk": 8, "sdpa": False}.get(knob, cfg[key])
+    m._impl.pin_config(block_q=8, block_k=12, chunk=8, sdpa=False)
     return m
 
 

@@ -21,6 +21,7 @@ def _compiling() -> bool:
 
 class TorchRunner:
     name = "torch"
+    _pinned = False  # pin_config(): the same config for every shape
     check_finite = "params"  # the (small) params and kernels; inputs are left alone
 
     def __init__(self, mixer):
@@ -59,11 +60,22 @@ class TorchRunner:
         from mixerc.tuning import ModuleTuningProblem
         return ModuleTuningProblem(self, sizes, batch, time, dtype, device, kernel_len)
 
+    def pin_config(self, **knobs) -> dict:
+        """Run every shape with the defaults changed by `knobs` (by knob name,
+        e.g. block_q=16, for every term that has it), without the autotune
+        cache: how tests reach many-block paths on short inputs."""
+        for key in self.config:
+            self.config[key] = knobs.get(key.rsplit(".", 1)[1], self.config[key])
+        self._pinned = True
+        return self.config
+
     def config_for(self, bound) -> dict:
         """The config for this shape bucket: the autotune cache's (looked up once
         per bucket and process), else the defaults. Decode steps and calls under
         torch.compile use what is known without touching the cache."""
         from mixerc.autotune import bucket_T
+        if self._pinned:
+            return self.config
         time = next(iter(bound.inputs.values())).shape[1]
         if not self.module.CONFIG_SPACE or time == 1 or _compiling() or \
                 bound.device.type == "meta":  # shapes only: nothing to tune

@@ -36,21 +36,28 @@ def new_namer() -> Namer:
     return Namer(MODULE_NAMES + LOCAL_NAMES + tuple(runtime_index.reserved()))
 
 
-def _env() -> jinja2.Environment:
-    root = resources.files("mixerc.codegen.torch").joinpath("templates")
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(root)),
+def _env(*packages: str) -> jinja2.Environment:
+    """The templates of `packages` (searched in order) and the torch backend's."""
+    roots = [str(resources.files(p).joinpath("templates"))
+             for p in packages + ("mixerc.codegen.torch",)]
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(roots),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True, keep_trailing_newline=True)
 
 
 class Writer(Emitter):
     """Emitter plus what term strategies need: canonical layouts, config keys,
-    state keys and rendered template functions."""
+    state keys and rendered template functions. `terms` maps a strategy to the
+    module that emits it (a backend built on this writer overrides some)."""
+
+    backend = "torch"
+    terms = terms.BY_STRATEGY
+    header: tuple = ()  # extra import lines of the module
 
     def __init__(self, plan: ModulePlan):
         super().__init__(plan.program, new_namer())
         self.plan = plan
-        self.env = _env()
+        self.env = self.environment()
         self.functions: list = []       # rendered template functions, in order
         self.function_names: dict = {}  # (template, flags) -> function name
         self.config: dict = {}          # "M.chunk" -> default
@@ -60,6 +67,9 @@ class Writer(Emitter):
         self.constraints: list = []     # python expressions over cfg and T
 
     # ------------------------------------------------------------ helpers
+    def environment(self) -> jinja2.Environment:
+        return _env()
+
     def assign(self, expr_or_node, expr: str | None = None, hint: str = "v") -> str:
         if isinstance(expr_or_node, ir.Node):
             return super().assign(expr_or_node, expr, hint)
@@ -106,7 +116,7 @@ class Writer(Emitter):
 
     def config_key(self, key: str, param: str, tp: TermPlan) -> str:
         full = f"{key}.{param}"
-        choices, default = terms.BY_STRATEGY[tp.strategy].space(tp)[param]
+        choices, default = self.terms[tp.strategy].space(tp)[param]
         self.config.setdefault(full, default)
         self.spaces.setdefault(full, list(choices))
         return f"cfg[{full!r}]"
@@ -152,10 +162,10 @@ class Writer(Emitter):
         for w in tp.wrappers:  # outermost first: rev flips the input
             if w[0] == "rev":
                 v = self.assign(f"{v}.flip(1)", hint="u")
-        y = terms.BY_STRATEGY[tp.strategy].emit(tp, mp, self, key, v)
+        y = self.terms[tp.strategy].emit(tp, mp, self, key, v)
         if not y.isidentifier():  # an expression: bind it before reshaping
             y = self.assign(y, hint="y")
-        self.constraints.extend(getattr(terms.BY_STRATEGY[tp.strategy], "constraints",
+        self.constraints.extend(getattr(self.terms[tp.strategy], "constraints",
                                         lambda tp, key: [])(tp, key))
         for w in reversed(tp.wrappers):  # innermost first on the output
             if w[0] == "shift":
@@ -224,6 +234,14 @@ class Writer(Emitter):
         return self.assign(expr, hint="y")
 
     # ------------------------------------------------------------ module
+    def input_casts(self) -> list:
+        """The inputs the forward converts to DTYPE before its body."""
+        return [self.args[n] for n in self.program.inputs]
+
+    def raw_inputs(self) -> list:
+        """(name, input) pairs bound to inputs as given, before the cast."""
+        return []
+
     def init_params(self) -> list:
         """Body of `init_params(sizes, generator, device)`: the source's initial
         values; without one, decay log-rates start at log(uniform(0.9, 0.999))
@@ -290,7 +308,8 @@ class Writer(Emitter):
         source_comment = ([f"Source ({p.file}):", ""] + p.source.strip("\n").split("\n")
                           + ["", "Matrices and algorithms:"] + [f"    {x}" for x in plan])
         return self.env.get_template("module.py.jinja").render(
-            version=__version__, name=p.name, source_comment=comment_lines("\n".join(
+            version=__version__, backend=self.backend, header=list(self.header),
+            name=p.name, source_comment=comment_lines("\n".join(
                 source_comment)), source_literal=repr(p.source), standalone=standalone,
             runtime_source=runtime,
             imports=[] if standalone else self.imports(sorted(set(used + ["Signature"]))),
@@ -304,7 +323,7 @@ class Writer(Emitter):
                                        list(p.inputs) + list(p.params) + list(p.kernels)],
             first_input=self.args[next(iter(p.inputs))],
             dims=[(self.dim_names[d], d) for d in self.used_dims],
-            body=body, outputs=outputs, args_inputs=[self.args[n] for n in p.inputs],
+            body=body, outputs=outputs, raws=self.raw_inputs(), args_inputs=self.input_casts(),
             uses_device=re.search(r"\bDEVICE\b", code) is not None,
             uses_mm=re.search(r"\bMM_DTYPE\b", code) is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)

@@ -14,12 +14,14 @@ from importlib import resources
 # fallback.py needs mixerc itself and is never inlined
 CALL_LAYER = ("bind", "state", "call")
 TORCH_HELPERS = ("scalars", "chunks", "tokens", "attention", "tiles", "conv", "autograd")
+TRITON_HELPERS = ("flash", "ops")
 FILES = [("mixerc.runtime", m) for m in CALL_LAYER] + \
-        [("mixerc.runtime.torch", m) for m in TORCH_HELPERS]
+        [("mixerc.runtime.torch", m) for m in TORCH_HELPERS] + \
+        [("mixerc.runtime.triton", m) for m in TRITON_HELPERS]
 
 
 # imported by every generated module's header when used, never inlined twice
-HEADER_IMPORTS = {"math", "torch", "F", "sys"}
+HEADER_IMPORTS = {"math", "torch", "F", "sys", "triton", "tl"}
 
 
 @dataclass

@@ -153,9 +153,11 @@ def why_dense(parts: Parts) -> str:
 # ------------------------------------------------------------------ explain
 
 
-def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = None) -> str:
+def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = None,
+             runs_on=None) -> str:
     """The plan in words: per matrix and term the strategy, operands, band,
-    decode state, backward and cost (the cost of what runs)."""
+    decode state, backward and cost (the cost of what runs). runs_on(term):
+    what computes each term, for a backend that hands some terms to another."""
     p = mplan.program
     taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.kernels) | set(p.lets) \
         | set(p.outs)
@@ -165,6 +167,8 @@ def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = No
         for tp in mp.terms:
             where = f" at {tp.loc}" if tp.loc else ""
             lines.append(f"    term {tp.index + 1}{where}: {_term_line(tp)}")
+            if runs_on is not None:
+                lines.append(f"      runs on: {runs_on(tp)}")
             if tp.strategy == "dense":
                 lines.append(f"      missing: {tp.why}")
             for name, o in tp.operands.items():

@@ -1,0 +1,98 @@
+"""The Triton backend: the torch backend's runner over a module whose
+softmax terms are Triton kernels (codegen/triton/module.py); every other
+term runs on the torch backend until its kernels exist (explain says which,
+per term). Kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1
+(Triton's CPU interpreter: how the tests run them without a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+from mixerc import plan as planner
+from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
+from mixerc.errors import MixerUnsupportedError
+
+from .terms import KERNELS
+
+DTYPES = {**TORCH_DTYPES,
+          "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
+                   "scores, softmax statistics and the output in float32"}
+
+
+def available() -> str | None:
+    """None when Triton kernels can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'mixerc[triton]')"
+    return None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonRunner(TorchRunner):
+    name = "triton"
+    _torch = None  # the torch backend's runner, for other devices under backend="auto"
+
+    def generate(self, standalone: bool = False):
+        from .module import generate
+        src, config, spaces, self._kernel_dims = generate(self.plan, standalone=standalone)
+        return src, config, spaces
+
+    def kernel_shapes(self, sizes: dict) -> dict:
+        """host function -> (config key, D, DV) of its kernels at `sizes`."""
+        from math import prod
+        out = {}
+        for fn, (key, qdims, vdims) in self._kernel_dims.items():
+            D = 16 if qdims is None else prod(sizes[d] if not d.isdigit() else int(d)
+                                               for d in qdims)
+            DV = sum(prod(sizes[d] if not d.isdigit() else int(d) for d in v) for v in vdims)
+            out[fn] = (key, D, DV)
+        return out
+
+    def tuning_problem(self, sizes, batch, time, dtype=None, device="cpu", kernel_len=None):
+        import torch
+
+        from .tuning import TritonTuningProblem
+        return TritonTuningProblem(self, sizes, batch, time, dtype or torch.float32, device,
+                                   kernel_len)
+
+    def explain(self) -> str:
+        return planner.describe(self.plan, "triton", DTYPES, runs_on=runs_on)
+
+    def forward(self, bound, initial_state=None, return_state=False, config=None):
+        if bound.device.type not in ("cuda", "meta") and not interpreted() and \
+                any(s in KERNELS for m in self.plan.matrices for s in m.strategies):
+            if getattr(self.mixer, "auto", False):  # backend="auto": the torch backend here
+                if self._torch is None:
+                    self._torch = TorchRunner(self.mixer)
+                return self._torch.forward(bound, initial_state, return_state, config)
+            raise MixerUnsupportedError(
+                f"{self.mixer.program.name}: the triton backend runs its kernels on CUDA "
+                f"tensors (these are on {bound.device}); use backend='torch' on this device, "
+                "or set TRITON_INTERPRET=1 before importing triton to run them in Triton's "
+                "interpreter (slow: for tests)")
+        return super().forward(bound, initial_state, return_state, config)
+
+
+def runs_on(tp) -> str:
+    if tp.strategy in KERNELS:
+        return "Triton kernels (forward, backward; decode through the same kernels)"
+    if tp.strategy == "dense":
+        return "the dense interpreter"
+    return "the torch backend (no Triton kernels for this strategy yet)"
+
+
+class _Triton:
+    name = "triton"
+
+    def compile(self, mixer) -> TritonRunner:
+        why = available()
+        if why:
+            raise MixerUnsupportedError(f"backend 'triton': {why}")
+        return TritonRunner(mixer)
+
+
+BACKEND = _Triton()

@@ -1,0 +1,254 @@
+"""GPU fitness without a GPU: compile a mixer's Triton kernels for a target
+architecture on any machine (Triton's compiler, the ptxas and cuobjdump its
+wheel ships) and read what decides their speed: registers per thread,
+spilled (local) bytes, shared memory against the target's per-block limit,
+the matrix instructions the dots became (HGMMA on sm_90a, HMMA otherwise),
+TMA loads; plus a roofline time for the mixer's FLOPs and bytes.
+
+No driver, no libcuda: only `triton.compile(ASTSource, target=GPUTarget)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+# per target: (arch, shared memory per block in bytes, matrix instruction, the
+# reference GPU of its roofline, dense bf16 FLOP/s with float32 accumulation,
+# HBM bytes/s). Triton builds sm_90a for any arch-90 target.
+TARGETS = {
+    "sm_90a": (90, 227 * 1024, "HGMMA", "H100 SXM", 989e12, 3.35e12),
+    "sm_90": (90, 227 * 1024, "HGMMA", "H100 SXM", 989e12, 3.35e12),
+    "sm_89": (89, 99 * 1024, "HMMA", "L40S", 181e12, 0.864e12),
+    "sm_80": (80, 163 * 1024, "HMMA", "A100 SXM", 312e12, 2.04e12),
+}
+MAX_REGISTERS = 255
+
+# kernel parameters by role (the templates' naming convention): the dots'
+# operands in the matmul dtype, block lists int32, every other pointer float32
+MM_POINTERS = {"Q", "K", "V", "DO"}
+INT_POINTERS = {"BIDX", "BKIND", "BCNT", "QIDX", "QKIND", "QCNT"}
+FLOAT_SCALARS = {"lo", "hi"}
+
+
+@dataclass
+class KernelFit:
+    function: str       # the generated host function (e.g. flash_exact)
+    kernel: str         # the @triton.jit kernel
+    config: dict
+    registers: int = 0
+    spill_bytes: int = 0  # local memory per thread (spills and stack)
+    shared: int = 0
+    shared_limit: int = 0
+    mma: int = 0        # matrix instructions in the SASS (HGMMA or HMMA)
+    mma_kind: str = ""
+    tma: int = 0
+    error: str = ""
+    files: dict = field(default_factory=dict)  # asm kind -> text (ptx, sass)
+
+    @property
+    def fits(self) -> bool:
+        return not self.error and self.spill_bytes == 0 and self.shared <= self.shared_limit
+
+    def why_not(self) -> str:
+        if self.error:
+            return self.error
+        out = []
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} B")
+        if self.shared > self.shared_limit:
+            out.append(f"shared {self.shared // 1024} KB > {self.shared_limit // 1024} KB")
+        return ", ".join(out)
+
+
+def _tool(name: str) -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def signature(kernel, constexprs: dict, mm_dtype: str) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in MM_POINTERS:
+            sig[name] = "*" + mm_dtype
+        elif name in INT_POINTERS:
+            sig[name] = "*i32"
+        elif name[:1].isupper() and name not in ("B", "T", "S", "H", "R", "MAXN", "MAXQ",
+                                                 "LB", "LH"):
+            sig[name] = "*fp32"
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+# int arguments a launch at a typical shape passes as multiples of 16 (Triton
+# specializes on that, as it does on 16-byte aligned pointers)
+DIVISIBLE_INTS = {"T", "S"}
+
+
+def aligned(kernel, sig: dict) -> dict:
+    """The attributes a launch at a typical shape gets: every pointer 16-byte
+    aligned (torch allocations are), T and S multiples of 16. Without them
+    the compiler can neither vectorize loads nor pipeline them."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if sig[name].startswith("*") or name in DIVISIBLE_INTS}
+
+
+def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_stages: int,
+                   mm_dtype: str = "bf16"):
+    """Triton's compiled kernel for `target` (no GPU needed)."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    arch = TARGETS[target][0]
+    sig = signature(kernel, constexprs, mm_dtype)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
+                    attrs=aligned(kernel, sig))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def inspect(compiled, target: str, fit: KernelFit, keep_asm: bool = False) -> KernelFit:
+    """Fill fit from a compiled kernel: cuobjdump -res-usage and -sass."""
+    arch, limit, mma, *_ = TARGETS[target]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, timeout=120).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True, timeout=120).stdout
+    values = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    fit.registers = int(values.get("REG", 0))
+    fit.spill_bytes = int(values.get("LOCAL", 0)) + int(values.get("STACK", 0))
+    fit.shared = int(values.get("SHARED", 0)) + int(compiled.metadata.shared)
+    fit.shared_limit = limit
+    fit.mma_kind = mma
+    fit.mma = len(re.findall(rf"\b{mma}\b", sass))
+    fit.tma = len(re.findall(r"\bUTMALDG\b", sass))
+    if keep_asm:
+        fit.files = {"ptx": compiled.asm["ptx"], "sass": sass}
+    return fit
+
+
+def kernels_of(module) -> list:
+    """(host function, kernel name, JITFunction) of the kernels a generated
+    module launches (its own @triton.jit functions, not the runtime's helpers)."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    if any(isinstance(obj, InterpretedFunction) for obj in vars(module).values()):
+        from mixerc.errors import MixerUnsupportedError
+        raise MixerUnsupportedError(
+            "the kernels were defined under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
+            "compiling them for a GPU needs a process without it (`mixerc compile --target` "
+            "starts clean)")
+    out = []
+    for name, obj in vars(module).items():
+        if isinstance(obj, triton.runtime.jit.JITFunction) and \
+                obj.fn.__module__ == module.__name__:
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode)$", "", name)
+            out.append((function, name, obj))
+    return out
+
+
+def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: str = "bf16",
+          keep_asm: bool = False) -> list:
+    """KernelFit per kernel and config of a triton-backend runner.
+
+    configs: "default" (the module's default config), "all" (every config
+    of its space, the tuner's candidates) or one config of the module."""
+    if target not in TARGETS:
+        from mixerc.errors import MixerValueError
+        raise MixerValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    import triton.language as tl
+    mod = runner.module
+    shapes = runner.kernel_shapes(sizes)  # host function -> (config key prefix, D, DV)
+    out = []
+    for function, name, kernel in kernels_of(mod):
+        key, D, DV = shapes[function]
+        for cfg in _configs(mod, key, name, configs):
+            constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"], "BLOCK_N": cfg["block_k"],
+                          "BLOCK_D": max(16, _pow2(D)), "BLOCK_DV": max(16, _pow2(DV)),
+                          "PRECISION": "ieee" if mm_dtype == "fp32" else "tf32",
+                          "IDX": tl.int32}
+            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+            fit = KernelFit(function, name, cfg)
+            try:
+                compiled = compile_kernel(kernel, constexprs, target, cfg["num_warps"],
+                                          cfg["num_stages"], mm_dtype)
+                inspect(compiled, target, fit, keep_asm)
+            except Exception as e:  # a config the compiler rejects (e.g. out of resources)
+                fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            out.append(fit)
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
+         "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages")}
+
+
+def _configs(mod, key: str, kernel: str, which: str) -> list:
+    """The kernel's configs as (block_q, block_k, num_warps, num_stages)
+    dicts: the backward kernels read the bwd_* knobs."""
+    knobs = KNOBS["bwd" if "_bwd_" in kernel else "fwd"]
+    names = KNOBS["fwd"]
+    if isinstance(which, dict):  # one config of the module
+        return [{n: which[f"{key}.{k}"] for n, k in zip(names, knobs)}]
+    if which == "default":
+        return [{n: mod.DEFAULT_CONFIG[f"{key}.{k}"] for n, k in zip(names, knobs)}]
+    import itertools
+    choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in knobs]
+    return [dict(zip(names, c)) for c in itertools.product(*choices)]
+
+
+def roofline(runner, sizes: dict, batch: int, time: int, target: str,
+             bytes_per_element: int = 2) -> list:
+    """(matrix, forward seconds, forward + backward seconds) at the target's
+    peak rates: max(FLOPs / peak, bytes / bandwidth), the backward counted as
+    2.5x the forward's FLOPs (FlashAttention's ratio: five matmuls to two)."""
+    from mixerc import cost
+    *_, peak, bandwidth = TARGETS[target]
+    out = []
+    p = runner.plan
+    for mp in p.matrices:
+        c = cost.matrix_cost(mp, p.program.groups)
+        at = dict(sizes, T=time)
+        flops = cost.evaluate(c.prefill_flops, at) * batch
+        nbytes = cost.evaluate(c.prefill_bytes, at) * batch * bytes_per_element / cost.WORD
+        fwd = max(flops / peak, nbytes / bandwidth)
+        out.append((mp.name, flops, nbytes, fwd, fwd + max(2.5 * flops / peak,
+                                                            2 * nbytes / bandwidth)))
+    return out
+
+
+def table(fits: list, target: str) -> str:
+    """The fitness table, one line per kernel and config."""
+    head = (f"{'kernel':<28} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+            f"{'shared':>13} {TARGETS[target][2]:>6} {'TMA':>4}  verdict")
+    lines = [head, "-" * len(head)]
+    for f in fits:
+        c = f.config
+        cfg = f"{c['block_q']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}"
+        if f.error:
+            lines.append(f"{f.kernel:<28} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} "
+                         f"{'-':>4}  does not compile: {f.error}")
+            continue
+        shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
+        verdict = "ok" if f.fits else "dropped: " + f.why_not()
+        lines.append(f"{f.kernel:<28} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
+                     f"{shared:>13} {f.mma:>6} {f.tma:>4}  {verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""A mixer's module for the Triton backend: the torch backend's module
+(codegen/torch/module.py) with the terms that have Triton kernels rendered
+from codegen/triton/templates, and their inputs read as given (no float32
+copy of a bf16 q, k, v before a kernel that reads bf16 anyway)."""
+
+from __future__ import annotations
+
+import re
+
+from mixerc import ir
+from mixerc.codegen.torch.emit import axes_of
+from mixerc.codegen.torch.module import Writer, _env
+from mixerc.plan.model import ModulePlan
+
+from . import terms
+
+
+class TritonWriter(Writer):
+    backend = "triton"
+    terms = terms.BY_STRATEGY
+    header = ("import triton", "import triton.language as tl")
+
+    def __init__(self, plan: ModulePlan):
+        super().__init__(plan)
+        self.raw: dict = {}  # input name -> variable holding it as given
+        self.kernel_dims: dict = {}  # host function -> (config key, q dims, value dims)
+
+    def environment(self):
+        return _env("mixerc.codegen.triton")
+
+    def canon_mm(self, node: ir.Node, heads: tuple, tail: tuple, hint: str = "v") -> str:
+        """canon(...) in the matmuls' dtype (MM_DTYPE: the inputs'); an input
+        is read as given, so a kernel's bf16 operand is never a float32 copy."""
+        if not isinstance(node, ir.Input):
+            return self.assign(f"{self.canon(node, heads, tail, hint)}.to(MM_DTYPE)", hint=hint)
+        if node.name not in self.raw:
+            self.raw[node.name] = self.namer.claim(self.args[node.name] + "_in")
+        dst = ("b", "t") + tuple(heads) + tuple(tail)
+        expr = self.convert(self.raw[node.name], axes_of(node), dst, expand=True)
+        if not (len(heads) == 1 and len(tail) <= 1):
+            expr = f"{expr}.reshape(batch, time, {self.size_expr(heads)}" + \
+                (f", {self.size_expr(tail)})" if tail else ")")
+        return self.assign(f"{expr}.to(MM_DTYPE)", hint=hint)
+
+    def raw_inputs(self) -> list:
+        return [(raw, self.args[n]) for n, raw in self.raw.items()]
+
+    def input_casts(self) -> list:
+        """Only the inputs something besides the kernels reads."""
+        code = "\n".join(self.lines + [self.value(n) for n in self.program.outs.values()])
+        code = re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "", code)  # state keys name no variable
+        return [self.args[n] for n in self.program.inputs
+                if n not in self.raw or re.search(rf"\b{re.escape(self.args[n])}\b", code)]
+
+
+def generate(plan: ModulePlan, standalone: bool = False) -> tuple[str, dict, dict, dict]:
+    """(module source, default config, config choices, kernel dims)."""
+    w = TritonWriter(plan)
+    src = w.render(standalone=standalone)
+    return src, dict(w.config), dict(w.spaces), dict(w.kernel_dims)

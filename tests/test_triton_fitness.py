@@ -1,0 +1,72 @@
+"""GPU fitness without a GPU: every Triton kernel of the standard library's
+softmax mixers compiles for sm_90a and sm_80 at its default config (bf16,
+D = 128) with no
+spills, within the architecture's shared memory, on matrix instructions
+(HGMMA on sm_90a, HMMA on sm_80); the tuner's screen drops a config that
+spills before benchmarking it. The compiles run in a subprocess without
+TRITON_INTERPRET (conftest sets it for the interpreter tests)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import mixerc
+    from mixerc.codegen.triton import fitness
+    from mixerc.codegen.triton import tuning
+    out = {"fits": [], "screen": {}}
+    for name in ("attention", "sliding_window"):
+        m = mixerc.compile(name, backend="triton")
+        for D in (128,):
+            sizes = {"H": 16, "G": 8, "D": D}
+            for target in ("sm_90a", "sm_80"):
+                for f in fitness.check(m._impl, sizes, target):
+                    out["fits"].append(dict(mixer=name, D=D, target=target, kernel=f.kernel,
+                                            regs=f.registers, spill=f.spill_bytes,
+                                            shared=f.shared, limit=f.shared_limit,
+                                            mma=f.mma, error=f.error))
+    # the tuner's screen: a forward block of 128 x 128 on 4 warps spills at D = 128
+    m = mixerc.compile("attention", backend="triton")
+    tuning.target_of = lambda device: "sm_90a"
+    import torch
+    problem = m._impl.tuning_problem({"H": 16, "G": 8, "D": 128}, 1, 4096, torch.bfloat16)
+    spilling = dict(m._impl.config, **{"y.block_q": 128, "y.block_k": 128, "y.num_warps": 4})
+    out["screen"] = {"default": problem.screen(dict(m._impl.config)),
+                     "spilling": problem.screen(spilling)}
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_fits_sm90a_and_sm80(report):
+    fits = report["fits"]
+    assert len(fits) == 2 * 2 * 3  # mixers x targets x (fwd, dq, dkv), D = 128
+    for f in fits:
+        where = f"{f['mixer']} D={f['D']} {f['target']} {f['kernel']}"
+        assert not f["error"], where + ": " + f["error"]
+        assert f["spill"] == 0, where
+        assert 0 < f["shared"] <= f["limit"], where
+        assert f["mma"] > 0, where  # the dots run on tensor cores
+        assert f["regs"] <= 255, where
+
+
+def test_the_tuner_screen_drops_spilling_configs(report):
+    assert report["screen"]["default"] is None
+    why = report["screen"]["spilling"]
+    assert why is not None and "spills" in why and "sm_90a" in why
