@@ -21,6 +21,11 @@ class MixerState:
     def to(self, *args, **kwargs) -> "MixerState":
         return replace(self, tensors=map_tensors(self.tensors, lambda v: v.to(*args, **kwargs)))
 
+    def clone(self) -> "MixerState":
+        """A copy that stays valid after this state is continued: a decode step
+        may update its caches in place (the Triton backend's KV cache)."""
+        return replace(self, tensors=map_tensors(self.tensors, lambda v: v.clone()))
+
     def select(self, index) -> "MixerState":
         """The state of some sequences of the batch (index along batch)."""
         return replace(self, tensors=map_tensors(self.tensors, lambda v: v[index]))

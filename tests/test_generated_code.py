@@ -29,6 +29,22 @@ def test_pyflakes_finds_nothing(name, standalone):
     assert "import *" not in src
 
 
+TRITON_PROGRAMS = ["attention", "sliding_window"]
+
+
+@pytest.mark.parametrize("index", range(len(TRITON_PROGRAMS) + 4))
+@pytest.mark.parametrize("standalone", [False, True])
+def test_triton_modules_pyflakes_clean(index, standalone):
+    """The Triton backend's modules too: kernels with score modifications,
+    per-token and per-head values, windows (the named variants of
+    test_plan_classes.FIXED)."""
+    pytest.importorskip("triton")
+    from test_plan_classes import FIXED
+    src = (TRITON_PROGRAMS + FIXED[:4])[index]
+    code = mixerc.compile(src, backend="triton")._impl.generate(standalone=standalone)[0]
+    assert flakes(code) == ""
+
+
 @pytest.mark.parametrize("name", STDLIB)
 def test_no_noop_reshapes(name, monkeypatch):
     """Run the generated forward and record every reshape it calls whose

@@ -1,7 +1,6 @@
 """GPU fitness without a GPU: every Triton kernel of the standard library's
-softmax mixers compiles for sm_90a and sm_80 at its default config (bf16,
-D = 128) with no
-spills, within the architecture's shared memory, on matrix instructions
+softmax mixers (forward, backward, decode step) compiles for sm_90a and
+sm_80 at its default config (bf16, D = 128) with no spills, within the architecture's shared memory, on matrix instructions
 (HGMMA on sm_90a, HMMA on sm_80); the tuner's screen drops a config that
 spills before benchmarking it. The compiles run in a subprocess without
 TRITON_INTERPRET (conftest sets it for the interpreter tests)."""
@@ -31,7 +30,7 @@ SCRIPT = textwrap.dedent("""
                     out["fits"].append(dict(mixer=name, D=D, target=target, kernel=f.kernel,
                                             regs=f.registers, spill=f.spill_bytes,
                                             shared=f.shared, limit=f.shared_limit,
-                                            mma=f.mma, error=f.error))
+                                            mma=f.mma, hmma=f.hmma, error=f.error))
     # the tuner's screen: a forward block of 128 x 128 on 4 warps spills at D = 128
     m = mixerc.compile("attention", backend="triton")
     tuning.target_of = lambda device: "sm_90a"
@@ -56,13 +55,16 @@ def report():
 
 def test_every_kernel_fits_sm90a_and_sm80(report):
     fits = report["fits"]
-    assert len(fits) == 2 * 2 * 3  # mixers x targets x (fwd, dq, dkv), D = 128
+    assert len(fits) == 2 * 2 * 4  # mixers x targets x (fwd, dq, dkv, decode), D = 128
     for f in fits:
         where = f"{f['mixer']} D={f['D']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
         assert f["spill"] == 0, where
         assert 0 < f["shared"] <= f["limit"], where
-        assert f["mma"] > 0, where  # the dots run on tensor cores
+        if f["kernel"].endswith("_decode_kernel"):  # 16-row tiles: warp-level HMMA
+            assert f["mma"] + f["hmma"] > 0, where
+        else:
+            assert f["mma"] > 0, where  # the dots run on tensor cores (HGMMA on sm_90a)
         assert f["regs"] <= 255, where
 
 

@@ -307,6 +307,7 @@ class Writer(Emitter):
                 for mp in self.plan.matrices]
         source_comment = ([f"Source ({p.file}):", ""] + p.source.strip("\n").split("\n")
                           + ["", "Matrices and algorithms:"] + [f"    {x}" for x in plan])
+        casts = self.input_casts()
         return self.env.get_template("module.py.jinja").render(
             version=__version__, backend=self.backend, header=list(self.header),
             name=p.name, source_comment=comment_lines("\n".join(
@@ -323,7 +324,9 @@ class Writer(Emitter):
                                        list(p.inputs) + list(p.params) + list(p.kernels)],
             first_input=self.args[next(iter(p.inputs))],
             dims=[(self.dim_names[d], d) for d in self.used_dims],
-            body=body, outputs=outputs, raws=self.raw_inputs(), args_inputs=self.input_casts(),
+            body=body, outputs=outputs, raws=self.raw_inputs(), args_inputs=casts,
+            uses_dtype=bool(casts) or re.search(r"\bDTYPE\b", code) is not None or (
+                self.backend == "torch" and re.search(r"\bMM_DTYPE\b", code) is not None),
             uses_device=re.search(r"\bDEVICE\b", code) is not None,
             uses_mm=re.search(r"\bMM_DTYPE\b", code) is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)

@@ -79,7 +79,8 @@ class TritonRunner(TorchRunner):
 
 def runs_on(tp) -> str:
     if tp.strategy in KERNELS:
-        return "Triton kernels (forward, backward; decode through the same kernels)"
+        return ("Triton kernels (forward; backward dQ and dK/dV; a split-K decode step that "
+                "appends to the KV cache in place)")
     if tp.strategy == "dense":
         return "the dense interpreter"
     return "the torch backend (no Triton kernels for this strategy yet)"

@@ -44,6 +44,7 @@ class KernelFit:
     shared: int = 0
     shared_limit: int = 0
     mma: int = 0        # matrix instructions in the SASS (HGMMA or HMMA)
+    hmma: int = 0       # warp-level HMMA (sm_90a's fallback for tiles under 64 rows)
     mma_kind: str = ""
     tma: int = 0
     error: str = ""
@@ -79,8 +80,10 @@ def signature(kernel, constexprs: dict, mm_dtype: str) -> dict:
             sig[name] = "*" + mm_dtype
         elif name in INT_POINTERS:
             sig[name] = "*i32"
+        elif name == "SEEN":  # a cache's tokens per sequence (int64, as torch keeps them)
+            sig[name] = "*i64"
         elif name[:1].isupper() and name not in ("B", "T", "S", "H", "R", "MAXN", "MAXQ",
-                                                 "LB", "LH"):
+                                                 "LB", "LH", "C", "W", "PER_SPLIT"):
             sig[name] = "*fp32"
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
@@ -135,6 +138,7 @@ def inspect(compiled, target: str, fit: KernelFit, keep_asm: bool = False) -> Ke
     fit.shared_limit = limit
     fit.mma_kind = mma
     fit.mma = len(re.findall(rf"\b{mma}\b", sass))
+    fit.hmma = len(re.findall(r"\bHMMA\b", sass))
     fit.tma = len(re.findall(r"\bUTMALDG\b", sass))
     if keep_asm:
         fit.files = {"ptx": compiled.asm["ptx"], "sass": sass}
@@ -156,7 +160,7 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode)$", "", name)
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel)$", "", name)
             out.append((function, name, obj))
     return out
 
@@ -204,6 +208,10 @@ KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
 def _configs(mod, key: str, kernel: str, which: str) -> list:
     """The kernel's configs as (block_q, block_k, num_warps, num_stages)
     dicts: the backward kernels read the bwd_* knobs."""
+    if kernel.endswith("_decode_kernel"):  # one token of up to 16 query heads per key head
+        fwd = _configs(mod, key, kernel.replace("_decode_kernel", "_fwd"), which)
+        out = [dict(c, block_q=16, num_warps=4, num_stages=2) for c in fwd]
+        return [dict(t) for t in dict.fromkeys(tuple(c.items()) for c in out)]
     knobs = KNOBS["bwd" if "_bwd_" in kernel else "fwd"]
     names = KNOBS["fwd"]
     if isinstance(which, dict):  # one config of the module
@@ -237,18 +245,19 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
 
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
-    head = (f"{'kernel':<28} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
-            f"{'shared':>13} {TARGETS[target][2]:>6} {'TMA':>4}  verdict")
+    w = max([28] + [len(f.kernel) for f in fits])
+    head = (f"{'kernel':<{w}} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+            f"{'shared':>13} {TARGETS[target][2]:>6} {'HMMA':>5} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
     for f in fits:
         c = f.config
         cfg = f"{c['block_q']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}"
         if f.error:
-            lines.append(f"{f.kernel:<28} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} "
+            lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} {'-':>5} "
                          f"{'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
-        lines.append(f"{f.kernel:<28} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
-                     f"{shared:>13} {f.mma:>6} {f.tma:>4}  {verdict}")
+        lines.append(f"{f.kernel:<{w}} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
+                     f"{shared:>13} {f.mma:>6} {f.hmma:>5} {f.tma:>4}  {verdict}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 (templates/triton_flash.py.jinja): the score modification, the mask and the
 scores' derivatives rendered into the kernels (codegen/triton/tiles.py),
 block lists from the band and interval bounds on the mask, grouped keys and
-values read at their G heads, and the torch backend's KV cache for decode.
+values read at their G heads, and the decode step: a split-K kernel over a KV
+cache appended in place (runtime/triton/cache.py).
 """
 
 import hashlib
