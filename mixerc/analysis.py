@@ -415,6 +415,8 @@ def polynomial_of_lowrank(node: ir.Node) -> Polynomial | None:
     if poly.degree() < 2:
         return None
     coeffs = list(reversed(poly.all_coeffs()))
+    if any(c.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo) for c in coeffs):
+        return None  # a literal division by 0: exact arithmetic has no float64 value for it
     return Polynomial(found[0], coeffs, symbols)
 
 

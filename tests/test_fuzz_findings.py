@@ -40,6 +40,29 @@ CASES = {
         "  out y = (tril(toeplitz(h), k=-2)) @ x + (toeplitz(h))^T @ x\n}",
     "one matrix applied twice":
         "mixer f {\n  dims H\n  input x : [H]\n  let M = decay(-1)\n  out y = M @ (M @ x)\n}",
+    # each shift of a matrix keeps its own last rows in the decode state
+    "a shift of a shifted matrix":
+        "mixer f {\n  dims H\n  input x : [H]\n  out y = shift(shift(decay(-1), 1), 1) @ x\n}",
+    "a per-channel decay shifted twice":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  out y = shift(shift(decay(-exp(k)) * (q @ k^T), 2), 3) @ x\n}",
+    "a softmax shifted twice, once by 0":
+        "mixer f {\n  dims H\n  input x : [H]\n  input z : [H]\n"
+        "  out y = shift(shift(softmax(row(z), mask = s < t), 1), 0) @ x\n}",
+    # a gate inside shift() or rev() moves with the rows (or columns) it scales
+    "a row gate inside a shifted softmax":
+        "mixer f {\n  dims H\n  input x : [H]\n  input z : [H]\n"
+        "  out y = shift(softmax(row(z), mask = s <= t) * row(x), 1) @ z\n}",
+    "a row gate inside a shifted polynomial kernel":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  out y = shift((1 + q @ k^T)^2 * row(sigmoid(x)), 1) @ x\n}",
+    "a col gate inside a reversed polynomial kernel":
+        "mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n  input x : [H]\n"
+        "  out y = rev((1 + q @ k^T)^2 * (s <= t) * col(x)) @ x\n}",
+    # v's G is a dim of its own (it has H too), not the group of v's heads
+    "grouped keys, values with the head dim and a group dim":
+        "mixer f {\n  dims H, G divides H, D\n  input q : [H, D]\n  input k : [G, D]\n"
+        "  input v : [G, H]\n  out y = softmax(q @ k^T, mask = s <= t) @ v\n}",
 }
 
 
@@ -80,3 +103,22 @@ def test_reading_ahead_is_not_causal(body):
     assert not m.causal
     with pytest.raises(MixerDecodeError):
         m.step(None, x=torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("zero", ["sqrt(0.0)", "(D - D)", "0"])
+def test_polynomial_kernel_divided_by_zero(zero):
+    """1 / 0 in a polynomial's coefficients is inf (float64, as dense computes
+    it), not a ZeroDivisionError; a literal 0 leaves no exact expansion, so the
+    term runs densely."""
+    src = ("mixer f {\n  dims H, D\n  input q : [H, D]\n  input k : [H, D]\n"
+           f"  input v : [H, D]\n  out y = ((1 + q @ k^T / {zero})^2 * (s <= t)) @ v\n}}")
+    dense = mixerc.compile(src, backend="dense")
+    fast = mixerc.compile(src, backend="torch")
+    args = random_inputs(dense.program, default_sizes(dense.program), 2, 5, seed=0,
+                         dtype=torch.float64)
+    want, got = dense(**args), fast(**args)
+    assert not torch.isfinite(want).any() and not torch.isfinite(got).any()
+    assert fast.plan.matrices[0].strategies == ["dense" if zero == "0" else "chunked"]
+    y, state = fast(**{n: x[:, :4] for n, x in args.items()}, return_state=True)
+    y, state = fast.step(state, **{n: x[:, 4] for n, x in args.items()})
+    assert not torch.isfinite(y).any()

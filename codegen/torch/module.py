@@ -14,7 +14,7 @@ from importlib import resources
 import jinja2
 
 from mixerc import __version__, ir
-from mixerc.codegen.names import Namer, comment, comment_lines
+from mixerc.codegen.names import Namer, comment, comment_lines, literal
 from mixerc.codegen.torch import runtime_index, terms
 from mixerc.codegen.torch.emit import Emitter, axes_of
 from mixerc.plan import MatrixPlan, ModulePlan, TermPlan, value_dims
@@ -104,14 +104,12 @@ class Writer(Emitter):
         return self.assign(f"{expr}.reshape({self.size_expr(heads)})", hint=hint)
 
     def coefficients(self, poly) -> str:
-        """Python list of the polynomial's coefficients, evaluated at run time."""
-        import sympy
-        subs = {sympy.Symbol(name): sympy.Symbol(self.value(n))
-                for name, n in poly.symbols.items()}
-        out = []
-        for c in poly.coeffs:
-            text = sympy.pycode(c.xreplace(subs), fully_qualified_modules=True)
-            out.append(f"float({text})")
+        """Python list of the polynomial's coefficients, evaluated at run time
+        with the dense interpreter's float64 semantics (`number`): a
+        coefficient 1 / c with c == 0 is inf there, never a ZeroDivisionError."""
+        values = {name: self.value(n) for name, n in poly.symbols.items()}
+        out = [_number_code(c, values) if c.is_Number else
+               f"float({_number_code(c, values)})" for c in poly.coeffs]
         return self.assign("[" + ", ".join(out) + "]", hint="coeffs")
 
     def config_key(self, key: str, param: str, tp: TermPlan) -> str:
@@ -167,9 +165,11 @@ class Writer(Emitter):
             y = self.assign(y, hint="y")
         self.constraints.extend(getattr(self.terms[tp.strategy], "constraints",
                                         lambda tp, key: [])(tp, key))
+        shifts = 0
         for w in reversed(tp.wrappers):  # innermost first on the output
-            if w[0] == "shift":
-                read, write = self.state(key + ".shift")
+            if w[0] == "shift":  # each shift keeps its own last rows in the decode state
+                shifts += 1
+                read, write = self.state(key + (".shift" if shifts == 1 else f".shift{shifts}"))
                 y2 = self.fresh("y")
                 self.line(f"{y2}, {write} = shift_tokens({y}, {w[1]}, {read})")
                 y = y2
@@ -330,6 +330,26 @@ class Writer(Emitter):
             uses_device=re.search(r"\bDEVICE\b", code) is not None,
             uses_mm=re.search(r"\bMM_DTYPE\b", code) is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)
+
+
+def _number_code(expr, values: dict) -> str:
+    """Code for a sympy expression of numbers and symbols (`values`: symbol
+    name -> code of a number) as `number` calls, so that it follows float64
+    (inf, nan) as the dense interpreter does, not Python's exceptions. Sums
+    and products are folded left to right."""
+    import sympy
+    if expr.is_Symbol:
+        return values[expr.name]
+    if expr.is_Number:
+        return literal(float(expr))
+    if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)):
+        op = {sympy.Add: "add", sympy.Mul: "mul", sympy.Pow: "pow"}[type(expr)]
+        args = [_number_code(a, values) for a in expr.args]
+        code = args[0]
+        for a in args[1:]:
+            code = f"number({op!r}, {code}, {a})"
+        return code
+    raise TypeError(f"internal: no float64 code for {expr!r}")  # only +, *, ^ reach here
 
 
 class _Lazy:

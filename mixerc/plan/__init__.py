@@ -102,11 +102,14 @@ def _heads(matrix: ir.Node, applies: list, program: ir.Program) -> tuple:
 
 
 def value_dims(apply: ir.Apply, heads: tuple, groups: dict) -> tuple:
-    """The dims of the values an application reads that are not heads of the matrix."""
+    """The dims of the values an application reads that are not heads of the matrix.
+    A group dim G reads as its head dim H only when the values lack H (the
+    checker's rule): values [G, H] keep G as a dim of their own."""
+    dims = apply.u.type.dims
     out = []
-    for d in apply.u.type.dims:
+    for d in dims:
         h = groups.get(d)
-        mapped = h if h and h in heads and d not in heads else d
+        mapped = h if h and h in heads and d not in heads and h not in dims else d
         if mapped not in heads:
             out.append(mapped)
     return tuple(out)

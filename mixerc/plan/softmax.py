@@ -179,17 +179,36 @@ def mask_plan(mask: ir.Node | None, heads: set) -> MaskPlan | None:
 
 def gates(operands: dict, parts, groups: dict, scale) -> None:
     """Factors outside the term's matrix: row(g) scales the output rows, col(h)
-    the values, a static c the output."""
+    the values, a static c the output. A backend applies them outside the
+    term's wrappers (out_scale to the output after them, in_scale to the
+    values before them), so the gates are moved through the wrappers here:
+    shift(row(g) * M, k) @ u == shift(g, k) * (shift(M, k) @ u) and
+    rev(col(h) * M) @ u == rev(M) @ (rev(h) * u)."""
     out = scale
     for u in parts.rows:
         out = mul(out, u, groups)
     if out is not None:
+        out = _rows_outside(out, parts.wrappers)
         operands["out_scale"] = Operand("out_scale", out, out.type.dims)
     vin = None
     for u in parts.cols:
         vin = mul(vin, u, groups)
     if vin is not None:
+        for w in parts.wrappers:  # a shift moves rows only; a rev also reverses columns
+            vin = rewrite.reversed_token(vin) if w[0] == "rev" else vin
         operands["in_scale"] = Operand("in_scale", vin, vin.type.dims)
+
+
+def _rows_outside(g: ir.Node, wrappers: list) -> ir.Node:
+    """A row gate g of the wrapped matrix as a gate of the term's output."""
+    if g.type.kind == STATIC:
+        return g  # the same on every row (the rows a shift empties are 0 either way)
+    for w in reversed(wrappers):  # innermost first
+        if w[0] == "shift":
+            g = ir.Shift(g.type, x=g, k=w[1], loc=g.loc)
+        elif w[0] == "rev":
+            g = rewrite.reversed_token(g)
+    return g
 
 
 def _state(mask: MaskPlan, operands: dict) -> StatePlan:
