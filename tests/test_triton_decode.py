@@ -106,17 +106,17 @@ def test_the_cache_is_appended_in_place(compiled):
     real = getattr(mod, op)
     setattr(mod, op, lambda *a: forward_calls.append(1) or real(*a))
     try:
-        args = inputs(m, B=1, T=200, seed=9)
+        args = inputs(m, B=1, T=130, seed=9)
         _, step = split(m, {n: x.float().to(DEVICE) for n, x in args.items()})
         state, buffers = None, set()
-        for t in range(200):
+        for t in range(130):
             _, state = m.step(state, **step(t))
             buffers.add(state.tensors["y.k"].data_ptr())
     finally:
         setattr(mod, op, real)
     assert not forward_calls
-    assert len(buffers) <= 3, len(buffers)  # 64, 192, 448 slots
-    assert state.tensors["y.k"].shape[1] == 448 and int(state.tensors["y.pos"][0]) == 200
+    assert len(buffers) <= 2, len(buffers)  # 64, then 192 slots
+    assert state.tensors["y.k"].shape[1] == 192 and int(state.tensors["y.pos"][0]) == 130
 
 
 def test_a_state_continued_twice(compiled):

@@ -246,18 +246,20 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
     w = max([28] + [len(f.kernel) for f in fits])
+    # sm_90a's warp-level HMMA (tiles under 64 rows) next to its HGMMA
+    hm = (lambda x: f" {x:>5}") if TARGETS[target][2] != "HMMA" else (lambda x: "")
     head = (f"{'kernel':<{w}} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
-            f"{'shared':>13} {TARGETS[target][2]:>6} {'HMMA':>5} {'TMA':>4}  verdict")
+            f"{'shared':>13} {TARGETS[target][2]:>6}{hm('HMMA')} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
     for f in fits:
         c = f.config
         cfg = f"{c['block_q']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}"
         if f.error:
-            lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} {'-':>5} "
+            lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6}{hm('-')} "
                          f"{'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
         lines.append(f"{f.kernel:<{w}} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
-                     f"{shared:>13} {f.mma:>6} {f.hmma:>5} {f.tma:>4}  {verdict}")
+                     f"{shared:>13} {f.mma:>6}{hm(f.hmma)} {f.tma:>4}  {verdict}")
     return "\n".join(lines)

@@ -13,7 +13,11 @@ since is refused clearly (MixerState.clone() keeps a state reusable). Buffers
 that were not written in place (a prefill's, a state moved with .to()) carry
 no record and are copied on their first step."""
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 from mixerc.runtime.bind import MixerValueError  # inline: drop
 
@@ -106,21 +110,51 @@ def cache_tokens(pos, uniform=False):
     return most
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def decode_programs(device):
     """How many programs a decode launch should run to fill the device: two per
     streaming multiprocessor on a GPU; a few elsewhere (the interpreter), so
-    several splits per (batch, key head) even there."""
+    there are several splits per (batch, key head) even there."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * _multiprocessors(device.index if device.index is not None
+                                    else torch.cuda.current_device())
     return 16
+
+
+@triton.jit
+def _mx_combine(ACC, TOP, TOTAL, OUT, SPLITS, M, BLOCK_M: tl.constexpr, DV: tl.constexpr):
+    # one (batch, key head) x BLOCK_M rows: the softmax over the splits' partial ones
+    n = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < M
+    cols = tl.arange(0, DV)
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for i in range(0, SPLITS):
+        best = tl.maximum(best, tl.load(TOP + (n * SPLITS + i) * M + rows, mask=ok,
+                                        other=float("-inf")))
+    best = tl.where(best == float("-inf"), 0.0, best)  # a row no split saw a key for
+    norm = tl.zeros([BLOCK_M], tl.float32)
+    out = tl.zeros([BLOCK_M, DV], tl.float32)
+    for i in range(0, SPLITS):
+        at = (n * SPLITS + i) * M + rows
+        w = tl.exp2(tl.load(TOP + at, mask=ok, other=float("-inf")) - best)
+        norm += w * tl.load(TOTAL + at, mask=ok, other=0.0)
+        part = tl.load(ACC + at[:, None] * DV + cols[None, :], mask=ok[:, None], other=0.0)
+        out += w[:, None] * part
+    out = out / tl.where(norm > 0, norm, 1.0)[:, None]  # a row with no allowed key is 0
+    tl.store(OUT + (n * M + rows)[:, None] * DV + cols[None, :], out, mask=ok[:, None])
 
 
 def combine_splits(acc, top, total):
     """Softmax over the splits of a decode launch: acc [N, splits, M, DV]
     (unnormalized), top and total [N, splits, M] (base-2 max and sum of
-    each split) -> [N, M, DV]; a row with no allowed key is 0."""
-    best = top.amax(1, keepdim=True)
-    weight = torch.exp2(top - torch.where(best == float("-inf"), 0.0, best))
-    norm = (weight * total).sum(1)
-    out = (weight[..., None] * acc).sum(1)
-    return out / torch.where(norm > 0, norm, 1.0)[..., None]
+    each split) -> [N, M, DV], in one launch."""
+    N, splits, M, DV = acc.shape
+    out = torch.empty(N, M, DV, dtype=torch.float32, device=acc.device)
+    block = min(16, M)
+    _mx_combine[(N, -(-M // block))](acc, top, total, out, splits, M, BLOCK_M=block, DV=DV)
+    return out
