@@ -1,0 +1,110 @@
+"""The decode step of a fixed-state low-rank term on the Triton backend: one
+launch per step runs the recurrence S_t = exp(a_t) S_{t-1} + k_t v_t^T,
+y_t = q_t S_t (strict masks: y_t = q_t exp(a_t) S_{t-1}) over the step's few
+tokens, with the state [B, H, K, V] held in registers between them. The
+log-decay a is per head ([B, T, H]), per channel ([B, T, H, K]) or absent;
+q and k may sit at fewer heads than v (B/C groups: head h reads h // (H / Hq)).
+
+The state is updated in place when it is the newest state of its buffer: each
+state a step returns is a fresh alias of the buffer carrying a shared record
+of which alias is the newest, so an older state (one that was already
+continued, whose numbers the update overwrote) is refused clearly instead of
+silently continuing from the wrong state; MixerState.clone() keeps a state
+reusable. A state without the record (a prefill's, a moved or cloned one) is
+never written: its first step writes a fresh buffer."""
+
+import torch
+import triton
+import triton.language as tl
+
+from mixerc.runtime.bind import MixerValueError  # inline: drop
+
+
+@triton.jit
+def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, DK, DV,
+                       DECAY: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                       STRICT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    # one (batch, head) x BLOCK_V columns of the state, over the step's T tokens
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    hq = h // (H // HQ)
+    hk = h // (H // HK)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    tile = ((b * H + h) * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    ok = k_ok[:, None] & v_ok[None, :]
+    s = tl.load(S_IN + tile, mask=ok, other=0.0).to(tl.float32)
+    for t in range(0, T):
+        bt = b * T + t
+        q = tl.load(Q + (bt * HQ + hq) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        k = tl.load(K + (bt * HK + hk) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + (bt * H + h) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+        if DECAY:
+            if PER_CHANNEL:
+                g = tl.exp(tl.load(A + (bt * H + h) * DK + offs_k, mask=k_ok,
+                                   other=0.0).to(tl.float32))[:, None]
+            else:
+                g = tl.exp(tl.load(A + bt * H + h).to(tl.float32))
+            s = s * g
+        if STRICT:  # y_t reads the state before token t's own key and value
+            y = tl.sum(q[:, None] * s, 0)
+            s = s + k[:, None] * v[None, :]
+        else:
+            s = s + k[:, None] * v[None, :]
+            y = tl.sum(q[:, None] * s, 0)
+        tl.store(Y + (bt * H + h) * DV + offs_v, y, mask=v_ok)
+    tl.store(S_OUT + tile, s, mask=ok)
+
+
+_NEWEST = "_mixerc_newest"  # on a state alias: [the token of the newest alias of its buffer]
+_TOKEN = "_mixerc_token"    # on a state alias: its own token
+
+
+def _alias(buf, record):
+    """A new tensor object over buf's storage, recorded as the newest."""
+    out = buf.view(buf.shape)
+    token = object()
+    record[0] = token
+    setattr(out, _NEWEST, record)
+    setattr(out, _TOKEN, token)
+    return out
+
+
+def recurrent_step(q, k, v, a, state, strict, what):
+    """(y [B, T, H, V] float32, state after the T tokens [B, H, K, V] float32).
+
+    q, k: [B, T, Hq, K], [B, T, Hk, K]; v: [B, T, H, V]; a: None, [B, T, H] or
+    [B, T, H, K]; state: [B, H, K, V] or None (zeros). `what` names the term
+    in the error for a state that was already continued."""
+    B, T, H, DV = v.shape
+    DK = q.shape[-1]
+    record = None if state is None else getattr(state, _NEWEST, None)
+    if record is not None and record[0] is not getattr(state, _TOKEN, None):
+        raise MixerValueError(
+            f"{what}: this decode state was already continued, and that step updated its "
+            "state in place; continue the newest state, or keep a copy with "
+            "state.clone() before stepping")
+    in_place = (record is not None and state.dtype == torch.float32 and state.is_contiguous()
+                and (not state.is_inference() or torch.is_inference_mode_enabled()))
+    if in_place:
+        out = state
+    else:
+        out = torch.empty(B, H, DK, DV, dtype=torch.float32, device=v.device)
+        record = [None]
+    source = out if in_place else (out.zero_() if state is None else
+                                   state.to(torch.float32).contiguous())
+    y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
+    if B * H and T:
+        block_k = max(16, triton.next_power_of_2(DK))
+        block_v = max(16, min(triton.next_power_of_2(DV), 8192 // block_k))
+        _mx_recurrent_step[(B * H, triton.cdiv(DV, block_v))](
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            q if a is None else a.contiguous(), source, out, y, T, H, q.shape[2], k.shape[2],
+            DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
+            STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4)
+    elif not in_place:
+        out.copy_(source)
+    return y, _alias(out, record)
