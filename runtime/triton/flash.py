@@ -7,6 +7,8 @@ straddles the mask or the last key) or holds on the whole block (full); blocks t
 so the kernel never loads them. The backward's dK/dV kernel walks the same
 pairs from the key side (the transposed lists)."""
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -56,6 +58,24 @@ def tile_masks(bounds, n_q, n_k):
 
 def block_lists(T, S, past, start, lo, hi, block_q, block_k, tile_full, tile_any, exact,
                 window, device):
+    """Block lists for a launch (see _block_lists); those the band alone
+    decides are cached per shape and device (read-only for the kernels), so a
+    repeated call neither rebuilds them nor copies them to the device again."""
+    if tile_any is None:
+        return _band_lists(T, S, past, start, float(lo), float(hi), block_q, block_k, exact,
+                           window, torch.device(device))
+    return _block_lists(T, S, past, start, lo, hi, block_q, block_k, tile_full, tile_any,
+                        exact, window, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_lists(T, S, past, start, lo, hi, block_q, block_k, exact, window, device):
+    return _block_lists(T, S, past, start, lo, hi, block_q, block_k, None, None, exact,
+                        window, device)
+
+
+def _block_lists(T, S, past, start, lo, hi, block_q, block_k, tile_full, tile_any, exact,
+                 window, device):
     """Block lists for queries at times past .. past + T - 1 and keys at start ..
     start + S - 1 under the band lo <= t - s <= hi, refined by the mask's tile
     classes (bool [Bx, Hx, n_q, n_k] with Bx in {1, B}, Hx in {1, H}; None:
