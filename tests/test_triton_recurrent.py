@@ -18,16 +18,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 
 
-def reference(q, k, v, a, state, strict):
-    B, T, H, V = v.shape
+def reference(q, k, v, a, state, strict, H=None):
+    B, T, _, V = v.shape
+    H = H or v.shape[2]
     q = q.double().repeat_interleave(H // q.shape[2], 2)
     k = k.double().repeat_interleave(H // k.shape[2], 2)
+    v = v.double().repeat_interleave(H // v.shape[2], 2)
     S = torch.zeros(B, H, q.shape[-1], V, dtype=f64) if state is None else state.double()
     ys = []
     for t in range(T):
         g = 1.0 if a is None else torch.exp(a[:, t].double())
         g = g if a is None else g[..., None] if a.dim() == 4 else g[..., None, None]
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :].double()
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
         if strict:
             S = S * g
             ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
@@ -66,6 +68,18 @@ def test_steps_equal_the_recurrence(decay, strict, poisoned):
         y, state = recurrent_step(*dev, state, strict, "test")
         assert (y.cpu().double() - want).abs().max() < 1e-5
         assert (state.cpu().double() - state_ref).abs().max() < 1e-5
+
+
+def test_values_at_group_heads():
+    """v at fewer heads than the decay (a per-head decay over shared values)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, K, V = 2, 2, 4, 8, 16
+    q, k = torch.randn(B, T, 1, K, generator=g), torch.randn(B, T, 2, K, generator=g)
+    v, a = torch.randn(B, T, 2, V, generator=g), -torch.rand(B, T, H, generator=g)
+    y, state = recurrent_step(q, k, v, a, None, False, "test", heads=H)
+    want, s_want = reference(q, k, v, a, None, False, H=H)
+    assert y.shape == (B, T, H, V) and (y.double() - want).abs().max() < 1e-5
+    assert (state.double() - s_want).abs().max() < 1e-5
 
 
 def test_newest_state_in_place_older_refused_clone_kept():

@@ -3,7 +3,7 @@ launch per step runs the recurrence S_t = exp(a_t) S_{t-1} + k_t v_t^T,
 y_t = q_t S_t (strict masks: y_t = q_t exp(a_t) S_{t-1}) over the step's few
 tokens, with the state [B, H, K, V] held in registers between them. The
 log-decay a is per head ([B, T, H]), per channel ([B, T, H, K]) or absent;
-q and k may sit at fewer heads than v (B/C groups: head h reads h // (H / Hq)).
+q, k and v may sit at fewer heads (B/C groups: head h reads h // (H / Hq)).
 
 The state is updated in place when it is the newest state of its buffer: each
 state a step returns is a fresh alias of the buffer carrying a shared record
@@ -21,7 +21,7 @@ from mixerc.runtime.bind import MixerValueError  # inline: drop
 
 
 @triton.jit
-def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, DK, DV,
+def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, HV, DK, DV,
                        DECAY: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        STRICT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     # one (batch, head) x BLOCK_V columns of the state, over the step's T tokens
@@ -30,6 +30,7 @@ def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, DK, DV,
     h = pid % H
     hq = h // (H // HQ)
     hk = h // (H // HK)
+    hv = h // (H // HV)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_ok = offs_k < DK
@@ -41,7 +42,7 @@ def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, DK, DV,
         bt = b * T + t
         q = tl.load(Q + (bt * HQ + hq) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         k = tl.load(K + (bt * HK + hk) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + (bt * H + h) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + (bt * HV + hv) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
         if DECAY:
             if PER_CHANNEL:
                 g = tl.exp(tl.load(A + (bt * H + h) * DK + offs_k, mask=k_ok,
@@ -73,13 +74,15 @@ def _alias(buf, record):
     return out
 
 
-def recurrent_step(q, k, v, a, state, strict, what):
+def recurrent_step(q, k, v, a, state, strict, what, heads=None):
     """(y [B, T, H, V] float32, state after the T tokens [B, H, K, V] float32).
 
-    q, k: [B, T, Hq, K], [B, T, Hk, K]; v: [B, T, H, V]; a: None, [B, T, H] or
-    [B, T, H, K]; state: [B, H, K, V] or None (zeros). `what` names the term
-    in the error for a state that was already continued."""
-    B, T, H, DV = v.shape
+    q, k, v: [B, T, Hq, K], [B, T, Hk, K], [B, T, Hv, V], at divisors of the
+    H heads (default: v's); a: None, [B, T, H] or [B, T, H, K]; state:
+    [B, H, K, V] or None (zeros). `what` names the term in the error for a
+    state that was already continued."""
+    B, T, _, DV = v.shape
+    H = heads or v.shape[2]
     DK = q.shape[-1]
     record = None if state is None else getattr(state, _NEWEST, None)
     if record is not None and record[0] is not getattr(state, _TOKEN, None):
@@ -103,7 +106,7 @@ def recurrent_step(q, k, v, a, state, strict, what):
         _mx_recurrent_step[(B * H, triton.cdiv(DV, block_v))](
             q.contiguous(), k.contiguous(), v.contiguous(),
             q if a is None else a.contiguous(), source, out, y, T, H, q.shape[2], k.shape[2],
-            DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
+            v.shape[2], DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
             STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4)
     elif not in_place:
         out.copy_(source)
