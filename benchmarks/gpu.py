@@ -2,7 +2,8 @@
 backend lands). Not a test.
 
     python benchmarks/gpu.py [--mixers ssd,gla] [--T 1024,4096] [--out FILE]
-    python benchmarks/gpu.py --backend triton [...]   # the Triton backend: triton_attention.py
+    python benchmarks/gpu.py --backend triton [...]   # the Triton backend: triton_attention.py,
+                                                      # then triton_linear.py (--family)
 
 Sections (batch 1, the shapes of benchmarks/cpu.py: H=8 heads of dim 64, E=512):
   1. forward (no grad) in float32 and with bfloat16 inputs (computed in float32),
@@ -203,13 +204,13 @@ def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", choices=("torch", "triton"), default="torch")
     known, rest = pre.parse_known_args(argv)
-    if known.backend == "triton":  # the Triton backend's softmax kernels vs SDPA / FlexAttention
-        import triton_attention
-        return triton_attention.main(rest)
+    if known.backend == "triton":  # softmax kernels vs SDPA / FlexAttention, then the linear family vs fla
+        import triton_linear
+        return triton_linear.gpu_main(rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=("torch", "triton"), default="torch",
-                   help="triton: benchmarks/triton_attention.py (its own options: "
-                        "--backend triton --help)")
+                   help="triton: benchmarks/triton_attention.py then triton_linear.py "
+                        "(--family attention|linear|all; their options: --backend triton --help)")
     p.add_argument("--mixers")
     p.add_argument("--T", default="1024,4096,16384,65536")
     p.add_argument("--ctx", default="1024,16384")

@@ -802,6 +802,7 @@ def main(argv=None):
         print("\n" + "\n".join(lines) + "\n", flush=True)
         emit()
     text = emit()
+    watchdog.cancel()  # gpu.py runs the linear part (triton_linear.py) next, in this process
     print("\n" + text, flush=True)
     if o.dry:  # the dry run fails on what a GPU run would: our errors, a peer mismatch
         bad = [e for e in compile_errors.values()]
