@@ -154,7 +154,7 @@ class Writer(Emitter):
         if tp.strategy == "dense":
             return self.emit_dense(tp, mp, key, widths)
         v = values
-        if tp.strategy != "flash" or "in_scale" in tp.operands or tp.wrappers:
+        if not self.own_values(tp) or "in_scale" in tp.operands or tp.wrappers:
             v = str(v)  # emitted here, before any branch of the term's code
         if "in_scale" in tp.operands:  # col(h) * M: scale the values
             v = self.assign(f"{v} * {self.canon(tp.operands['in_scale'].node, mp.heads, ())}"
@@ -179,6 +179,11 @@ class Writer(Emitter):
             g = self.canon(tp.operands["out_scale"].node, mp.heads, ())
             y = self.assign(f"{y} * {g}[..., None]", hint="y")
         return y
+
+    def own_values(self, tp: TermPlan) -> bool:
+        """Whether the term's emitter builds its own values when nothing
+        (gates, wrappers) changes them first."""
+        return tp.strategy == "flash"
 
     def values(self, mp: MatrixPlan, widths) -> str:
         """Every vector this matrix is applied to, as one [batch, time, Hm, V] tensor."""
@@ -325,6 +330,8 @@ class Writer(Emitter):
             dims=[(self.dim_names[d], d) for d in self.used_dims],
             body=body, outputs=outputs, raws=self.raw_inputs(), args_inputs=self.input_casts(),
             uses_device=re.search(r"\bDEVICE\b", code) is not None,
+            uses_dtype=bool(self.input_casts()) or re.search(
+                r"\bDTYPE\b", "\n".join(body + outputs)) is not None,
             uses_mm=re.search(r"\bMM_DTYPE\b", code) is not None, uses_math=re.search(r"(?<![\w.])math\.", code + runtime) is not None,
             uses_F=re.search(r"(?<![\w.])F\.", code + runtime) is not None)
 
