@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
                                             regs=f.registers, spill=f.spill_bytes,
                                             shared=f.shared, limit=f.shared_limit,
                                             mma=f.mma, error=f.error))
-    # the chunked scalar-decay kernel at K = V = 64 (N = P = 64 for SSD)
+    # the chunked scalar-decay kernels at K = V = 64 (N = P = 64 for SSD)
     out["chunked"] = []
     for name in ("linear_attention", "retnet", "ssd"):
         m = mixerc.compile(name, backend="triton")
@@ -78,12 +78,15 @@ def test_every_kernel_fits_sm90a_and_sm80(report):
 
 
 def test_chunked_kernels_fit_sm90a_and_sm80(report):
-    """The chunked scalar-decay kernel (one per mixer: linear attention and
-    RetNet without / with a decay, SSD with grouped q) at its default config:
-    no spills, shared memory within the limit, its dots on tensor cores."""
+    """The chunked scalar-decay kernels (states and output; linear attention
+    without a decay, RetNet and SSD with one, SSD with grouped q) at their
+    default config: no spills, shared memory within the limit, the dots on
+    tensor cores."""
     fits = report["chunked"]
-    assert len(fits) == 3 * 2 and {f["kernel"].split("_fwd")[0] for f in fits} == \
-        {"chunked_kernel", "chunked_kernel_has_decay"}
+    assert len(fits) == 3 * 2 * 2  # mixers x targets x (states, output)
+    assert {f["kernel"] for f in fits} == {"chunked_kernel_states", "chunked_kernel_fwd",
+                                           "chunked_kernel_has_decay_states",
+                                           "chunked_kernel_has_decay_fwd"}
     for f in fits:
         where = f"{f['mixer']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]

@@ -216,7 +216,7 @@ def test_other_terms_run_on_the_torch_backend():
                                    "decay(-softplus(w)) * (q @ k^T) * (t - s < 6)) @ v")
     m, d = mixerc.compile(src, backend="triton"), mixerc.compile(src, backend="dense")
     text = m.explain()
-    assert "runs on: Triton kernels" in text and "runs on: a Triton kernel" in text
+    assert "runs on: Triton kernels" in text and "runs on: two Triton kernels" in text
     assert "runs on: the torch backend" in text
     args = inputs(m, T=23, seed=6)
     assert rel_err(m(**on_device(args, torch.float32)).cpu(), d(**args)) < 1e-4

@@ -79,9 +79,10 @@ class TritonRunner(TorchRunner):
 
 def runs_on(tp) -> str:
     if has_kernels(tp) and tp.strategy == "chunked":
-        return ("a Triton kernel (forward; backward as three more runs of it on the adjoint "
-                "problems; prefill through it, decode one torch step); q, k, v in the "
-                "inputs' dtype into tensor-core dots, decays, states and output in float32")
+        return ("two Triton kernels (the chunk states in order, then every chunk's output in "
+                "parallel; backward: three more runs on the adjoint problems; prefill through "
+                "them, decode one torch step); q, k, v in the inputs' dtype into tensor-core "
+                "dots, decays, states and output in float32")
     if has_kernels(tp):
         return "Triton kernels (forward, backward; decode through the same kernels)"
     if tp.strategy == "dense":

@@ -156,7 +156,7 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode)$", "", name)
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode|states)$", "", name)
             out.append((function, name, obj))
     return out
 
@@ -176,13 +176,14 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
-        chunked = "BT" in kernel.arg_names
+        chunked = "BT" in kernel.arg_names  # the chunked kernels' (states, output)
         for cfg in _configs(mod, key, name, configs, chunked):
             precision = "ieee" if mm_dtype == "fp32" else "tf32"
-            if chunked:  # templates/triton_chunked.py.jinja, its most general variant
-                constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"], "BK": max(16, _pow2(D)),
+            if chunked:  # templates/triton_chunked.py.jinja (with an initial state)
+                constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
+                              "BK": min(max(16, _pow2(D)), cfg["block_k"]),
                               "BV": min(max(16, _pow2(DV)), cfg["block_v"]), "HAS_S0": True,
-                              "CHUNK_STATES": True, "PRECISION": precision, "IDX": tl.int32}
+                              "PRECISION": precision, "IDX": tl.int32}
             else:
                 constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"],
                               "BLOCK_N": cfg["block_k"], "BLOCK_D": max(16, _pow2(D)),
@@ -206,13 +207,13 @@ def _pow2(n: int) -> int:
 
 KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
          "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages"),
-         "chunked": ("chunk", "block_v", "num_warps", "num_stages")}
+         "chunked": ("chunk", "block_k", "block_v", "num_warps", "num_stages")}
 
 
 def _configs(mod, key: str, kernel: str, which: str, chunked: bool = False) -> list:
     """The kernel's configs as (block_q, block_k, num_warps, num_stages)
-    dicts (the backward kernels read the bwd_* knobs), or (chunk, block_v,
-    num_warps, num_stages) for a chunked kernel."""
+    dicts (the backward kernels read the bwd_* knobs), or (chunk, block_k,
+    block_v, num_warps, num_stages) for a chunked kernel."""
     knobs = KNOBS["chunked" if chunked else "bwd" if "_bwd_" in kernel else "fwd"]
     names = knobs if chunked else KNOBS["fwd"]
     if isinstance(which, dict):  # one config of the module
@@ -248,19 +249,19 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
 
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
-    head = (f"{'kernel':<28} {'config (blocks, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+    head = (f"{'kernel':<32} {'config (blocks, warps, stages)':<31} {'regs':>4} {'spill':>6} "
             f"{'shared':>13} {TARGETS[target][2]:>6} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
     for f in fits:
         names = KNOBS["chunked"] if "chunk" in f.config else KNOBS["fwd"]
-        cfg = ", ".join(f"{n.split('_')[-1][0]}={f.config[n]}" if i < 2 else str(f.config[n])
-                        for i, n in enumerate(names))
+        cfg = ", ".join(f"{n.split('_')[-1][0]}={f.config[n]}" if "warps" not in n and
+                        "stages" not in n else str(f.config[n]) for n in names)
         if f.error:
-            lines.append(f"{f.kernel:<28} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} "
+            lines.append(f"{f.kernel:<32} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6} "
                          f"{'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
-        lines.append(f"{f.kernel:<28} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
+        lines.append(f"{f.kernel:<32} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
                      f"{shared:>13} {f.mma:>6} {f.tma:>4}  {verdict}")
     return "\n".join(lines)

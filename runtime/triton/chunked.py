@@ -2,9 +2,9 @@
 torch step that decodes one token, and the adjoint backward of
 runtime/torch/autograd.py for operands read at group heads.
 
-The rendered kernel (codegen/triton/templates/triton_chunked.py.jinja) is a
-forward with an initial state in and the final state (and, on request, the
-state entering each chunk) out. The backward runs that same forward on the
+The rendered kernels (codegen/triton/templates/triton_chunked.py.jinja) are
+a forward with an initial state in and the final state and the state
+entering each chunk out. The backward runs that same forward on the
 three adjoint problems (dq causal; dk and dv on reversed time) and sums the
 decay gradient in reverse, exactly as `ChunkedFn` does for the torch
 backend; here q, k and v may each sit at a divisor of the H heads (B and C

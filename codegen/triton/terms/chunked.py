@@ -1,9 +1,11 @@
 """Chunked terms (strategy `chunked`) with a scalar log-decay per head and
 token, or none (linear attention, RetNet, Mamba-2 SSD), as a Triton kernel
-(templates/triton_chunked.py.jinja): one forward with initial state in and
-final state out, which also runs the three adjoint problems of the backward
-(runtime/triton/chunked.py) and prefill; decode is one torch step. q and k
-are read at their group heads (SSD's B and C shared by a group of heads).
+(templates/triton_chunked.py.jinja): a forward with initial state in and
+final state out, in two kernels (the chunk states in order, then every
+chunk's output in parallel), which also runs the three adjoint problems of
+the backward (runtime/triton/chunked.py) and prefill; decode is one torch
+step. q and k are read at their group heads (SSD's B and C shared by a
+group of heads).
 
 Every other chunked case (a decay inside the contraction: GLA, Mamba-1,
 H3's modal kernel; a polynomial feature map: Based) is the torch backend's
@@ -14,15 +16,13 @@ import hashlib
 from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.plan import value_dims
 
-# defaults from the static fitness table (`mixerc compile --target`, bf16): the
-# one program per (V block, batch, head) holds the whole [K, BV] state, the
-# [BT, BT] scores and the [BT, K] q, k tiles in registers; BV = 16 is what
-# keeps linear attention, RetNet and SSD free of spills on sm_90a and sm_80
-# at K = V = 64 and 128 (BV = 32 spills a few bytes on sm_80). The tuner
-# tries the rest of the space on its device (screened by the same check).
-DEFAULTS = {"chunk": 64, "block_v": 16, "num_warps": 4, "num_stages": 2}
-CHOICES = {"chunk": [16, 32, 64, 128], "block_v": [16, 32, 64, 128], "num_warps": [2, 4, 8],
-           "num_stages": [1, 2, 3]}
+# defaults from the static fitness table (`mixerc compile --target`, bf16):
+# no spills on sm_90a and sm_80 for linear attention, RetNet and SSD at
+# K = V = 64 and 128. The tuner tries the rest of the space on its device
+# (screened by the same check).
+DEFAULTS = {"chunk": 64, "block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
+CHOICES = {"chunk": [16, 32, 64, 128], "block_k": [32, 64, 128],
+           "block_v": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def handles(tp) -> bool:
@@ -70,10 +70,10 @@ def emit(tp, mp, w, key, values):
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_chunked.py.jinja", base="chunked_kernel",
                     op=f"mixerc::chunked_{digest}", **flags)
-    # the kernel's dims, for compiling it without tensors (fitness.py)
+    # the kernels' dims, for compiling them without tensors (fitness.py)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(a_, mp.heads, g) for a_ in mp.applies])
-    config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_v", "num_warps",
-                                                          "num_stages"))
+    config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
+                                                          "num_warps", "num_stages"))
     y = w.fresh("y")
     read, write = w.state(key)
     w.line("# backward: the same kernel on the adjoint problems (runtime/triton/chunked.py)")
