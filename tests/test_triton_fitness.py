@@ -1,6 +1,8 @@
 """GPU fitness without a GPU: every Triton kernel of the standard library's
-softmax mixers (forward, backward, decode step) compiles for sm_90a and
-sm_80 at its default config (bf16, D = 128) with no spills, within the architecture's shared memory, on matrix instructions
+softmax mixers (forward, backward, decode step) and the chunked kernels of its
+scalar-decay ones compile for sm_90a and sm_80 at the default config (bf16,
+D = 128 / K = V = 64) with no spills, within the architecture's shared memory,
+on matrix instructions
 (HGMMA on sm_90a, HMMA on sm_80); the tuner's screen drops a config that
 spills before benchmarking it. The compiles run in a subprocess without
 TRITON_INTERPRET (conftest sets it for the interpreter tests)."""
@@ -31,6 +33,17 @@ SCRIPT = textwrap.dedent("""
                                             regs=f.registers, spill=f.spill_bytes,
                                             shared=f.shared, limit=f.shared_limit,
                                             mma=f.mma, hmma=f.hmma, error=f.error))
+    # the chunked scalar-decay kernels at K = V = 64 (N = P = 64 for SSD)
+    out["chunked"] = []
+    for name in ("linear_attention", "retnet", "ssd"):
+        m = mixerc.compile(name, backend="triton")
+        sizes = {"H": 16, "G": 4, "K": 64, "V": 64, "N": 64, "P": 64}
+        for target in ("sm_90a", "sm_80"):
+            for f in fitness.check(m._impl, sizes, target):
+                out["chunked"].append(dict(mixer=name, target=target, kernel=f.kernel,
+                                           regs=f.registers, spill=f.spill_bytes,
+                                           shared=f.shared, limit=f.shared_limit,
+                                           mma=f.mma, error=f.error))
     # the tuner's screen: a forward block of 128 x 128 on 4 warps spills at D = 128
     m = mixerc.compile("attention", backend="triton")
     tuning.target_of = lambda device: "sm_90a"
@@ -65,6 +78,25 @@ def test_every_kernel_fits_sm90a_and_sm80(report):
             assert f["mma"] + f["hmma"] > 0, where
         else:
             assert f["mma"] > 0, where  # the dots run on tensor cores (HGMMA on sm_90a)
+        assert f["regs"] <= 255, where
+
+
+def test_chunked_kernels_fit_sm90a_and_sm80(report):
+    """The chunked scalar-decay kernels (states and output; linear attention
+    without a decay, RetNet and SSD with one, SSD with grouped q) at their
+    default config: no spills, shared memory within the limit, the dots on
+    tensor cores."""
+    fits = report["chunked"]
+    assert len(fits) == 3 * 2 * 2  # mixers x targets x (states, output)
+    assert {f["kernel"] for f in fits} == {"chunked_kernel_states", "chunked_kernel_fwd",
+                                           "chunked_kernel_has_decay_states",
+                                           "chunked_kernel_has_decay_fwd"}
+    for f in fits:
+        where = f"{f['mixer']} {f['target']} {f['kernel']}"
+        assert not f["error"], where + ": " + f["error"]
+        assert f["spill"] == 0, where
+        assert 0 < f["shared"] <= f["limit"], where
+        assert f["mma"] > 0, where
         assert f["regs"] <= 255, where
 
 

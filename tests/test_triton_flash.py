@@ -209,11 +209,15 @@ def test_cpu_tensors_without_the_interpreter_are_refused(compiled, monkeypatch):
 
 
 def test_other_terms_run_on_the_torch_backend():
+    """A softmax (flash kernels), a scalar decay (the chunked kernel) and a
+    decay on a band (no Triton kernel yet: the torch backend) in one matrix."""
     src = HEAD.format(kh="H", body="  out y = (softmax(q @ k^T, mask = s <= t) + "
-                                   "decay(-softplus(u)) * (q @ k^T)) @ v")
+                                   "decay(-softplus(u)) * (q @ k^T) + "
+                                   "decay(-softplus(w)) * (q @ k^T) * (t - s < 6)) @ v")
     m, d = mixerc.compile(src, backend="triton"), mixerc.compile(src, backend="dense")
     text = m.explain()
-    assert "runs on: Triton kernels" in text and "runs on: the torch backend" in text
+    assert "runs on: Triton kernels" in text and "runs on: two Triton kernels" in text
+    assert "runs on: the torch backend" in text
     args = inputs(m, T=23, seed=6)
     assert rel_err(m(**on_device(args, torch.float32)).cpu(), d(**args)) < 1e-4
 

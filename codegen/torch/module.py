@@ -152,7 +152,7 @@ class Writer(Emitter):
         if tp.strategy == "dense":
             return self.emit_dense(tp, mp, key, widths)
         v = values
-        if tp.strategy != "flash" or "in_scale" in tp.operands or tp.wrappers:
+        if not self.own_values(tp) or "in_scale" in tp.operands or tp.wrappers:
             v = str(v)  # emitted here, before any branch of the term's code
         if "in_scale" in tp.operands:  # col(h) * M: scale the values
             v = self.assign(f"{v} * {self.canon(tp.operands['in_scale'].node, mp.heads, ())}"
@@ -179,6 +179,11 @@ class Writer(Emitter):
             g = self.canon(tp.operands["out_scale"].node, mp.heads, ())
             y = self.assign(f"{y} * {g}[..., None]", hint="y")
         return y
+
+    def own_values(self, tp: TermPlan) -> bool:
+        """Whether the term's emitter builds its own values when nothing
+        (gates, wrappers) changes them first."""
+        return tp.strategy == "flash"
 
     def values(self, mp: MatrixPlan, widths) -> str:
         """Every vector this matrix is applied to, as one [batch, time, Hm, V] tensor."""

@@ -12,7 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
-from .terms import KERNELS
+from .terms import has_kernels
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -64,7 +64,7 @@ class TritonRunner(TorchRunner):
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         if bound.device.type not in ("cuda", "meta") and not interpreted() and \
-                any(s in KERNELS for m in self.plan.matrices for s in m.strategies):
+                any(has_kernels(tp) for m in self.plan.matrices for tp in m.terms):
             if getattr(self.mixer, "auto", False):  # backend="auto": the torch backend here
                 if self._torch is None:
                     self._torch = TorchRunner(self.mixer)
@@ -78,7 +78,12 @@ class TritonRunner(TorchRunner):
 
 
 def runs_on(tp) -> str:
-    if tp.strategy in KERNELS:
+    if has_kernels(tp) and tp.strategy == "chunked":
+        return ("two Triton kernels (the chunk states in order, then every chunk's output in "
+                "parallel; backward: three more runs on the adjoint problems; prefill through "
+                "them, decode one torch step); q, k, v in the inputs' dtype into tensor-core "
+                "dots, decays, states and output in float32")
+    if has_kernels(tp):
         return ("Triton kernels (forward; backward dQ and dK/dV; a split-K decode step that "
                 "appends to the KV cache in place)")
     if tp.strategy == "dense":

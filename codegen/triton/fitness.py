@@ -160,7 +160,7 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel)$", "", name)
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel|states)$", "", name)
             out.append((function, name, obj))
     return out
 
@@ -180,11 +180,19 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
-        for cfg in _configs(mod, key, name, configs):
-            constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"], "BLOCK_N": cfg["block_k"],
-                          "BLOCK_D": max(16, _pow2(D)), "BLOCK_DV": max(16, _pow2(DV)),
-                          "PRECISION": "ieee" if mm_dtype == "fp32" else "tf32",
-                          "IDX": tl.int32}
+        chunked = "BT" in kernel.arg_names  # the chunked kernels' (states, output)
+        for cfg in _configs(mod, key, name, configs, chunked):
+            precision = "ieee" if mm_dtype == "fp32" else "tf32"
+            if chunked:  # templates/triton_chunked.py.jinja (with an initial state)
+                constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
+                              "BK": min(max(16, _pow2(D)), cfg["block_k"]),
+                              "BV": min(max(16, _pow2(DV)), cfg["block_v"]), "HAS_S0": True,
+                              "PRECISION": precision, "IDX": tl.int32}
+            else:
+                constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"],
+                              "BLOCK_N": cfg["block_k"], "BLOCK_D": max(16, _pow2(D)),
+                              "BLOCK_DV": max(16, _pow2(DV)), "PRECISION": precision,
+                              "IDX": tl.int32}
             constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
             fit = KernelFit(function, name, cfg)
             try:
@@ -202,18 +210,20 @@ def _pow2(n: int) -> int:
 
 
 KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
-         "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages")}
+         "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages"),
+         "chunked": ("chunk", "block_k", "block_v", "num_warps", "num_stages")}
 
 
-def _configs(mod, key: str, kernel: str, which: str) -> list:
+def _configs(mod, key: str, kernel: str, which: str, chunked: bool = False) -> list:
     """The kernel's configs as (block_q, block_k, num_warps, num_stages)
-    dicts: the backward kernels read the bwd_* knobs."""
+    dicts (the backward kernels read the bwd_* knobs), or (chunk, block_k,
+    block_v, num_warps, num_stages) for a chunked kernel."""
     if kernel.endswith("_decode_kernel"):  # one token of up to 16 query heads per key head
         fwd = _configs(mod, key, kernel.replace("_decode_kernel", "_fwd"), which)
         out = [dict(c, block_q=16, num_warps=4, num_stages=2) for c in fwd]
         return [dict(t) for t in dict.fromkeys(tuple(c.items()) for c in out)]
-    knobs = KNOBS["bwd" if "_bwd_" in kernel else "fwd"]
-    names = KNOBS["fwd"]
+    knobs = KNOBS["chunked" if chunked else "bwd" if "_bwd_" in kernel else "fwd"]
+    names = knobs if chunked else KNOBS["fwd"]
     if isinstance(which, dict):  # one config of the module
         return [{n: which[f"{key}.{k}"] for n, k in zip(names, knobs)}]
     if which == "default":
@@ -234,7 +244,9 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
     p = runner.plan
     for mp in p.matrices:
         c = cost.matrix_cost(mp, p.program.groups)
-        at = dict(sizes, T=time)
+        chunks = [v for k, v in runner.config.items()
+                  if k.startswith(mp.key + ".") and k.endswith(".chunk")]
+        at = dict(sizes, T=time, chunk=chunks[0] if chunks else 64)  # the default chunk
         flops = cost.evaluate(c.prefill_flops, at) * batch
         nbytes = cost.evaluate(c.prefill_bytes, at) * batch * bytes_per_element / cost.WORD
         fwd = max(flops / peak, nbytes / bandwidth)
@@ -245,15 +257,16 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
 
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
-    w = max([28] + [len(f.kernel) for f in fits])
+    w = max([32] + [len(f.kernel) for f in fits])
     # sm_90a's warp-level HMMA (tiles under 64 rows) next to its HGMMA
     hm = (lambda x: f" {x:>5}") if TARGETS[target][2] != "HMMA" else (lambda x: "")
-    head = (f"{'kernel':<{w}} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+    head = (f"{'kernel':<{w}} {'config (blocks, warps, stages)':<31} {'regs':>4} {'spill':>6} "
             f"{'shared':>13} {TARGETS[target][2]:>6}{hm('HMMA')} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
     for f in fits:
-        c = f.config
-        cfg = f"{c['block_q']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}"
+        names = KNOBS["chunked"] if "chunk" in f.config else KNOBS["fwd"]
+        cfg = ", ".join(f"{n.split('_')[-1][0]}={f.config[n]}" if "warps" not in n and
+                        "stages" not in n else str(f.config[n]) for n in names)
         if f.error:
             lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6}{hm('-')} "
                          f"{'-':>4}  does not compile: {f.error}")

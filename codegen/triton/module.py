@@ -18,7 +18,16 @@ from . import terms
 class TritonWriter(Writer):
     backend = "triton"
     terms = terms.BY_STRATEGY
-    header = ("import triton", "import triton.language as tl")
+    base_header = ("import triton", "import triton.language as tl")
+
+    @property
+    def header(self) -> tuple:
+        """Import lines: triton where the module has kernels, Optional for a
+        chunked kernel's op signature."""
+        typing = any("Optional[" in f for f in self.functions)
+        kernels = any("@triton.jit" in f for f in self.functions)
+        return (("from typing import Optional",) if typing else ()) + \
+            (self.base_header if kernels else ())
 
     def __init__(self, plan: ModulePlan):
         super().__init__(plan)
@@ -27,6 +36,10 @@ class TritonWriter(Writer):
 
     def environment(self):
         return _env("mixerc.codegen.triton")
+
+    def own_values(self, tp) -> bool:
+        """Terms whose kernels read the values as given (no float32 copy)."""
+        return super().own_values(tp) or terms.has_kernels(tp)
 
     def canon_mm(self, node: ir.Node, heads: tuple, tail: tuple, hint: str = "v") -> str:
         """canon(...) in the matmuls' dtype (MM_DTYPE: the inputs'); an input

@@ -1,9 +1,19 @@
 """How the Triton backend computes the strategies it has kernels for; every
-other strategy is the torch backend's (codegen/torch/terms)."""
+other strategy (and every case of a strategy its kernels do not cover) is
+the torch backend's (codegen/torch/terms)."""
 
 from mixerc.codegen.torch import terms as torch_terms
 
-from . import flash
+from . import chunked, flash
 
-BY_STRATEGY = {**torch_terms.BY_STRATEGY, "flash": flash}
-KERNELS = frozenset({"flash"})  # strategies with Triton kernels
+BY_STRATEGY = {**torch_terms.BY_STRATEGY, "flash": flash, "chunked": chunked}
+KERNELS = frozenset({"flash", "chunked"})  # strategies with Triton kernels for some terms
+
+
+def has_kernels(tp) -> bool:
+    """Whether the term runs on Triton kernels (else on the torch backend)."""
+    if tp.strategy == "flash":
+        return True
+    if tp.strategy == "chunked":
+        return chunked.handles(tp)
+    return False

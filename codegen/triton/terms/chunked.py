@@ -1,0 +1,94 @@
+"""Chunked terms (strategy `chunked`) with a scalar log-decay per head and
+token, or none (linear attention, RetNet, Mamba-2 SSD), as a Triton kernel
+(templates/triton_chunked.py.jinja): a forward with initial state in and
+final state out, in two kernels (the chunk states in order, then every
+chunk's output in parallel), which also runs the three adjoint problems of
+the backward (runtime/triton/chunked.py) and prefill; decode is one torch
+step. q and k are read at their group heads (SSD's B and C shared by a
+group of heads).
+
+Every other chunked case (a decay inside the contraction: GLA, Mamba-1,
+H3's modal kernel; a polynomial feature map: Based) is the torch backend's
+(codegen/torch/terms/chunked.py), and explain says so per term."""
+
+import hashlib
+
+from mixerc.codegen.torch.terms import chunked as torch_chunked
+from mixerc.plan import value_dims
+
+# defaults from the static fitness table (`mixerc compile --target`, bf16):
+# no spills on sm_90a and sm_80 for linear attention, RetNet and SSD at
+# K = V = 64 and 128. The tuner tries the rest of the space on its device
+# (screened by the same check).
+DEFAULTS = {"chunk": 64, "block_k": 64, "block_v": 64, "num_warps": 4, "num_stages": 2}
+CHOICES = {"chunk": [16, 32, 64, 128], "block_k": [32, 64, 128],
+           "block_v": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
+
+
+def handles(tp) -> bool:
+    """Whether the kernel computes this term exactly: masked low rank with a
+    scalar decay or none (per head and token), causal, strict or not."""
+    f = tp.flags
+    return tp.strategy == "chunked" and f["features"] is None and not f["per_channel"] \
+        and f["hi"] == float("inf") and f["lo"] in (0, 1)
+
+
+def _heads(op, mp, groups) -> tuple:
+    """The heads an operand is read at: its group dim when it is per group of
+    the matrix's single head dim, else the matrix's heads."""
+    if len(mp.heads) == 1 and len(op.heads) == 1 and groups.get(op.heads[0]) == mp.heads[0]:
+        return tuple(op.heads)
+    return tuple(mp.heads)
+
+
+def emit(tp, mp, w, key, values):
+    if not handles(tp):
+        return torch_chunked.emit(tp, mp, w, key, values)
+    f = tp.flags
+    dim = f["dim"]
+    g = w.program.groups
+    q = w.canon_mm(tp.operands["q"].node, _heads(tp.operands["q"], mp, g), (dim,), hint="q")
+    k = w.canon_mm(tp.operands["k"].node, _heads(tp.operands["k"], mp, g), (dim,), hint="k")
+    if isinstance(values, str):  # built by the writer (gates or wrappers applied)
+        v = w.assign(f"{values}.to(MM_DTYPE)", hint="values")
+    else:  # the inputs as given, at the matrix's heads
+        parts = []
+        for a in mp.applies:
+            vd = value_dims(a, mp.heads, g)
+            x = w.canon_mm(a.u, mp.heads, vd, hint="x")
+            parts.append(x if vd else f"{x}[..., None]")
+        v = w.assign(parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], -1)",
+                     hint="values")
+    a = "None"
+    if f["has_decay"]:
+        a = w.canon(tp.operands["log_decay"].node, mp.heads, (), hint="log_decay")
+    # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
+    fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
+                          strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
+    flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
+                 fallback=fallback)
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    fn = w.function("triton_chunked.py.jinja", base="chunked_kernel",
+                    op=f"mixerc::chunked_{digest}", **flags)
+    # the kernels' dims, for compiling them without tensors (fitness.py)
+    w.kernel_dims[fn] = (key, (dim,), [value_dims(a_, mp.heads, g) for a_ in mp.applies])
+    config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
+                                                          "num_warps", "num_stages"))
+    y = w.fresh("y")
+    read, write = w.state(key)
+    w.line("# backward: the same kernel on the adjoint problems (runtime/triton/chunked.py)")
+    w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config})")
+    return y
+
+
+def space(tp):
+    if not handles(tp):
+        return torch_chunked.space(tp)
+    return {p: (CHOICES[p], DEFAULTS[p]) for p in DEFAULTS}
+
+
+def constraints(tp, key):
+    if not handles(tp):
+        return torch_chunked.constraints(tp, key)
+    c = f"cfg[{key + '.chunk'!r}]"
+    return [f"({c} < 2 * max(T, 16) or {c} == {DEFAULTS['chunk']})"]
