@@ -218,7 +218,7 @@ def test_groups_are_read_at_their_heads(compiled, monkeypatch):
         seen.append((q.shape[2], k.shape[2], v.shape[2]))
         return real(q, k, v, *rest)
     monkeypatch.setattr(mod, op, spy)
-    m(**on_device(args_of(m, T=9), torch.float32))
+    m(**on_device(args_of(m, T=40), torch.float32))  # past 16 tokens: the chunk kernels, not the decode kernel
     assert seen == [(2, 4, 4)], seen
 
 
@@ -326,3 +326,43 @@ def test_generated_module_is_clean(name, standalone):
     from test_generated_code import flakes
     src = mixerc.compile(name, backend="triton")._impl.generate(standalone=standalone)[0]
     assert flakes(src) == ""
+
+
+@pytest.mark.parametrize("src", ["retnet", "ssd"])
+def test_decode_kernel_in_place_and_reused_states(src, compiled, monkeypatch):
+    """Steps run the recurrence kernel (runtime/triton/recurrent.py), which
+    updates the newest state in place; an older state that was already
+    continued is refused, a clone continues; with gradients a step takes
+    the differentiable path and leaves its state alone."""
+    m, d = compiled(src), compiled(src, "dense")
+    mod = m._impl.module
+    calls = []
+    real = mod.recurrent_step
+    monkeypatch.setattr(mod, "recurrent_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = args_of(m, T=30, seed=8)
+    want = d(**args)
+    x = on_device(args, torch.float32)
+    tokens = set(m.program.inputs)
+    step = lambda i: {n: (v[:, i] if n in tokens else v) for n, v in x.items()}  # noqa: E731
+    _, state = m(**{n: (v[:, :20] if n in tokens else v) for n, v in x.items()},
+                 return_state=True)
+    (key, first), = state.tensors.items()
+    buffers = set()
+    for i in range(20, 25):
+        yt, state = m.step(state, **step(i))
+        assert rel_err(yt.cpu(), want[:, i]) < 1e-4, i
+        buffers.add(state.tensors[key].data_ptr())
+        if i == 22:
+            older, kept = state, state.clone()
+    assert len(calls) == 5 and len(buffers) == 1 and first.data_ptr() not in buffers
+    with pytest.raises(mixerc.MixerError, match="already continued"):
+        m.step(older, **step(23))
+    yt, _ = m.step(kept, **step(23))
+    assert rel_err(yt.cpu(), want[:, 23]) < 1e-4
+    # with gradients: the differentiable path, the state it was given untouched
+    before = state.tensors[key].clone()
+    grad = {n: (v.clone().requires_grad_() if n in tokens else v) for n, v in x.items()}
+    yt, _ = m.step(state, **{n: (v[:, 25] if n in tokens else v) for n, v in grad.items()})
+    yt.sum().backward()
+    assert rel_err(yt.detach().cpu(), want[:, 25]) < 1e-4
+    assert torch.equal(state.tensors[key], before)

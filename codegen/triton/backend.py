@@ -81,7 +81,8 @@ def runs_on(tp) -> str:
     if has_kernels(tp) and tp.strategy == "chunked":
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "
-                "them, decode one torch step); q, k, v in the inputs' dtype into tensor-core "
+                "them; a decode step (up to 16 tokens, no gradient) one recurrence kernel that "
+                "updates the state in place); q, k, v in the inputs' dtype into tensor-core "
                 "dots, decays, states and output in float32")
     if has_kernels(tp):
         return ("Triton kernels (forward; backward dQ and dK/dV; a split-K decode step that "

@@ -87,7 +87,10 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config):
     tensors = [x for x in (q, k, v, a, state) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return GroupedChunkedFn.apply(fwd, chunk, q, k, v, a, state)
-    return fwd(q, k, v, a, state, chunk)
+    # no gradient: a short block may take the in-place decode kernel (not while
+    # torch.compile traces, which sees through the custom op only)
+    return run(q, k, v, a, state, chunk, *config,
+               decode=not torch.compiler.is_compiling())
 
 
 class GroupedChunkedFn(torch.autograd.Function):

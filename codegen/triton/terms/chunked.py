@@ -3,8 +3,9 @@ token, or none (linear attention, RetNet, Mamba-2 SSD), as a Triton kernel
 (templates/triton_chunked.py.jinja): a forward with initial state in and
 final state out, in two kernels (the chunk states in order, then every
 chunk's output in parallel), which also runs the three adjoint problems of
-the backward (runtime/triton/chunked.py) and prefill; decode is one torch
-step. q and k are read at their group heads (SSD's B and C shared by a
+the backward (runtime/triton/chunked.py) and prefill; a decode step without
+gradients is one launch of the recurrence kernel (runtime/triton/recurrent.py,
+the state updated in place). q and k are read at their group heads (SSD's B and C shared by a
 group of heads).
 
 Every other chunked case (a decay inside the contraction: GLA, Mamba-1,
@@ -66,7 +67,8 @@ def emit(tp, mp, w, key, values):
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
-                 fallback=fallback)
+                 fallback=fallback,  # `what`: who a decode error names, as a literal
+                 what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_chunked.py.jinja", base="chunked_kernel",
                     op=f"mixerc::chunked_{digest}", **flags)
