@@ -68,12 +68,15 @@ def report():
 
 def test_every_kernel_fits_sm90a_and_sm80(report):
     fits = report["fits"]
-    assert len(fits) == 2 * 2 * 4  # mixers x targets x (fwd, dq, dkv, decode), D = 128
+    # mixers x targets x (fwd, dq, dkv, decode, the runtime's split combine), D = 128
+    assert len(fits) == 2 * 2 * 5
     for f in fits:
         where = f"{f['mixer']} D={f['D']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
-        assert f["spill"] == 0, where
-        assert 0 < f["shared"] <= f["limit"], where
+        assert f["spill"] == 0 and f["shared"] <= f["limit"], where
+        if f["kernel"] == "_mx_combine":  # elementwise over the splits: no dots
+            continue
+        assert f["shared"] > 0, where
         if f["kernel"].endswith("_decode_kernel"):  # 16-row tiles: warp-level HMMA
             assert f["mma"] + f["hmma"] > 0, where
         else:
@@ -87,15 +90,17 @@ def test_chunked_kernels_fit_sm90a_and_sm80(report):
     default config: no spills, shared memory within the limit, the dots on
     tensor cores."""
     fits = report["chunked"]
-    assert len(fits) == 3 * 2 * 2  # mixers x targets x (states, output)
+    assert len(fits) == 3 * 2 * 3  # mixers x targets x (states, output, decode step)
     assert {f["kernel"] for f in fits} == {"chunked_kernel_states", "chunked_kernel_fwd",
                                            "chunked_kernel_has_decay_states",
-                                           "chunked_kernel_has_decay_fwd"}
+                                           "chunked_kernel_has_decay_fwd", "_mx_recurrent_step"}
     for f in fits:
         where = f"{f['mixer']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
-        assert f["spill"] == 0, where
-        assert 0 < f["shared"] <= f["limit"], where
+        assert f["spill"] == 0 and f["shared"] <= f["limit"], where
+        if f["kernel"] == "_mx_recurrent_step":  # memory-bound vector math: no dots
+            continue
+        assert f["shared"] > 0, where
         assert f["mma"] > 0, where
         assert f["regs"] <= 255, where
 

@@ -202,6 +202,40 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
             except Exception as e:  # a config the compiler rejects (e.g. out of resources)
                 fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             out.append(fit)
+    out += _runtime_kernels(mod, shapes, target, mm_dtype, keep_asm)
+    return out
+
+
+def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bool) -> list:
+    """The runtime's kernels the module launches (runtime/triton): the
+    recurrence of a chunked term's decode step (at its K and V, with a decay
+    per head) and the split combine of a softmax's decode step (at its V)."""
+    from mixerc.runtime.triton import cache, recurrent
+    out = []
+    for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step, "chunked"),
+                               ("combine_splits", cache._mx_combine, "flash")):
+        dims = [d for fn, (_, *d) in shapes.items() if fn.startswith(kind)]
+        if host not in vars(mod) or not dims:
+            continue
+        D, DV = dims[0]
+        if kind == "chunked":
+            bk = max(16, _pow2(D))
+            bv = max(16, min(_pow2(DV), 4096 // bk))  # as recurrent_step launches it
+            cfg = {"block_k": bk, "block_v": bv, "num_warps": 4 if bk * bv <= 4096 else 8,
+                   "num_stages": 1}
+            constexprs = {"DECAY": True, "PER_CHANNEL": False, "STRICT": False,
+                          "BLOCK_K": cfg["block_k"], "BLOCK_V": cfg["block_v"]}
+        else:
+            cfg = {"block_k": 16, "block_v": max(16, _pow2(DV)), "num_warps": 4,
+                   "num_stages": 1}
+            constexprs = {"BLOCK_M": 16, "DV": cfg["block_v"]}
+        fit = KernelFit(host, kernel.fn.__name__, cfg)
+        try:
+            compiled = compile_kernel(kernel, constexprs, target, cfg["num_warps"], 1, mm_dtype)
+            inspect(compiled, target, fit, keep_asm)
+        except Exception as e:  # noqa: BLE001  (reported in the table)
+            fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        out.append(fit)
     return out
 
 
@@ -211,7 +245,8 @@ def _pow2(n: int) -> int:
 
 KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
          "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages"),
-         "chunked": ("chunk", "block_k", "block_v", "num_warps", "num_stages")}
+         "chunked": ("chunk", "block_k", "block_v", "num_warps", "num_stages"),
+         "runtime": ("block_k", "block_v", "num_warps", "num_stages")}
 
 
 def _configs(mod, key: str, kernel: str, which: str, chunked: bool = False) -> list:
@@ -264,7 +299,8 @@ def table(fits: list, target: str) -> str:
             f"{'shared':>13} {TARGETS[target][2]:>6}{hm('HMMA')} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
     for f in fits:
-        names = KNOBS["chunked"] if "chunk" in f.config else KNOBS["fwd"]
+        names = KNOBS["chunked"] if "chunk" in f.config else \
+            KNOBS["runtime"] if "block_v" in f.config else KNOBS["fwd"]
         cfg = ", ".join(f"{n.split('_')[-1][0]}={f.config[n]}" if "warps" not in n and
                         "stages" not in n else str(f.config[n]) for n in names)
         if f.error:

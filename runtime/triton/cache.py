@@ -126,27 +126,27 @@ def decode_programs(device):
 
 
 @triton.jit
-def _mx_combine(ACC, TOP, TOTAL, OUT, SPLITS, M, BLOCK_M: tl.constexpr, DV: tl.constexpr):
+def _mx_combine(ACC, TOP, TOTAL, OUT, n_splits, n_rows, BLOCK_M: tl.constexpr, DV: tl.constexpr):
     # one (batch, key head) x BLOCK_M rows: the softmax over the splits' partial ones
     n = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = rows < M
+    ok = rows < n_rows
     cols = tl.arange(0, DV)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for i in range(0, SPLITS):
-        best = tl.maximum(best, tl.load(TOP + (n * SPLITS + i) * M + rows, mask=ok,
+    for i in range(0, n_splits):
+        best = tl.maximum(best, tl.load(TOP + (n * n_splits + i) * n_rows + rows, mask=ok,
                                         other=float("-inf")))
     best = tl.where(best == float("-inf"), 0.0, best)  # a row no split saw a key for
     norm = tl.zeros([BLOCK_M], tl.float32)
     out = tl.zeros([BLOCK_M, DV], tl.float32)
-    for i in range(0, SPLITS):
-        at = (n * SPLITS + i) * M + rows
+    for i in range(0, n_splits):
+        at = (n * n_splits + i) * n_rows + rows
         w = tl.exp2(tl.load(TOP + at, mask=ok, other=float("-inf")) - best)
         norm += w * tl.load(TOTAL + at, mask=ok, other=0.0)
         part = tl.load(ACC + at[:, None] * DV + cols[None, :], mask=ok[:, None], other=0.0)
         out += w[:, None] * part
     out = out / tl.where(norm > 0, norm, 1.0)[:, None]  # a row with no allowed key is 0
-    tl.store(OUT + (n * M + rows)[:, None] * DV + cols[None, :], out, mask=ok[:, None])
+    tl.store(OUT + (n * n_rows + rows)[:, None] * DV + cols[None, :], out, mask=ok[:, None])
 
 
 def combine_splits(acc, top, total):

@@ -21,31 +21,31 @@ from mixerc.runtime.bind import MixerValueError  # inline: drop
 
 
 @triton.jit
-def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, HV, DK, DV,
+def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, n_hq, n_hk, n_hv, n_k, n_v,
                        DECAY: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        STRICT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     # one (batch, head) x BLOCK_V columns of the state, over the step's T tokens
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
-    hq = h // (H // HQ)
-    hk = h // (H // HK)
-    hv = h // (H // HV)
+    hq = h // (H // n_hq)
+    hk = h // (H // n_hk)
+    hv = h // (H // n_hv)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    k_ok = offs_k < DK
-    v_ok = offs_v < DV
-    tile = ((b * H + h) * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    k_ok = offs_k < n_k
+    v_ok = offs_v < n_v
+    tile = ((b * H + h) * n_k + offs_k[:, None]) * n_v + offs_v[None, :]
     ok = k_ok[:, None] & v_ok[None, :]
     s = tl.load(S_IN + tile, mask=ok, other=0.0).to(tl.float32)
     for t in range(0, T):
         bt = b * T + t
-        q = tl.load(Q + (bt * HQ + hq) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        k = tl.load(K + (bt * HK + hk) * DK + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + (bt * HV + hv) * DV + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+        q = tl.load(Q + (bt * n_hq + hq) * n_k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        k = tl.load(K + (bt * n_hk + hk) * n_k + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + (bt * n_hv + hv) * n_v + offs_v, mask=v_ok, other=0.0).to(tl.float32)
         if DECAY:
             if PER_CHANNEL:
-                g = tl.exp(tl.load(A + (bt * H + h) * DK + offs_k, mask=k_ok,
+                g = tl.exp(tl.load(A + (bt * H + h) * n_k + offs_k, mask=k_ok,
                                    other=0.0).to(tl.float32))[:, None]
             else:
                 g = tl.exp(tl.load(A + bt * H + h).to(tl.float32))
@@ -56,7 +56,7 @@ def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, HQ, HK, HV, DK, DV,
         else:
             s = s + k[:, None] * v[None, :]
             y = tl.sum(q[:, None] * s, 0)
-        tl.store(Y + (bt * H + h) * DV + offs_v, y, mask=v_ok)
+        tl.store(Y + (bt * H + h) * n_v + offs_v, y, mask=v_ok)
     tl.store(S_OUT + tile, s, mask=ok)
 
 
@@ -102,12 +102,13 @@ def recurrent_step(q, k, v, a, state, strict, what, heads=None):
     y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
     if B * H and T:
         block_k = max(16, triton.next_power_of_2(DK))
-        block_v = max(16, min(triton.next_power_of_2(DV), 8192 // block_k))
+        block_v = max(16, min(triton.next_power_of_2(DV), 4096 // block_k))  # no spills
         _mx_recurrent_step[(B * H, triton.cdiv(DV, block_v))](
             q.contiguous(), k.contiguous(), v.contiguous(),
             q if a is None else a.contiguous(), source, out, y, T, H, q.shape[2], k.shape[2],
             v.shape[2], DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
-            STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4)
+            STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v,
+            num_warps=4 if block_k * block_v <= 4096 else 8)
     elif not in_place:
         out.copy_(source)
     return y, _alias(out, record)
