@@ -12,7 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
-from .terms import KERNELS
+from .terms import KERNELS, has_kernel, per_channel
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -64,7 +64,7 @@ class TritonRunner(TorchRunner):
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         if bound.device.type not in ("cuda", "meta") and not interpreted() and \
-                any(s in KERNELS for m in self.plan.matrices for s in m.strategies):
+                any(has_kernel(tp) for m in self.plan.matrices for tp in m.terms):
             if getattr(self.mixer, "auto", False):  # backend="auto": the torch backend here
                 if self._torch is None:
                     self._torch = TorchRunner(self.mixer)
@@ -81,6 +81,10 @@ def runs_on(tp) -> str:
     if tp.strategy in KERNELS:
         return ("Triton kernels (forward; backward dQ and dK/dV; a split-K decode step that "
                 "appends to the KV cache in place)")
+    if per_channel.handles(tp):
+        return ("a Triton kernel (forward without gradients: chunks and sub-chunks in log "
+                "space, state passed in registers; decode steps update the state in place); "
+                "the torch backend when gradients are needed or for float64")
     if tp.strategy == "dense":
         return "the dense interpreter"
     return "the torch backend (no Triton kernels for this strategy yet)"

@@ -28,8 +28,9 @@ TARGETS = {
 MAX_REGISTERS = 255
 
 # kernel parameters by role (the templates' naming convention): the dots'
-# operands in the matmul dtype, block lists int32, every other pointer float32
-MM_POINTERS = {"Q", "K", "V", "DO"}
+# operands in the matmul dtype (QK: scores one kernel writes for another), block
+# lists int32, every other pointer float32
+MM_POINTERS = {"Q", "K", "V", "DO", "QK"}
 INT_POINTERS = {"BIDX", "BKIND", "BCNT", "QIDX", "QKIND", "QCNT"}
 FLOAT_SCALARS = {"lo", "hi"}
 
@@ -160,7 +161,7 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel)$", "", name)
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel|fwd_[a-z]+)$", "", name)
             out.append((function, name, obj))
     return out
 
@@ -180,6 +181,11 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
+        meta = getattr(mod, f"{function}_compile_meta", None)
+        if meta is not None:  # a kernel family that says its own constexprs and knobs
+            out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
+                                   target, mm_dtype, keep_asm))
+            continue
         for cfg in _configs(mod, key, name, configs):
             constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"], "BLOCK_N": cfg["block_k"],
                           "BLOCK_D": max(16, _pow2(D)), "BLOCK_DV": max(16, _pow2(DV)),
@@ -194,6 +200,33 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
             except Exception as e:  # a config the compiler rejects (e.g. out of resources)
                 fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             out.append(fit)
+    return out
+
+
+def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm_dtype,
+                keep_asm) -> list:
+    """KernelFit per config of a kernel whose host code has `<function>_compile_meta(D,
+    DV, cfg, mm_dtype) -> (constexprs, num_warps, num_stages)`, with its knobs
+    (config key suffixes) in `.knobs`."""
+    import itertools
+    if isinstance(which, dict):
+        cfgs = [{k: which[f"{key}.{k}"] for k in meta.knobs}]
+    elif which == "default":
+        cfgs = [{k: mod.DEFAULT_CONFIG[f"{key}.{k}"] for k in meta.knobs}]
+    else:
+        choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in meta.knobs]
+        cfgs = [dict(zip(meta.knobs, c)) for c in itertools.product(*choices)]
+    out = []
+    for cfg in cfgs:
+        fit = KernelFit(function, name, cfg)
+        try:
+            constexprs, warps, stages = meta(D, DV, cfg, mm_dtype)
+            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+            inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype),
+                    target, fit, keep_asm)
+        except Exception as e:  # a config the compiler rejects (e.g. out of resources)
+            fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        out.append(fit)
     return out
 
 
@@ -235,6 +268,7 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
     for mp in p.matrices:
         c = cost.matrix_cost(mp, p.program.groups)
         at = dict(sizes, T=time)
+        at.setdefault("chunk", runner.config.get(f"{mp.key}.chunk", 64))  # chunked costs
         flops = cost.evaluate(c.prefill_flops, at) * batch
         nbytes = cost.evaluate(c.prefill_bytes, at) * batch * bytes_per_element / cost.WORD
         fwd = max(flops / peak, nbytes / bandwidth)
@@ -253,7 +287,8 @@ def table(fits: list, target: str) -> str:
     lines = [head, "-" * len(head)]
     for f in fits:
         c = f.config
-        cfg = f"{c['block_q']}, {c['block_k']}, {c['num_warps']}, {c['num_stages']}"
+        cfg = ", ".join(str(x) for x in c.values()) if "block_q" in c else \
+            " ".join(f"{k}={x}" for k, x in c.items())
         if f.error:
             lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6}{hm('-')} "
                          f"{'-':>4}  does not compile: {f.error}")
