@@ -201,6 +201,22 @@ def test_decode_steps_after_prefill(compiled, monkeypatch, poisoned, name):
     assert rel_err(torch.cat(ys, 1).cpu(), want) < 1e-4
 
 
+def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
+    """Packed sequences (cu_seqlens): one kernel call per sequence, long and short
+    (a decode-sized sequence takes the recurrence kernel)."""
+    m, d = compiled("gla"), compiled("gla", "dense")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=60, seed=8)
+    offsets = [0, 5, 41, 60]
+    with torch.no_grad():
+        y = m(**on_device(args),
+              cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
+    assert calls and all(calls)
+    for a, b in zip(offsets, offsets[1:]):
+        want = d(**{n: x[:, a:b] for n, x in args.items()})
+        assert rel_err(y[:, a:b].cpu(), want) < 1e-4
+
+
 def test_gradients_run_the_torch_backend(compiled, monkeypatch):
     m = compiled("gla")
     calls = kernel_calls(m, monkeypatch)

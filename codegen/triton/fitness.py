@@ -282,19 +282,22 @@ def table(fits: list, target: str) -> str:
     w = max([28] + [len(f.kernel) for f in fits])
     # sm_90a's warp-level HMMA (tiles under 64 rows) next to its HGMMA
     hm = (lambda x: f" {x:>5}") if TARGETS[target][2] != "HMMA" else (lambda x: "")
-    head = (f"{'kernel':<{w}} {'config (bq, bk, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+    # the flash family's (block_q, block_k, warps, stages) as numbers, others' knobs by name
+    cfgs = [", ".join(str(x) for x in f.config.values()) if "block_q" in f.config else
+            " ".join(f"{k}={x}" for k, x in f.config.items()) for f in fits]
+    label = "config (bq, bk, warps, stages)" if all("block_q" in f.config for f in fits) \
+        else "config"
+    cw = max([31] + [len(c) for c in cfgs])
+    head = (f"{'kernel':<{w}} {label:<{cw}} {'regs':>4} {'spill':>6} "
             f"{'shared':>13} {TARGETS[target][2]:>6}{hm('HMMA')} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
-    for f in fits:
-        c = f.config
-        cfg = ", ".join(str(x) for x in c.values()) if "block_q" in c else \
-            " ".join(f"{k}={x}" for k, x in c.items())
+    for f, cfg in zip(fits, cfgs):
         if f.error:
-            lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6}{hm('-')} "
-                         f"{'-':>4}  does not compile: {f.error}")
+            lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {'-':>4} {'-':>6} {'-':>13} {'-':>6}"
+                         f"{hm('-')} {'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
-        lines.append(f"{f.kernel:<{w}} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
+        lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {f.registers:>4} {f.spill_bytes:>5}B "
                      f"{shared:>13} {f.mma:>6}{hm(f.hmma)} {f.tma:>4}  {verdict}")
     return "\n".join(lines)
