@@ -274,4 +274,6 @@ def test_kernels_fit_sm90a_and_sm80():
         assert f["spill"] == 0, where
         assert 0 < f["shared"] <= f["limit"], where
         assert f["mma"] + f["hmma"] > 0, where  # the dots run on tensor cores
+        if f["target"] == "sm_90a":  # chunks of 64 rows: warpgroup MMA (wgmma)
+            assert f["mma"] > 0, where
         assert f["regs"] <= 255, where

@@ -28,9 +28,9 @@ TARGETS = {
 MAX_REGISTERS = 255
 
 # kernel parameters by role (the templates' naming convention): the dots'
-# operands in the matmul dtype (QK: scores one kernel writes for another), block
-# lists int32, every other pointer float32
-MM_POINTERS = {"Q", "K", "V", "DO", "QK"}
+# operands in the matmul dtype (QK, QG, KD: operands one kernel writes for
+# another), block lists int32, every other pointer float32
+MM_POINTERS = {"Q", "K", "V", "DO", "QK", "QG", "KD"}
 INT_POINTERS = {"BIDX", "BKIND", "BCNT", "QIDX", "QKIND", "QCNT"}
 FLOAT_SCALARS = {"lo", "hi"}
 

@@ -15,10 +15,9 @@ from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile examples/gla.mx
-# --target sm_90a|sm_80`, K = V = 128, bf16): the largest config with no
-# spills on both (chunks of 64 fit sm_90a, with HGMMA, at block_v = 32 but
-# spill on sm_80; the tuner tries them on its device)
-DEFAULTS = {"tri_chunk": 32, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2}
+# --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
+# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills)
+DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2}
 CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
            "num_warps": [4, 8], "num_stages": [1, 2, 3]}
 
