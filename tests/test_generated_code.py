@@ -29,7 +29,8 @@ def test_pyflakes_finds_nothing(name, standalone):
     assert "import *" not in src
 
 
-TRITON_PROGRAMS = ["attention", "sliding_window", "retnet", "ssd", "linear_attention", "hydra"]
+TRITON_PROGRAMS = ["attention", "sliding_window", "retnet", "ssd", "linear_attention", "hydra",
+                   "gla", "mamba"]
 
 
 @pytest.mark.parametrize("index", range(len(TRITON_PROGRAMS) + 4))

@@ -12,7 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
-from .terms import has_kernels
+from .terms import has_kernels, per_channel
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -78,6 +78,10 @@ class TritonRunner(TorchRunner):
 
 
 def runs_on(tp) -> str:
+    if per_channel.handles(tp):
+        return ("a Triton kernel (forward without gradients: chunks and sub-chunks in log "
+                "space, state passed in registers; decode steps update the state in place); "
+                "the torch backend when gradients are needed or for float64")
     if has_kernels(tp) and tp.strategy == "chunked":
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "

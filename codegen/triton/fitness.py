@@ -28,8 +28,9 @@ TARGETS = {
 MAX_REGISTERS = 255
 
 # kernel parameters by role (the templates' naming convention): the dots'
-# operands in the matmul dtype, block lists int32, every other pointer float32
-MM_POINTERS = {"Q", "K", "V", "DO"}
+# operands in the matmul dtype (QK, QG, KD: operands one kernel writes for
+# another), block lists int32, every other pointer float32
+MM_POINTERS = {"Q", "K", "V", "DO", "QK", "QG", "KD"}
 INT_POINTERS = {"BIDX", "BKIND", "BCNT", "QIDX", "QKIND", "QCNT"}
 FLOAT_SCALARS = {"lo", "hi"}
 
@@ -160,7 +161,8 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel|states)$", "", name)
+            function = re.sub(r"_(fwd|bwd_dq|bwd_dkv|decode_kernel|states|fwd_[a-z]+)$", "",
+                              name)
             out.append((function, name, obj))
     return out
 
@@ -180,6 +182,11 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
+        meta = getattr(mod, f"{function}_compile_meta", None)
+        if meta is not None:  # a kernel family that says its own constexprs and knobs
+            out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
+                                   target, mm_dtype, keep_asm))
+            continue
         chunked = "BT" in kernel.arg_names  # the chunked kernels' (states, output)
         for cfg in _configs(mod, key, name, configs, chunked):
             precision = "ieee" if mm_dtype == "fp32" else "tf32"
@@ -209,21 +216,23 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
 def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bool) -> list:
     """The runtime's kernels the module launches (runtime/triton): the
     recurrence of a chunked term's decode step (at its K and V, with a decay
-    per head) and the split combine of a softmax's decode step (at its V)."""
+    per head or per channel) and the split combine of a softmax's decode step (at its V)."""
     from mixerc.runtime.triton import cache, recurrent
     out = []
-    for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step, "chunked"),
-                               ("combine_splits", cache._mx_combine, "flash")):
-        dims = [d for fn, (_, *d) in shapes.items() if fn.startswith(kind)]
+    for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step,
+                                ("chunked", "per_channel")),
+                               ("combine_splits", cache._mx_combine, ("flash",))):
+        dims = [(fn, *d) for fn, (_, *d) in shapes.items() if fn.startswith(kind)]
         if host not in vars(mod) or not dims:
             continue
-        D, DV = dims[0]
-        if kind == "chunked":
+        fn, D, DV = dims[0]
+        if kind[0] == "chunked":
             bk = max(16, _pow2(D))
             bv = max(16, min(_pow2(DV), 4096 // bk))  # as recurrent_step launches it
             cfg = {"block_k": bk, "block_v": bv, "num_warps": 4 if bk * bv <= 4096 else 8,
                    "num_stages": 1}
-            constexprs = {"DECAY": True, "PER_CHANNEL": False, "STRICT": False,
+            constexprs = {"DECAY": True, "PER_CHANNEL": fn.startswith("per_channel"),
+                          "STRICT": False,
                           "BLOCK_K": cfg["block_k"], "BLOCK_V": cfg["block_v"]}
         else:
             cfg = {"block_k": 16, "block_v": max(16, _pow2(DV)), "num_warps": 4,
@@ -234,6 +243,33 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
             compiled = compile_kernel(kernel, constexprs, target, cfg["num_warps"], 1, mm_dtype)
             inspect(compiled, target, fit, keep_asm)
         except Exception as e:  # noqa: BLE001  (reported in the table)
+            fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        out.append(fit)
+    return out
+
+
+def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm_dtype,
+                keep_asm) -> list:
+    """KernelFit per config of a kernel whose host code has `<function>_compile_meta(D,
+    DV, cfg, mm_dtype) -> (constexprs, num_warps, num_stages)`, with its knobs
+    (config key suffixes) in `.knobs`."""
+    import itertools
+    if isinstance(which, dict):
+        cfgs = [{k: which[f"{key}.{k}"] for k in meta.knobs}]
+    elif which == "default":
+        cfgs = [{k: mod.DEFAULT_CONFIG[f"{key}.{k}"] for k in meta.knobs}]
+    else:
+        choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in meta.knobs]
+        cfgs = [dict(zip(meta.knobs, c)) for c in itertools.product(*choices)]
+    out = []
+    for cfg in cfgs:
+        fit = KernelFit(function, name, cfg)
+        try:
+            constexprs, warps, stages = meta(D, DV, cfg, mm_dtype)
+            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+            inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype),
+                    target, fit, keep_asm)
+        except Exception as e:  # a config the compiler rejects (e.g. out of resources)
             fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         out.append(fit)
     return out
@@ -290,25 +326,34 @@ def roofline(runner, sizes: dict, batch: int, time: int, target: str,
     return out
 
 
+def _config_text(config: dict) -> str:
+    """A config as blocks by their last letter or word (block_q -> q=, chunk -> c=,
+    tri_sub -> sub=), then warps and stages as numbers."""
+    out = []
+    for k, v in config.items():
+        last = k.split("_")[-1]
+        out.append(str(v) if k in ("num_warps", "num_stages") else
+                   f"{'c' if last == 'chunk' else last}={v}")
+    return ", ".join(out)
+
+
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
     w = max([32] + [len(f.kernel) for f in fits])
     # sm_90a's warp-level HMMA (tiles under 64 rows) next to its HGMMA
     hm = (lambda x: f" {x:>5}") if TARGETS[target][2] != "HMMA" else (lambda x: "")
-    head = (f"{'kernel':<{w}} {'config (blocks, warps, stages)':<31} {'regs':>4} {'spill':>6} "
+    cfgs = [_config_text(f.config) for f in fits]
+    cw = max([31] + [len(c) for c in cfgs])
+    head = (f"{'kernel':<{w}} {'config (blocks, warps, stages)':<{cw}} {'regs':>4} {'spill':>6} "
             f"{'shared':>13} {TARGETS[target][2]:>6}{hm('HMMA')} {'TMA':>4}  verdict")
     lines = [head, "-" * len(head)]
-    for f in fits:
-        names = KNOBS["chunked"] if "chunk" in f.config else \
-            KNOBS["runtime"] if "block_v" in f.config else KNOBS["fwd"]
-        cfg = ", ".join(f"{n.split('_')[-1][0]}={f.config[n]}" if "warps" not in n and
-                        "stages" not in n else str(f.config[n]) for n in names)
+    for f, cfg in zip(fits, cfgs):
         if f.error:
-            lines.append(f"{f.kernel:<{w}} {cfg:<31} {'-':>4} {'-':>6} {'-':>13} {'-':>6}{hm('-')} "
-                         f"{'-':>4}  does not compile: {f.error}")
+            lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {'-':>4} {'-':>6} {'-':>13} {'-':>6}"
+                         f"{hm('-')} {'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
-        lines.append(f"{f.kernel:<{w}} {cfg:<31} {f.registers:>4} {f.spill_bytes:>5}B "
+        lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {f.registers:>4} {f.spill_bytes:>5}B "
                      f"{shared:>13} {f.mma:>6}{hm(f.hmma)} {f.tma:>4}  {verdict}")
     return "\n".join(lines)

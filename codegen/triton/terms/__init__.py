@@ -4,16 +4,17 @@ the torch backend's (codegen/torch/terms)."""
 
 from mixerc.codegen.torch import terms as torch_terms
 
-from . import chunked, flash
+from . import chunked, flash, per_channel
 
 BY_STRATEGY = {**torch_terms.BY_STRATEGY, "flash": flash, "chunked": chunked}
 KERNELS = frozenset({"flash", "chunked"})  # strategies with Triton kernels for some terms
 
 
 def has_kernels(tp) -> bool:
-    """Whether the term runs on Triton kernels (else on the torch backend)."""
+    """Whether the term runs on Triton kernels (else on the torch backend; a
+    per-channel decay's kernel runs when no gradient is needed)."""
     if tp.strategy == "flash":
         return True
     if tp.strategy == "chunked":
-        return chunked.handles(tp)
+        return chunked.handles(tp) or per_channel.handles(tp)
     return False

@@ -8,13 +8,14 @@ gradients is one launch of the recurrence kernel (runtime/triton/recurrent.py,
 the state updated in place). q and k are read at their group heads (SSD's B and C shared by a
 group of heads).
 
-Every other chunked case (a decay inside the contraction: GLA, Mamba-1,
-H3's modal kernel; a polynomial feature map: Based) is the torch backend's
+A decay inside the contraction (GLA, Mamba-1, H3's modal kernel) goes to
+terms/per_channel.py; a polynomial feature map (Based) is the torch backend's
 (codegen/torch/terms/chunked.py), and explain says so per term."""
 
 import hashlib
 
 from mixerc.codegen.torch.terms import chunked as torch_chunked
+from mixerc.codegen.triton.terms import per_channel
 from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile --target`, bf16):
@@ -34,6 +35,13 @@ def handles(tp) -> bool:
         and f["hi"] == float("inf") and f["lo"] in (0, 1)
 
 
+def _other(tp):
+    """Who computes a chunked term these kernels do not: the per-channel decay's
+    kernel (terms/per_channel.py) where it handles the term, else the torch
+    backend."""
+    return per_channel if per_channel.handles(tp) else torch_chunked
+
+
 def _heads(op, mp, groups) -> tuple:
     """The heads an operand is read at: its group dim when it is per group of
     the matrix's single head dim, else the matrix's heads."""
@@ -44,7 +52,7 @@ def _heads(op, mp, groups) -> tuple:
 
 def emit(tp, mp, w, key, values):
     if not handles(tp):
-        return torch_chunked.emit(tp, mp, w, key, values)
+        return _other(tp).emit(tp, mp, w, key, values)
     f = tp.flags
     dim = f["dim"]
     g = w.program.groups
@@ -85,12 +93,12 @@ def emit(tp, mp, w, key, values):
 
 def space(tp):
     if not handles(tp):
-        return torch_chunked.space(tp)
+        return _other(tp).space(tp)
     return {p: (CHOICES[p], DEFAULTS[p]) for p in DEFAULTS}
 
 
 def constraints(tp, key):
     if not handles(tp):
-        return torch_chunked.constraints(tp, key)
+        return _other(tp).constraints(tp, key)
     c = f"cfg[{key + '.chunk'!r}]"
     return [f"({c} < 2 * max(T, 16) or {c} == {DEFAULTS['chunk']})"]

@@ -1,0 +1,83 @@
+"""Chunked terms with a decay per channel of the contracted dim (GLA,
+Mamba-1, H3's modal kernel: strategy `chunked`, flags["per_channel"]) as a
+Triton forward kernel (templates/triton_per_channel.py.jinja): chunks in log
+space, sub-chunks with exact pairwise decays on the diagonal sub-blocks and
+rebased tensor-core dots below them, the state passed between chunks in
+registers; initial state in, final state out. A call of a few tokens is a
+decode step on runtime/triton/recurrent.py (state updated in place).
+
+The kernel runs the forward when no gradient is needed; when one is (or for
+float64 inputs) the term runs the torch backend's chunked code
+(codegen/torch/terms/chunked.py), which autograd differentiates.
+"""
+
+from mixerc.codegen.torch.terms import chunked as torch_chunked
+from mixerc.plan import value_dims
+
+# defaults from the static fitness table (`mixerc compile examples/gla.mx
+# --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
+# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills)
+DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2}
+CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
+           "num_warps": [4, 8], "num_stages": [1, 2, 3]}
+
+
+def handles(tp) -> bool:
+    """A chunked term whose decay carries the contracted dim (no feature map)."""
+    f = tp.flags
+    return (tp.strategy == "chunked" and f.get("per_channel", False) and f["has_decay"]
+            and f["features"] is None)
+
+
+def emit(tp, mp, w, key, values):
+    f = tp.flags
+    dim = f["dim"]
+    g = w.program.groups
+    ops = {n: tp.operands[n].node for n in ("q", "k", "log_decay")}
+    for n, node in ops.items():  # every node value outside the branches below
+        if not w.is_number(node):
+            w.value(node, hint=n)
+    q = w.canon_mm(ops["q"], mp.heads, (dim,), hint="q")
+    k = w.canon_mm(ops["k"], mp.heads, (dim,), hint="k")
+    a = w.canon(ops["log_decay"], mp.heads, (dim,), hint="log_decay")
+    parts = []
+    for app in mp.applies:  # the values in the matmuls' dtype
+        vd = value_dims(app, mp.heads, g)
+        x = w.canon_mm(app.u, mp.heads, vd, hint="x")
+        parts.append(x if vd else f"{x}[..., None]")
+    vals = w.assign(parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], -1)",
+                    hint="values_mm")
+    what = torch_chunked._term_name(w, mp, key)
+    flags = dict(strict=f["strict"], what=what, title=mp.info.cls)
+    fn = w.function("triton_per_channel.py.jinja", base="per_channel", **flags)
+    w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
+    read, write = w.state(key)
+    knobs = ", ".join(w.config_key(key, p, tp) for p in DEFAULTS)
+    # the torch backend's code, for gradients and float64: its lines go in the else branch
+    start = len(w.lines)
+    y_torch = torch_chunked.emit(tp, mp, w, key, values)
+    body = w.lines[start:]
+    del w.lines[start:]
+    y = w.fresh("y")
+    w.line(f"if kernel_forward({q}, {k}, {vals}, {a}, {read}):  # no gradient: Triton kernels")
+    w.line(f"    {y}, {write} = {fn}({q}, {k}, {vals}, {a}, {read}, {knobs})")
+    w.line("else:  # gradients (or float64): the torch backend's chunked code, autograd")
+    s_in = w.fresh("state_in")
+    w.line(f"    {s_in} = torch_state({read})")
+    w.lines.extend("    " + ln.replace(read, s_in) for ln in body)
+    w.line(f"    {y} = {y_torch}")
+    return y
+
+
+def space(tp):
+    s = dict(torch_chunked.space(tp))
+    s.update({p: (CHOICES[p], DEFAULTS[p]) for p in DEFAULTS})
+    return s
+
+
+def constraints(tp, key):
+    out = list(torch_chunked.constraints(tp, key))
+    c = f"cfg[{key + '.tri_chunk'!r}]"
+    out.append(f"cfg[{key + '.tri_sub'!r}] <= {c}")
+    out.append(f"({c} < 2 * max(T, 16) or {c} == {DEFAULTS['tri_chunk']})")
+    return out

@@ -1,0 +1,281 @@
+"""The Triton backend's per-channel decay kernels (GLA, Mamba-1, H3's modal
+kernel: a log-decay per token and channel inside the contraction) against
+the dense interpreter: forward without gradients in float32 (< 1e-4),
+float16 and bfloat16 (< 2e-2; bf16 through the test-only dot patch), T not a
+multiple of the chunk, batch > 1, K and V not powers of 2, strict masks,
+strong decays over long inputs, initial and final states, decode steps
+after a prefill; outputs poisoned before the kernels write. With gradients
+the term runs the torch backend's chunked code (autograd), still equal to
+dense. Static fitness: the kernels compile for sm_90a and sm_80 at their
+default config with no spills (in a subprocess without TRITON_INTERPRET)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import rel_err
+from reference import make_inputs
+
+import mixerc
+
+pytest.importorskip("triton")
+from test_triton_flash import bf16_dots  # noqa: E402,F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f64 = torch.float64
+
+STRICT_GLA = """
+mixer gla_strict {
+  dims H, K, V
+  input q : [H, K]
+  input k : [H, K]
+  input v : [H, V]
+  input f : [H, K]
+  out y = (decay(log(sigmoid(f))) * (q @ k^T) * (s < t)) @ v
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache = {}
+
+    def get(src, backend="triton"):
+        if (src, backend) not in cache:
+            cache[src, backend] = mixerc.compile(src, backend=backend)
+        return cache[src, backend]
+    return get
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty filled with NaN: every output element must be written."""
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        x = empty(*shape, **kw)
+        return x.fill_(math.nan) if x.is_floating_point() else x
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def kernel_calls(m, monkeypatch):
+    """Records, per call of the term, whether the Triton kernel ran."""
+    mod = m._impl.module
+    original = mod.kernel_forward
+    calls = []
+
+    def spy(*tensors):
+        calls.append(original(*tensors))
+        return calls[-1]
+    monkeypatch.setattr(mod, "kernel_forward", spy)
+    return calls
+
+
+def on_device(args, dtype=None):
+    """Token inputs ([B, T, ...]) in dtype (float32 by default), params in float32
+    (inputs of different dtypes are promoted to a common one)."""
+    return {n: x.to(device=DEVICE, dtype=dtype if (dtype is not None and x.dim() >= 3) else
+                    torch.float32) for n, x in args.items()}
+
+
+def strict_inputs(B, T, H=2, K=20, V=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), f=r(B, T, H, K) + 2)
+
+
+def test_explain_and_source_say_where_it_runs(compiled):
+    m = compiled("gla")
+    text = m.explain()
+    assert "runs on: a Triton kernel (forward without gradients" in text
+    assert "the torch backend when gradients are needed" in text
+    src = m.source()
+    assert "def per_channel_fwd(" in src and "def per_channel_fwd_intra(" in src
+    assert "kernel_forward(" in src and "chunked_has_decay_per_channel(" in src
+
+
+@pytest.mark.parametrize("name,T,dtype,tol", [
+    ("gla", 100, torch.float32, 1e-4), ("gla", 77, torch.float16, 2e-2),
+    ("mamba", 70, torch.float32, 1e-4), ("h3", 40, torch.float32, 1e-4)])
+def test_forward_equals_dense(compiled, monkeypatch, poisoned, name, T, dtype, tol):
+    m = compiled(name)
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs(name, B=2, T=T, seed=1)
+    want = compiled(name, "dense")(**args)
+    with torch.no_grad():
+        y = m(**on_device(args, dtype))
+    assert calls == [True] and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), want) < tol
+
+
+def test_bf16_dots(compiled, monkeypatch, bf16_dots):
+    m = compiled("gla")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=50, seed=2)
+    want = compiled("gla", "dense")(**args)
+    with torch.no_grad():
+        y = m(**on_device(args, torch.bfloat16))
+    assert calls == [True]
+    assert rel_err(y.float().cpu(), want) < 2e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_strict_mask_odd_dims(compiled, monkeypatch, poisoned, dtype, tol):
+    m = compiled(STRICT_GLA)
+    assert m._impl.plan.matrices[0].terms[0].flags["strict"]
+    calls = kernel_calls(m, monkeypatch)
+    args = strict_inputs(B=3, T=45)
+    want = compiled(STRICT_GLA, "dense")(**args)
+    with torch.no_grad():
+        y = m(**on_device(args, dtype))
+    assert calls == [True]
+    assert rel_err(y.cpu(), want) < tol
+
+
+@pytest.mark.parametrize("dtype,chunk,tol", [(torch.float32, 64, 1e-4),
+                                              (torch.float16, 32, 2e-2)])
+def test_strong_decays_stay_finite(compiled, monkeypatch, dtype, chunk, tol):
+    """log-decay -5 per step over T = 512: every exponent the kernels take is
+    <= 0 (the sub-chunks' dots rebased on their own start: from the chunk's
+    start, exp(5 * 48) overflows float32, exp(5 * 16) float16)."""
+    m = mixerc.compile("gla", backend="triton")
+    m._impl.pin_config(tri_chunk=chunk)
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=512, seed=3)
+    args["g"] = torch.full_like(args["g"], -5.0)
+    args["g"][:, ::7] = -0.01  # some slow steps too: decays spanning whole chunks
+    want = compiled("gla", "dense")(**args)
+    with torch.no_grad():
+        y, state = m(**on_device(args, dtype), return_state=True)
+    assert calls == [True]
+    assert torch.isfinite(y).all() and torch.isfinite(state.tensors["y"]).all()
+    assert rel_err(y.cpu(), want) < tol
+
+
+def test_prefill_state_and_initial_state(compiled, monkeypatch, poisoned):
+    m, ref = compiled("gla"), compiled("gla", "torch")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=2, T=90, seed=4)
+    head = {n: x[:, :50] for n, x in args.items()}
+    tail = {n: x[:, 50:] for n, x in args.items()}
+    want = compiled("gla", "dense")(**args)
+    _, s_ref = ref(**head, return_state=True)  # the torch backend in float64
+    with torch.no_grad():
+        y1, s1 = m(**on_device(head), return_state=True)
+        y2, s2 = m(**on_device(tail), initial_state=s1, return_state=True)
+    assert calls == [True, True]
+    assert rel_err(s1.tensors["y"].cpu(), s_ref.tensors["y"]) < 1e-5
+    _, s_all = ref(**args, return_state=True)
+    assert rel_err(s2.tensors["y"].cpu(), s_all.tensors["y"]) < 1e-5
+    assert rel_err(torch.cat([y1, y2], 1).cpu(), want) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gla", "mamba"])
+def test_decode_steps_after_prefill(compiled, monkeypatch, poisoned, name):
+    m = compiled(name)
+    calls = kernel_calls(m, monkeypatch)
+    T0, steps = 40, 3
+    args = make_inputs(name, B=2, T=T0 + steps, seed=5)
+    want = compiled(name, "dense")(**args)
+    dev = on_device(args)
+    tokens = [n for n, x in args.items() if x.dim() >= 2 and x.shape[:2] == (2, T0 + steps)]
+    with torch.no_grad():
+        y0, state = m(**{n: (x[:, :T0] if n in tokens else x) for n, x in dev.items()},
+                      return_state=True)
+        ys, buffers = [y0], []
+        for t in range(T0, T0 + steps):
+            y_t, state = m.step(state, **{n: (x[:, t] if n in tokens else x)
+                                          for n, x in dev.items()})
+            ys.append(y_t[:, None])
+            buffers.append(state.tensors["M" if name == "mamba" else "y"].data_ptr())
+    assert calls == [True] * (1 + steps)
+    # the decode step kernel: a fresh buffer after the prefill's, then in place
+    assert len(set(buffers)) == 1
+    assert rel_err(torch.cat(ys, 1).cpu(), want) < 1e-4
+
+
+def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
+    """Packed sequences (cu_seqlens): one kernel call per sequence, long and short
+    (a decode-sized sequence takes the recurrence kernel)."""
+    m, d = compiled("gla"), compiled("gla", "dense")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=60, seed=8)
+    offsets = [0, 5, 41, 60]
+    with torch.no_grad():
+        y = m(**on_device(args),
+              cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
+    assert calls and all(calls)
+    for a, b in zip(offsets, offsets[1:]):
+        want = d(**{n: x[:, a:b] for n, x in args.items()})
+        assert rel_err(y[:, a:b].cpu(), want) < 1e-4
+
+
+def test_gradients_run_the_torch_backend(compiled, monkeypatch):
+    m = compiled("gla")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=2, T=70, seed=6)
+    want = compiled("gla", "dense")(**args)
+    dev = {n: x.float().to(DEVICE).requires_grad_(True) for n, x in args.items()}
+    y = m(**dev)
+    assert calls == [False]
+    assert rel_err(y.detach().cpu(), want) < 1e-4
+    y.square().sum().backward()
+    leaves = {n: x.detach().requires_grad_(True) for n, x in args.items()}
+    compiled("gla", "torch")(**leaves).square().sum().backward()
+    for n in args:
+        assert dev[n].grad is not None and torch.isfinite(dev[n].grad).all(), n
+        assert rel_err(dev[n].grad.cpu(), leaves[n].grad) < 1e-4, n
+
+
+def test_float64_runs_the_torch_backend(compiled, monkeypatch):
+    m = compiled("gla")
+    calls = kernel_calls(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=40, seed=7)
+    with torch.no_grad():
+        y = m(**{n: x.to(DEVICE) for n, x in args.items()})
+    assert calls == [False]
+    assert rel_err(y.cpu(), compiled("gla", "dense")(**args)) < 1e-10
+
+
+FITNESS = textwrap.dedent("""
+    import json
+    import mixerc
+    from mixerc.codegen.triton import fitness
+    m = mixerc.compile("gla", backend="triton")
+    out = []
+    for target in ("sm_90a", "sm_80"):
+        for f in fitness.check(m._impl, {"H": 16, "K": 128, "V": 128}, target):
+            out.append(dict(target=target, kernel=f.kernel, regs=f.registers,
+                            spill=f.spill_bytes, shared=f.shared, limit=f.shared_limit,
+                            mma=f.mma, hmma=f.hmma, error=f.error))
+    print(json.dumps(out))
+""")
+
+
+def test_kernels_fit_sm90a_and_sm80():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", FITNESS], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fits = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(f["kernel"] for f in fits) == sorted(
+        ["per_channel_fwd", "per_channel_fwd_intra", "_mx_recurrent_step"] * 2)
+    for f in fits:
+        where = f"{f['target']} {f['kernel']}"
+        assert not f["error"], where + ": " + f["error"]
+        assert f["spill"] == 0 and f["shared"] <= f["limit"], where
+        if f["kernel"] == "_mx_recurrent_step":  # the decode step: vector math, no dots
+            continue
+        assert f["shared"] > 0, where
+        assert f["mma"] + f["hmma"] > 0, where  # the dots run on tensor cores
+        if f["target"] == "sm_90a":  # chunks of 64 rows: warpgroup MMA (wgmma)
+            assert f["mma"] > 0, where
+        assert f["regs"] <= 255, where
