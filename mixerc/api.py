@@ -167,6 +167,17 @@ class CompiledMixer:
         outs, new = self._impl.step(bound, state)
         return (outs[0] if len(outs) == 1 else tuple(outs)), new
 
+    def stack_states(self, states: list):
+        """One decode state for a batch of sequences of different lengths, from
+        the states of each (e.g. separate prefills): the Triton backend's decode
+        kernels read every sequence's own length. Steps continue it; a block of
+        several tokens over sequences of different lengths is refused."""
+        if not hasattr(self._impl, "stack_states"):
+            raise MixerUnsupportedError(
+                f"the {self.backend_name} backend's decode states assume one length for the "
+                "whole batch; stack_states needs backend='triton'")
+        return self._impl.stack_states(list(states))
+
     def tuning_problem(self, shape: dict, dtype=torch.float32, device="cpu"):
         """This mixer at one shape as an autotune problem. shape holds every dim
         by name plus B and T (and L, the kernel length, for mixers with

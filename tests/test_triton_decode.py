@@ -13,6 +13,7 @@ import torch
 from conftest import rel_err
 
 import mixerc
+from mixerc.inputs import random_inputs
 from test_plan_classes import FIXED, HEAD, inputs, instances, softmax_program
 
 pytest.importorskip("triton")
@@ -175,3 +176,40 @@ def test_sequences_of_different_lengths(src, rewind, compiled, poisoned):
     if src == RING:  # a block over a ring runs the prefill kernels: equal lengths only
         with pytest.raises(mixerc.MixerError, match="different lengths"):
             m(**block(0, 3), initial_state=state)
+
+
+@pytest.mark.parametrize("src", [FIXED[3], RING, "retnet"], ids=["documents", "ring", "retnet"])
+def test_stack_states_of_different_lengths(src, compiled, poisoned):
+    """Separate prefills of 5 and 17 tokens stacked into one batch: the
+    steps that follow equal the dense interpreter on each sequence."""
+    m, d = compiled(src), compiled(src, "dense")
+    args = inputs(m, B=2, T=26, seed=12) if src != "retnet" else \
+        {n: x.double() for n, x in random_inputs(m.program, {"H": 2, "K": 8, "V": 8}, 2, 26,
+                                                   seed=12).items()}
+    x = {n: v.float().to(DEVICE) for n, v in args.items()}
+    tokens = set(m.program.inputs)
+    one = lambda b, a, e: {n: (v[b:b + 1, a:e] if n in tokens else v) for n, v in x.items()}  # noqa
+    lengths = (5, 17)
+    states = [m(**one(b, 0, n), return_state=True)[1] for b, n in enumerate(lengths)]
+    state = m.stack_states(states)
+    for i in range(4):  # token lengths[b] + i of each sequence, in one batch
+        step = {n: (torch.stack([v[b, lengths[b] + i] for b in range(2)]) if n in tokens else v)
+                for n, v in x.items()}
+        y, state = m.step(state, **step)
+        for b, n in enumerate(lengths):
+            seq = {k: (v[b:b + 1, :n + i + 1] if k in tokens else v) for k, v in args.items()}
+            assert rel_err(y[b:b + 1].cpu(), d(**seq)[:, -1]) < 1e-4, (i, b)
+
+
+def test_stack_states_refused_where_lengths_must_agree(compiled):
+    m = mixerc.compile("attention", backend="torch")
+    with pytest.raises(mixerc.MixerError, match="backend='triton'"):
+        m.stack_states([None])
+    t = compiled("sliding_window")
+    with pytest.raises(mixerc.MixerError, match="MixerStates"):
+        t.stack_states([])
+    banded = compiled(FIXED[5])  # a window of a low-rank term: the torch backend's cache
+    x = {n: v.float().to(DEVICE) for n, v in inputs(banded, B=1, T=9).items()}
+    _, s1 = banded(**x, return_state=True)
+    with pytest.raises(mixerc.MixerError, match="runs on the torch backend"):
+        banded.stack_states([s1, s1])

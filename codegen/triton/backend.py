@@ -59,6 +59,9 @@ class TritonRunner(TorchRunner):
         return TritonTuningProblem(self, sizes, batch, time, dtype or torch.float32, device,
                                    kernel_len)
 
+    def stack_states(self, states: list):
+        return stack_states(self, states)
+
     def explain(self) -> str:
         return planner.describe(self.plan, "triton", DTYPES, runs_on=runs_on)
 
@@ -75,6 +78,65 @@ class TritonRunner(TorchRunner):
                 "or set TRITON_INTERPRET=1 before importing triton to run them in Triton's "
                 "interpreter (slow: for tests)")
         return super().forward(bound, initial_state, return_state, config)
+
+
+def _state_kinds(plan) -> dict:
+    """State key -> how sequences of different lengths batch it: "cache" (a
+    KV buffer whose slots the decode kernel reads up to each sequence's own
+    length), "pos" (those lengths), "fixed" (the same shape whatever the
+    length), or the reason it cannot."""
+    kinds = {}
+    for mp in plan.matrices:
+        for tp in mp.terms:
+            key = mp.key if len(mp.terms) == 1 else f"{mp.key}.term{tp.index}"
+            if tp.strategy == "flash":
+                kinds[key] = "flash"
+            elif has_kernels(tp):
+                kinds[key] = "fixed"
+            else:
+                kinds[key] = f"its term {key} runs on the torch backend, whose decode state " \
+                             "assumes one length for the whole batch"
+    return kinds
+
+
+def stack_states(runner, states: list):
+    """One state for a batch of sequences of different lengths (each state
+    from a prefill or steps of this mixer, any batch): KV caches padded to
+    the largest capacity, each sequence keeping its own length, fixed-size
+    states concatenated. The decode kernels read every sequence's own
+    length; a block of several tokens over such a batch is refused."""
+    import torch
+
+    from mixerc.runtime.call import owner_of
+    from mixerc.runtime.state import MixerState, check_state
+    from mixerc.errors import MixerValueError
+    if not states or any(not isinstance(x, MixerState) for x in states):
+        raise MixerValueError("stack_states takes a non-empty list of MixerStates")
+    owner = owner_of(runner.module)
+    sizes = dict(states[0].sizes)
+    for x in states:
+        check_state(x, owner, sizes, next(iter(x.tensors.values())).shape[0], "a stacked state")
+        if dict(x.sizes) != sizes:
+            raise MixerValueError("states made at different dim sizes cannot be stacked")
+        if set(x.tensors) != set(states[0].tensors):
+            raise MixerValueError("states with different keys cannot be stacked (one is the "
+                                  "start state {})")
+    kinds = _state_kinds(runner.plan)
+    out = {}
+    for name in states[0].tensors:
+        term, _, part = name.rpartition(".") if name.rpartition(".")[0] in kinds else \
+            (name, "", "")
+        kind = kinds.get(term, "fixed")  # a wrapper's (shift) rows: fixed-size
+        parts = [x.tensors[name] for x in states]
+        if kind == "flash" and part != "pos":  # a KV buffer: slots padded at the end
+            cap = max(t.shape[1] for t in parts)
+            parts = [torch.cat([t, t.new_zeros(t.shape[0], cap - t.shape[1], *t.shape[2:])], 1)
+                     if t.shape[1] < cap else t for t in parts]
+        elif kind not in ("flash", "fixed"):
+            raise MixerUnsupportedError(f"{runner.mixer.program.name}: cannot stack decode "
+                                        f"states of different lengths: {kind}")
+        out[name] = torch.cat(parts, 0)
+    return MixerState(out, max(x.length for x in states), owner, states[0].sizes)
 
 
 def runs_on(tp) -> str:
