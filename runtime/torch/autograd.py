@@ -58,6 +58,12 @@ def chunked_apply(fwd, q, k, v, a, state, chunk):
 
 
 class ChunkedFn(torch.autograd.Function):
+    """The adjoint backward above. q, k and v may each sit at a divisor of the
+    H heads (the Triton backend reads SSD's B and C at their groups: head h
+    reads group h // (H / Hx)); the adjoint runs then read them where they
+    are and their per-head gradients are summed over each group. Half
+    inputs: the gradients are computed in float32."""
+
     @staticmethod
     def forward(ctx, fwd, chunk, q, k, v, a, state):
         y, final = fwd(q, k, v, a, state, chunk)
@@ -71,8 +77,9 @@ class ChunkedFn(torch.autograd.Function):
         q, k, v, a, S0, final = ctx.saved_tensors
         fwd, C = ctx.fwd, ctx.chunk
         need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:]
-        dy = torch.zeros_like(v) if dy is None else dy
-        T = q.shape[1]
+        B, T, H = q.shape[0], q.shape[1], final.shape[1]
+        if dy is None:
+            dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.
@@ -82,7 +89,7 @@ class ChunkedFn(torch.autograd.Function):
         b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
         states = need_a and n > 1
         dq = dk = dv = da = dS0 = None
-        if need_q or need_a:
+        if need_q or need_a:  # per-head gradients of q and k first (the decay reads them)
             out = fwd(dy, v, k, a, None if S0 is None else S0.transpose(-1, -2), C,
                       chunk_states=states)
             dq = out[0]
@@ -91,15 +98,36 @@ class ChunkedFn(torch.autograd.Function):
                        C, chunk_states=states)
             dk = unrev(back[0])
         if need_v or need_S0:
-            dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)
-            dv = unrev(dv)
+            dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)[:2]
+            dv = chunk_fold_heads(unrev(dv), v)
             if need_S0:
-                dS0 = last if a is None else torch.exp(a[:, 0])[..., None, None] * last
+                decay = None if a is None else torch.exp(a[:, 0].to(last.dtype))
+                dS0 = last if a is None else decay[..., None, None] * last
+                dS0 = dS0.to(S0.dtype)
         if need_a:
-            da = _decay_grad(q, k, a, dq, dk, dS, final, C, out[2] if states else None,
-                             back[2] if states else None)
-        return (None, None, dq if need_q else None, dk if need_k else None,
-                dv if need_v else None, da, dS0)
+            da = _decay_grad(_wide(chunk_heads(q, H)), _wide(chunk_heads(k, H)), _wide(a), dq,
+                             dk, dS, final, C, out[2] if states else None,
+                             back[2] if states else None).to(a.dtype)
+        return (None, None, chunk_fold_heads(dq, q) if need_q else None,
+                chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0)
+
+
+def _wide(x):
+    """x in float32 at least (half inputs' gradients are computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def chunk_heads(x, H):
+    """[B, T, Hx, ...] at H heads (head h reads group h // (H / Hx))."""
+    return x if x.shape[2] == H else x.repeat_interleave(H // x.shape[2], 2)
+
+
+def chunk_fold_heads(g, like):
+    """A per-head gradient [B, T, H, ...] summed over each group of `like`'s heads."""
+    Hx = like.shape[2]
+    if g.shape[2] != Hx:
+        g = g.reshape(g.shape[0], g.shape[1], Hx, g.shape[2] // Hx, *g.shape[3:]).sum(3)
+    return g.to(like.dtype)
 
 
 def _decay_grad(q, k, a, dq, dk, dS, final, C, fwd_states, adj_states):
