@@ -68,3 +68,39 @@ def compile_cache(sources: dict | None = None):
 @pytest.fixture(scope="module")
 def compiled():
     return compile_cache()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty filled with NaN (floating dtypes): an output element, a
+    cache slot or a split's partial result a kernel should have written but
+    did not shows up as NaN in the result."""
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        x = empty(*shape, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture
+def bf16_dots(monkeypatch):
+    """Triton's interpreter computes bf16 on raw bits; upcast dot operands (a
+    GPU's tensor cores take bf16 as it is). Test-only."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+
+    def up(x):
+        if x.dtype == tl.bfloat16:
+            data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data.reshape(x.data.shape), tl.float32)
+        return x
+
+    def create_dot(self, a, b, d, *rest):
+        return original(self, up(a), up(b), d, *rest)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)

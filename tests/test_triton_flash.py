@@ -8,7 +8,6 @@ heads, varlen; outputs poisoned before the kernels write. Without a GPU the
 kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -39,29 +38,6 @@ def compiled():
             cache[src, backend] = m
         return cache[src, backend]
     return get
-
-
-@pytest.fixture
-def bf16_dots(monkeypatch):
-    """Triton's interpreter computes bf16 on raw bits; upcast dot operands (a
-    GPU's tensor cores take bf16 as it is). Test-only."""
-    if not os.environ.get("TRITON_INTERPRET"):
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    original = interp.InterpreterBuilder.create_dot
-
-    def up(x):
-        if x.dtype == tl.bfloat16:
-            data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interp.TensorHandle(data.reshape(x.data.shape), tl.float32)
-        return x
-
-    def create_dot(self, a, b, d, *rest):
-        return original(self, up(a), up(b), d, *rest)
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
 
 
 def on_device(args, dtype=None, mm_dtype=None):
@@ -162,15 +138,9 @@ def test_varlen_equals_dense_per_sequence(compiled):
         assert rel_err(y[:, a:b].cpu(), want) < 1e-4
 
 
-def test_every_output_element_is_written(compiled, monkeypatch):
+def test_every_output_element_is_written(compiled, poisoned):
     """torch.empty poisoned with NaN: a kernel that skipped an element (a row
     past a block edge, an empty row) would leave NaN behind."""
-    empty = torch.empty
-
-    def poisoned(*shape, **kw):
-        x = empty(*shape, **kw)
-        return x.fill_(math.nan) if x.is_floating_point() else x
-    monkeypatch.setattr(torch, "empty", poisoned)
     src = HEAD.format(kh="G", body="  out y = softmax(q @ k^T, mask = 3 <= t - s < 9) @ v")
     m, d = compiled(src), compiled(src, "dense")
     args = inputs(m, T=29, seed=5)
