@@ -200,15 +200,8 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
                               "BLOCK_N": cfg["block_k"], "BLOCK_D": max(16, _pow2(D)),
                               "BLOCK_DV": max(16, _pow2(DV)), "PRECISION": precision,
                               "IDX": tl.int32}
-            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-            fit = KernelFit(function, name, cfg)
-            try:
-                compiled = compile_kernel(kernel, constexprs, target, cfg["num_warps"],
-                                          cfg["num_stages"], mm_dtype)
-                inspect(compiled, target, fit, keep_asm)
-            except Exception as e:  # a config the compiler rejects (e.g. out of resources)
-                fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            out.append(fit)
+            out.append(_fit(kernel, function, name, cfg, target, mm_dtype, keep_asm,
+                            lambda: (constexprs, cfg["num_warps"], cfg["num_stages"])))
     out += _runtime_kernels(mod, shapes, target, mm_dtype, keep_asm)
     return out
 
@@ -238,13 +231,8 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
             cfg = {"block_k": 16, "block_v": max(16, _pow2(DV)), "num_warps": 4,
                    "num_stages": 1}
             constexprs = {"BLOCK_M": 16, "DV": cfg["block_v"]}
-        fit = KernelFit(host, kernel.fn.__name__, cfg)
-        try:
-            compiled = compile_kernel(kernel, constexprs, target, cfg["num_warps"], 1, mm_dtype)
-            inspect(compiled, target, fit, keep_asm)
-        except Exception as e:  # noqa: BLE001  (reported in the table)
-            fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        out.append(fit)
+        out.append(_fit(kernel, host, kernel.fn.__name__, cfg, target, mm_dtype, keep_asm,
+                        lambda: (constexprs, cfg["num_warps"], 1)))
     return out
 
 
@@ -263,16 +251,25 @@ def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm
         cfgs = [dict(zip(meta.knobs, c)) for c in itertools.product(*choices)]
     out = []
     for cfg in cfgs:
-        fit = KernelFit(function, name, cfg)
-        try:
-            constexprs, warps, stages = meta(D, DV, cfg, mm_dtype)
-            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-            inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype),
-                    target, fit, keep_asm)
-        except Exception as e:  # a config the compiler rejects (e.g. out of resources)
-            fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        out.append(fit)
+        out.append(_fit(kernel, function, name, cfg, target, mm_dtype, keep_asm,
+                        lambda: meta(D, DV, cfg, mm_dtype)))
     return out
+
+
+def _fit(kernel, function: str, name: str, cfg: dict, target: str, mm_dtype: str,
+         keep_asm: bool, settings) -> KernelFit:
+    """The KernelFit of one kernel at one config: settings() -> (constexprs,
+    num_warps, num_stages); a config the compiler rejects (e.g. out of
+    resources) is a fit with an error, reported in the table."""
+    fit = KernelFit(function, name, cfg)
+    try:
+        constexprs, warps, stages = settings()
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+        inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype), target,
+                fit, keep_asm)
+    except Exception as e:  # noqa: BLE001
+        fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return fit
 
 
 def _pow2(n: int) -> int:
