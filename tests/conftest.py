@@ -104,3 +104,16 @@ def bf16_dots(monkeypatch):
     def create_dot(self, a, b, d, *rest):
         return original(self, up(a), up(b), d, *rest)
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+
+
+def run_without_interpreter(script: str, timeout: int):
+    """Run `script` in a fresh Python without TRITON_INTERPRET (so its kernels
+    compile for a GPU target, no GPU needed) and return the JSON it prints last."""
+    import json
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

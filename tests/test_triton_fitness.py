@@ -7,13 +7,10 @@ on matrix instructions
 spills before benchmarking it. The compiles run in a subprocess without
 TRITON_INTERPRET (conftest sets it for the interpreter tests)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_without_interpreter
 
 pytest.importorskip("triton")
 
@@ -58,12 +55,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_without_interpreter(SCRIPT, timeout=900)
 
 
 def test_every_kernel_fits_sm90a_and_sm80(report):

@@ -9,15 +9,11 @@ the term runs the torch backend's chunked code (autograd), still equal to
 dense. Static fitness: the kernels compile for sm_90a and sm_80 at their
 default config with no spills (in a subprocess without TRITON_INTERPRET)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, run_without_interpreter
 from reference import make_inputs
 
 import mixerc
@@ -247,12 +243,7 @@ FITNESS = textwrap.dedent("""
 
 
 def test_kernels_fit_sm90a_and_sm80():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", FITNESS], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    fits = json.loads(run.stdout.strip().splitlines()[-1])
+    fits = run_without_interpreter(FITNESS, timeout=600)
     assert sorted(f["kernel"] for f in fits) == sorted(
         ["per_channel_fwd", "per_channel_fwd_intra", "_mx_recurrent_step"] * 2)
     for f in fits:
