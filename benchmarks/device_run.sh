@@ -3,7 +3,7 @@
 # installed, no internet): the Triton backend's tests on the device, then the
 # GPU benchmark. Everything it prints lands in $OUT (default ./device-out).
 #
-#   bash benchmarks/device_run.sh   # under 9 minutes on an H100 / H200 (one device call)
+#   bash benchmarks/device_run.sh   # bounded by its timeouts: about 10 minutes, one device call
 #   TESTS_S=120 ATTN_S=150 LINEAR_S=90 bash benchmarks/device_run.sh   # shorter
 set -uo pipefail
 cd "$(dirname "$0")/.."
