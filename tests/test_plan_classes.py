@@ -198,3 +198,29 @@ def test_online_softmax_across_pieces(src, compiled, monkeypatch):
     g, = torch.autograd.grad(y.sum(), q)
     r, = torch.autograd.grad(want.sum(), q)
     assert rel_err(g, r) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_windowed_decay_strong_and_mixed_decays(dtype, compiled):
+    """A decay inside a window wider than several chunks, with log-decays from
+    about -0.001 to -12 per step over a long input: the chunk pairs off the
+    diagonal scale q and k by their decays (each factor <= 1) and stay finite
+    and equal to dense, forward and gradients."""
+    src = HEAD.format(kh="H", body="  out y = (decay(-softplus(u + a)) * (q @ k^T) "
+                                   "* (t - s < 30)) @ v")
+    m, d = compiled(src, "torch"), compiled(src, "dense")
+    args = inputs(m, T=301, seed=4)
+    args["a"] = torch.tensor([-7.0, 2.5, 12.0, -2.0], dtype=f64)  # weak .. strong per head
+    args["u"] = args["u"] * 3
+    want = d(**args)
+    got = m(**{n: x.to(dtype) for n, x in args.items()})
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < (1e-9 if dtype == f64 else 1e-4)
+    if dtype == f64:
+        args = {n: x.requires_grad_() if n != "doc" else x for n, x in args.items()}
+        names = [n for n in args if n != "doc"]
+        want = torch.autograd.grad(d(**args).sum(), [args[n] for n in names], allow_unused=True)
+        got = torch.autograd.grad(m(**args).sum(), [args[n] for n in names], allow_unused=True)
+        for n, g, r in zip(names, got, want):
+            if r is not None:
+                assert torch.isfinite(g).all() and rel_err(g, r) < 1e-8, n
