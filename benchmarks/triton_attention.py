@@ -212,25 +212,11 @@ def grads_of(fn, leaves, dy):
 
 def interpreter_bf16_dots() -> bool:
     """Triton's interpreter computes bf16 dots on raw bits: upcast their
-    operands (a GPU's tensor cores take bf16 as it is). Dry runs only; the same
-    patch as tests/test_triton_flash.py. False when it cannot be applied."""
+    operands (a GPU's tensor cores take bf16 as it is). Dry runs only; the
+    tests' patch (runtime/triton/interpreter.py). False when it cannot apply."""
     try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as interp
-
-        original = interp.InterpreterBuilder.create_dot
-
-        def up(x):
-            if x.dtype == tl.bfloat16:
-                data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None)
-                return interp.TensorHandle(data.view(np.float32).reshape(x.data.shape),
-                                           tl.float32)
-            return x
-
-        def create_dot(self, a, b, d, *rest):
-            return original(self, up(a), up(b), d, *rest)
-        interp.InterpreterBuilder.create_dot = create_dot
+        from mixerc.runtime.triton.interpreter import bf16_dots_patch
+        setattr(*bf16_dots_patch())
         return True
     except Exception:  # noqa: BLE001
         return False

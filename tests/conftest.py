@@ -89,21 +89,8 @@ def bf16_dots(monkeypatch):
     GPU's tensor cores take bf16 as it is). Test-only."""
     if not os.environ.get("TRITON_INTERPRET"):
         return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    original = interp.InterpreterBuilder.create_dot
-
-    def up(x):
-        if x.dtype == tl.bfloat16:
-            data = interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interp.TensorHandle(data.reshape(x.data.shape), tl.float32)
-        return x
-
-    def create_dot(self, a, b, d, *rest):
-        return original(self, up(a), up(b), d, *rest)
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+    from mixerc.runtime.triton.interpreter import bf16_dots_patch
+    monkeypatch.setattr(*bf16_dots_patch())
 
 
 def run_without_interpreter(script: str, timeout: int):
