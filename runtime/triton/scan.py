@@ -4,7 +4,6 @@ time scan, and which algorithm a call runs (the scan or the chunked
 kernels) from the config's choice and the cost model's two estimates."""
 
 import triton
-import triton.language as tl
 
 
 @triton.jit
