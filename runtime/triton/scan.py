@@ -19,3 +19,15 @@ def scan_or_chunks(choice, scan_cost, chunks_cost):
     if choice != "auto":
         return choice
     return "scan" if scan_cost <= chunks_cost else "chunks"
+
+
+# state entries per warp the scan keeps in registers without spilling (the
+# fitness table: 32 heads x K = 16 at 4 warps take 80 registers; 1024 entries
+# at 4 warps spill on sm_80 for K = 64)
+SCAN_ENTRIES_PER_WARP = 128
+
+
+def scan_heads(block_h, block_k, num_warps):
+    """Heads per program of the scan: the config's, fewer where K is large
+    (GLA's K = 128 would spill at 32 heads), at least one."""
+    return max(1, min(block_h, SCAN_ENTRIES_PER_WARP * num_warps // block_k))

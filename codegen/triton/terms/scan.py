@@ -23,8 +23,9 @@ from mixerc.plan import value_dims
 from . import per_channel
 
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
-# --target sm_90a|sm_80`, N = 16): no spills at any config of the space; 32
-# heads at 4 warps take 80 registers on sm_90a, 72 on sm_80 (64 heads: 154, 168)
+# --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
+# sm_90a, 72 on sm_80; no config spills (runtime/triton/scan.py scan_heads
+# takes fewer heads where K is large: GLA's 128)
 DEFAULTS = {"algorithm": "auto", "scan_block_h": 32, "scan_warps": 4}
 CHOICES = {"algorithm": ["auto", "scan", "chunks"], "scan_block_h": [16, 32, 64],
            "scan_warps": [2, 4, 8]}
