@@ -242,6 +242,18 @@ def test_cost_model_choice():
         in mamba
     gla = mixerc.compile("gla", backend="triton").explain()
     assert "scan when 8*K*V <= " in gla and "else chunks (per call)" in gla
+    from click.testing import CliRunner
+
+    from mixerc.cli import main
+    r = CliRunner().invoke(main, ["explain", "mamba", "--backend", "triton"])
+    assert r.exit_code == 0 and "scan (cheaper than chunks at every size)" in r.output
+
+
+def test_algorithm_is_a_tuning_knob(compiled):
+    mod = compiled("mamba")._impl.module
+    assert mod.CONFIG_SPACE["M.algorithm"] == ["auto", "scan", "chunks"]
+    assert mod.DEFAULT_CONFIG["M.algorithm"] == "auto"
+    assert {"M.scan_block_h", "M.scan_warps", "M.tri_chunk"} <= set(mod.CONFIG_SPACE)
 
 
 def test_gla_shape_runs_chunks_and_the_knob_overrides(compiled, monkeypatch, poisoned):
