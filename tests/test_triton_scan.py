@@ -40,6 +40,10 @@ mixer grouped {
 }
 """
 
+# the same with the negation outside the product (and dt per token only)
+NEGATED = GROUPED.replace("grouped", "negated").replace(
+    "decay(-exp(A_log) * softplus(dt))", "decay(-(softplus(dt) * exp(A_log) * 0.5))")
+
 # a log-decay per token and channel (GLA's): read as a [B, T, H, K] tensor
 STRICT = """
 mixer strict_small {
@@ -222,6 +226,16 @@ def test_log_decay_factors_never_materialized(compiled, monkeypatch):
     assert calls == ["scan"]
     assert tuple(dt.shape) == (2, 20, 6) and tuple(a.shape) == (6, 4)  # E = 6, N = 4
     assert tuple(q.shape) == (2, 20, 1, 4)  # C at one head, not expanded to E
+
+
+def test_negated_product_factors(compiled, monkeypatch, poisoned):
+    m = compiled(NEGATED)
+    calls = algorithms(m, monkeypatch)
+    args = grouped_inputs(B=2, T=27, seed=10)
+    y = run(m, args)
+    (q, k, v, dt, a, *_), = next(a for n, a in calls.args.items() if "_scan" in n)
+    assert calls == ["scan"] and dt.dim() == 3 and a.dim() == 2
+    assert rel_err(y.cpu(), compiled(NEGATED, "dense")(**args)) < 1e-4
 
 
 def test_cost_model_choice():

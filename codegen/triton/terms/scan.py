@@ -37,20 +37,27 @@ def handles(tp) -> bool:
     return per_channel.handles(tp)
 
 
-def _factors(node: ir.Node) -> list:
-    """The factors of a product (nested binary muls flattened)."""
+def _factors(node: ir.Node) -> tuple:
+    """(the factors of a product: nested binary muls flattened, whether an
+    odd number of negations wraps them)."""
     if isinstance(node, ir.Map) and node.op == "mul" and len(node.args) == 2:
-        return _factors(node.args[0]) + _factors(node.args[1])
-    return [node]
+        (a, neg_a), (b, neg_b) = _factors(node.args[0]), _factors(node.args[1])
+        return a + b, neg_a != neg_b
+    if isinstance(node, ir.Map) and node.op == "neg" and len(node.args) == 1:
+        inner, neg = _factors(node.args[0])
+        return inner, not neg
+    return [node], False
 
 
 def decay_factors(node: ir.Node, heads: tuple, dim: str):
-    """(per-token factors, token-free factors) of a log-decay whose every
-    factor is either per token without the contracted dim `dim` (read at the
-    heads) or token-free with dims among heads + (dim,), at least one of them
-    with `dim`; None otherwise (the log-decay is then materialized)."""
+    """(per-token factors, token-free factors, negated) of a log-decay
+    -(...) or (...) whose every factor is either per token without the
+    contracted dim `dim` (read at the heads) or token-free with dims among
+    heads + (dim,), at least one of them with `dim`; None otherwise (the
+    log-decay is then materialized)."""
     token, fixed = [], []
-    for f in _factors(node):
+    factors, negated = _factors(node)
+    for f in factors:
         dims = set(f.type.dims)
         if f.type.kind == ir.TOKEN and dims <= set(heads) and not f.type.contracted:
             token.append(f)
@@ -60,7 +67,7 @@ def decay_factors(node: ir.Node, heads: tuple, dim: str):
             return None
     if not any(dim in f.type.dims for f in fixed):
         return None
-    return token, fixed
+    return token, fixed, negated
 
 
 def _read_heads(op, mp, groups) -> tuple:
@@ -105,13 +112,13 @@ def emit(tp, mp, w, key, values):
     if split is None:  # materialized: [B, T, H, K]
         dt, a = "None", w.canon(node, mp.heads, (dim,), hint="log_decay")
     else:  # the factors, multiplied in the kernel
-        token, fixed = split
+        token, fixed, negated = split
         dt = " * ".join(w.canon(t, mp.heads, (), hint="decay_step") for t in token) or \
             "torch.ones(batch, time, {}, dtype=torch.float32, device=DEVICE)".format(
                 w.size_expr(mp.heads))
         dt = w.assign(dt, hint="decay_step")
-        a = w.assign(" * ".join(_fixed_code(w, x, mp.heads, dim) for x in fixed),
-                     hint="decay_rate")
+        rate = " * ".join(_fixed_code(w, x, mp.heads, dim) for x in fixed)
+        a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls)
     fn = w.function("triton_scan.py.jinja", base="per_channel_scan", **flags)
