@@ -194,6 +194,22 @@ def test_prefill_then_decode(compiled, monkeypatch, poisoned):
     assert rel_err(torch.cat(ys, 1).cpu(), want) < 1e-4
 
 
+def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
+    """Packed sequences (cu_seqlens): the scan per sequence, a decode-sized
+    one on the recurrence kernel."""
+    m, d = compiled("mamba"), compiled("mamba", "dense")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=1, T=60, seed=11)
+    offsets = [0, 5, 41, 60]
+    with torch.no_grad():
+        y = m(**on_device(args), cu_seqlens=torch.tensor(offsets, dtype=torch.int32,
+                                                         device=DEVICE))
+    assert calls and set(calls) == {"scan"}
+    for a, b in zip(offsets, offsets[1:]):
+        want = d(**{n: (x[:, a:b] if x.dim() >= 3 else x) for n, x in args.items()})
+        assert rel_err(y[:, a:b].cpu(), want) < 1e-4
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
 def test_strong_decays_stay_finite(compiled, monkeypatch, dtype, tol):
     """delta about 20 per step (-exp(A_log) * delta down to -300) over 400
