@@ -39,8 +39,11 @@ def check(files):
 @main.command()
 @click.argument("file")
 @click.option("--ir", "show_ir", is_flag=True, help="also print the typed IR")
+@click.option("--backend", type=click.Choice(["torch", "triton"]), default="torch",
+              show_default=True, help="whose plan: the triton backend's says which terms run "
+              "on kernels and which algorithm (scan or chunks) a per-channel decay takes")
 @exit_on_error
-def explain(file, show_ir):
+def explain(file, show_ir, backend):
     """Matrix class, causality and decode state of FILE."""
     import warnings
 
@@ -50,7 +53,7 @@ def explain(file, show_ir):
     p = _load(file)
     with warnings.catch_warnings():  # explain prints them itself
         warnings.simplefilter("ignore", MixerPerformanceWarning)
-        m = CompiledMixer(p, "torch")
+        m = CompiledMixer(p, backend)
     click.echo(m.explain())
     if show_ir:
         click.echo("\n" + p.text())

@@ -139,6 +139,38 @@ def per_channel_choice(tp, mp, groups) -> tuple:
     return scan, chunked
 
 
+TENSOR_CORE = 16  # a tensor-core FLOP costs about 1/16 of an elementwise one on a GPU
+TENSOR_TILE = 16  # dots pad their dims to tiles of 16
+
+
+def gpu_per_channel_choice(tp, mp, groups) -> tuple:
+    """Per-head cost per token of a per-channel decay term on a GPU, in
+    elementwise FLOPs, as a scan (templates/triton_scan.py.jinja: per state
+    entry a decay, an update, a read of the output and the scan's combines,
+    no tensor cores) and in chunks (templates/triton_per_channel.py.jinja:
+    tensor-core dots whose value dim pads to 16, plus the exact pairwise
+    decays of the diagonal sub-blocks of 16 steps). A small value dim per
+    head (Mamba-1: 1) makes the scan cheaper; K = V = 128 (GLA) the chunks."""
+    V = _value_width(mp, groups)
+    K = _rank(tp, mp)
+    padded = sympy.Max(V, TENSOR_TILE)
+    scan = 8 * K * V
+    chunks = (2 * C * (K + padded) + 4 * K * padded) / TENSOR_CORE + 3 * TENSOR_TILE * K + 4 * K
+    return scan, chunks
+
+
+def gpu_per_channel_rule(tp, mp, groups, taken=()) -> str:
+    """The GPU choice between scan and chunks in words, for explain: settled
+    when one is cheaper at every size, else the inequality checked per call."""
+    scan, chunks = gpu_per_channel_choice(tp, mp, groups)
+    diff = sympy.simplify(chunks - scan)
+    if diff.is_nonnegative:
+        return "scan (cheaper than chunks at every size)"
+    if diff.is_negative:
+        return "chunks (cheaper than a scan at every size)"
+    return f"scan when {readable(scan, taken)} <= {readable(chunks, taken)}, else chunks (per call)"
+
+
 def as_python(expr: sympy.Expr, chunk: str, dim_local) -> str:
     """Python code for a cost expression inside a generated forward, where the
     sequence length is `time`, dim d's size the local `dim_local(d)` and the

@@ -63,7 +63,8 @@ class TritonRunner(TorchRunner):
         return stack_states(self, states)
 
     def explain(self) -> str:
-        return planner.describe(self.plan, "triton", DTYPES, runs_on=runs_on)
+        return planner.describe(self.plan, "triton", DTYPES,
+                                runs_on=lambda tp: runs_on(tp, self.plan))
 
     def forward(self, bound, initial_state=None, return_state=False, config=None):
         if bound.device.type not in ("cuda", "meta") and not interpreted() and \
@@ -139,11 +140,13 @@ def stack_states(runner, states: list):
     return MixerState(out, max(x.length for x in states), owner, states[0].sizes)
 
 
-def runs_on(tp) -> str:
+def runs_on(tp, plan=None) -> str:
     if per_channel.handles(tp):
-        return ("a Triton kernel (forward without gradients: chunks and sub-chunks in log "
-                "space, state passed in registers; decode steps update the state in place); "
-                "the torch backend when gradients are needed or for float64")
+        algorithm = "" if plan is None else "; algorithm: " + _scan_or_chunks(tp, plan)
+        return ("a Triton kernel (forward without gradients: a scan of the state in "
+                "registers, or chunks and sub-chunks in log space with the state passed in "
+                "registers; decode steps update the state in place); the torch backend when "
+                "gradients are needed or for float64" + algorithm)
     if has_kernels(tp) and tp.strategy == "chunked":
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "
@@ -156,6 +159,18 @@ def runs_on(tp) -> str:
     if tp.strategy == "dense":
         return "the dense interpreter"
     return "the torch backend (no Triton kernels for this strategy yet)"
+
+
+def _scan_or_chunks(tp, plan) -> str:
+    """The cost model's choice between the scan and the chunked kernels
+    (terms/scan.py), in words; the config's `algorithm` knob overrides it."""
+    from mixerc import cost
+    mp = next(m for m in plan.matrices if any(t is tp for t in m.terms))
+    p = plan.program
+    taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.lets) | set(p.outs)
+    return ("the cost model's (elementwise FLOPs per head and token): "
+            f"{cost.gpu_per_channel_rule(tp, mp, p.groups, taken)}; the config's `algorithm` "
+            "knob overrides it")
 
 
 class _Triton:

@@ -1,0 +1,364 @@
+"""The Triton backend's scan for per-channel decay terms
+(templates/triton_scan.py.jinja via codegen/triton/terms/scan.py) against
+the dense interpreter: Mamba-1 and per-channel programs with small value
+dims (q and k at one head or at groups, strict masks, a log-decay that does
+or does not factor), float32 (< 1e-4), float16 and bfloat16 (< 2e-2; bf16
+through the test-only dot patch), T not a multiple of any block, batch > 1,
+initial and final states, decode steps after a prefill, strong decays over
+long inputs; outputs poisoned before the kernels write. The cost model's
+choice (Mamba-1 scans, GLA at K = V = 128 runs chunks), the config knob
+that overrides it, the factored log-decay never materialized, and the
+kernels' static fitness on sm_90a and sm_80 (no spills at any config)."""
+
+import textwrap
+
+import pytest
+import torch
+from conftest import rel_err, run_without_interpreter
+from reference import make_inputs
+
+import mixerc
+from mixerc import cost
+
+pytest.importorskip("triton")
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f64 = torch.float64
+
+# q and k at G groups of the H heads, the log-decay a product of softplus(dt)
+# [H] per token and -exp(A_log) [H, K] (factored on load)
+GROUPED = """
+mixer grouped {
+  dims H, K, V, G divides H
+  input q : [G, K]
+  input k : [G, K]
+  input v : [H, V]
+  input dt : [H]
+  param A_log : [H, K] = log(uniform(1, 4))
+  out y = (decay(-exp(A_log) * softplus(dt)) * (q @ k^T)) @ v
+}
+"""
+
+# the same with the negation outside the product (and dt per token only)
+NEGATED = GROUPED.replace("grouped", "negated").replace(
+    "decay(-exp(A_log) * softplus(dt))", "decay(-(softplus(dt) * exp(A_log) * 0.5))")
+
+# a log-decay per token and channel (GLA's): read as a [B, T, H, K] tensor
+STRICT = """
+mixer strict_small {
+  dims H, K, V
+  input q : [H, K]
+  input k : [H, K]
+  input v : [H, V]
+  input f : [H, K]
+  out y = (decay(log(sigmoid(f))) * (q @ k^T) * (s < t)) @ v
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache = {}
+
+    def get(src, backend="triton"):
+        if (src, backend) not in cache:
+            cache[src, backend] = mixerc.compile(src, backend=backend)
+        return cache[src, backend]
+    return get
+
+
+class Calls(list):
+    """"scan" or "chunks" per call; .args: each host function's arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = {}
+
+
+def algorithms(m, monkeypatch) -> Calls:
+    """Records, per call of the term's host functions, which one ran."""
+    mod = m._impl.module
+    calls = Calls()
+    for name in m._impl._kernel_dims:
+        original = getattr(mod, name)
+
+        def spy(*args, _original=original, _name=name, **kw):
+            calls.append("scan" if "_scan" in _name else "chunks")
+            calls.args.setdefault(_name, []).append(args)
+            return _original(*args, **kw)
+        monkeypatch.setattr(mod, name, spy)
+    return calls
+
+
+def on_device(args, dtype=None):
+    """Token inputs ([B, T, ...]) in dtype (float32 by default), params in float32."""
+    return {n: x.to(device=DEVICE, dtype=dtype if (dtype is not None and x.dim() >= 3) else
+                    torch.float32) for n, x in args.items()}
+
+
+def grouped_inputs(B, T, H=6, G=2, K=5, V=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    return dict(q=r(B, T, G, K), k=r(B, T, G, K), v=r(B, T, H, V), dt=r(B, T, H) - 1,
+                A_log=r(H, K) * 0.5)
+
+
+def strict_inputs(B, T, H=3, K=7, V=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), f=r(B, T, H, K) + 2)
+
+
+def run(m, args, dtype=None, **kw):
+    with torch.no_grad():
+        return m(**on_device(args, dtype), **kw)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_mamba_equals_dense(compiled, monkeypatch, poisoned, dtype, tol):
+    m = compiled("mamba")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=2, T=45, seed=1)
+    y = run(m, args, dtype)
+    assert calls == ["scan"] and y.dtype == dtype
+    assert rel_err(y.cpu(), compiled("mamba", "dense")(**args)) < tol
+
+
+def test_mamba_bf16(compiled, monkeypatch, bf16_dots):
+    m = compiled("mamba")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=2, T=30, seed=2)
+    y = run(m, args, torch.bfloat16)
+    assert calls == ["scan"]
+    assert rel_err(y.float().cpu(), compiled("mamba", "dense")(**args)) < 2e-2
+
+
+@pytest.mark.parametrize("H,G,K,V,T", [(6, 2, 5, 2, 37), (6, 6, 3, 1, 21), (5, 1, 8, 3, 50)])
+def test_grouped_programs_equal_dense(compiled, monkeypatch, poisoned, H, G, K, V, T):
+    """Random grouped programs: q, k at G of H heads, small value dims, the
+    log-decay's factors multiplied in the kernel."""
+    m = compiled(GROUPED)
+    calls = algorithms(m, monkeypatch)
+    args = grouped_inputs(B=3, T=T, H=H, G=G, K=K, V=V, seed=H + K)
+    y = run(m, args)
+    assert calls == ["scan"]
+    assert rel_err(y.cpu(), compiled(GROUPED, "dense")(**args)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_strict_unfactored_equals_dense(compiled, monkeypatch, poisoned, dtype, tol):
+    m = compiled(STRICT)
+    assert m._impl.plan.matrices[0].terms[0].flags["strict"]
+    calls = algorithms(m, monkeypatch)
+    args = strict_inputs(B=2, T=33)
+    y = run(m, args, dtype)
+    assert calls == ["scan"]
+    assert rel_err(y.cpu(), compiled(STRICT, "dense")(**args)) < tol
+
+
+def test_initial_and_final_states(compiled, monkeypatch, poisoned):
+    m, ref = compiled("mamba"), compiled("mamba", "torch")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=2, T=70, seed=4)
+    head = {n: (x[:, :41] if x.dim() >= 3 else x) for n, x in args.items()}
+    tail = {n: (x[:, 41:] if x.dim() >= 3 else x) for n, x in args.items()}
+    y1, s1 = run(m, head, return_state=True)
+    y2, s2 = run(m, tail, initial_state=s1, return_state=True)
+    assert calls == ["scan", "scan"]
+    _, s_ref = ref(**head, return_state=True)  # the torch backend in float64
+    assert rel_err(s1.tensors["M"].cpu(), s_ref.tensors["M"]) < 1e-5
+    _, s_all = ref(**args, return_state=True)
+    assert rel_err(s2.tensors["M"].cpu(), s_all.tensors["M"]) < 1e-5
+    want = compiled("mamba", "dense")(**args)
+    assert rel_err(torch.cat([y1, y2], 1).cpu(), want) < 1e-4
+
+
+def test_prefill_then_decode(compiled, monkeypatch, poisoned):
+    m = compiled(GROUPED)
+    calls = algorithms(m, monkeypatch)
+    T0, steps = 30, 3
+    args = grouped_inputs(B=2, T=T0 + steps, seed=5)
+    want = compiled(GROUPED, "dense")(**args)
+    dev = on_device(args)
+    tokens = [n for n, x in args.items() if x.dim() >= 3]
+    with torch.no_grad():
+        y0, state = m(**{n: (x[:, :T0] if n in tokens else x) for n, x in dev.items()},
+                      return_state=True)
+        ys = [y0]
+        for t in range(T0, T0 + steps):
+            y_t, state = m.step(state, **{n: (x[:, t] if n in tokens else x)
+                                          for n, x in dev.items()})
+            ys.append(y_t[:, None])
+    assert calls == ["scan"] * (1 + steps)  # the steps: the same host function, decoding
+    assert rel_err(torch.cat(ys, 1).cpu(), want) < 1e-4
+
+
+def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
+    """Packed sequences (cu_seqlens): the scan per sequence, a decode-sized
+    one on the recurrence kernel."""
+    m, d = compiled("mamba"), compiled("mamba", "dense")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=1, T=60, seed=11)
+    offsets = [0, 5, 41, 60]
+    with torch.no_grad():
+        y = m(**on_device(args), cu_seqlens=torch.tensor(offsets, dtype=torch.int32,
+                                                         device=DEVICE))
+    assert calls and set(calls) == {"scan"}
+    for a, b in zip(offsets, offsets[1:]):
+        want = d(**{n: (x[:, a:b] if x.dim() >= 3 else x) for n, x in args.items()})
+        assert rel_err(y[:, a:b].cpu(), want) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+def test_strong_decays_stay_finite(compiled, monkeypatch, dtype, tol):
+    """delta about 20 per step (-exp(A_log) * delta down to -300) over 400
+    tokens: decays underflow to 0, never a NaN."""
+    m = compiled("mamba")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=1, T=400, seed=3)
+    args["dt"] = torch.full_like(args["dt"], 20.0)
+    args["dt"][:, ::9] = -12.0  # some slow steps too
+    y, state = run(m, args, dtype, return_state=True)
+    assert calls == ["scan"]
+    assert torch.isfinite(y).all() and torch.isfinite(state.tensors["M"]).all()
+    assert rel_err(y.cpu(), compiled("mamba", "dense")(**args)) < tol
+
+
+def test_log_decay_factors_never_materialized(compiled, monkeypatch):
+    """The scan reads delta [B, T, E] and -exp(A_log) [E, N]; the [B, T, E,
+    N] product exists only in the chunked branch of the generated code."""
+    m = compiled("mamba")
+    src = m.source()
+    forward = src[src.index("\ndef forward("):]
+    branch = forward.index("if algorithm == 'scan'")
+    assert "delta[..., None]" not in forward[:branch]
+    product = [ln for ln in forward.splitlines() if "delta[..., None]" in ln]
+    assert product and all(ln.startswith(" " * 8) for ln in product)  # inside the else
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=2, T=20, seed=6)
+    run(m, args)
+    (q, k, v, dt, a, *_), = next(a for n, a in calls.args.items() if "_scan" in n)
+    assert calls == ["scan"]
+    assert tuple(dt.shape) == (2, 20, 6) and tuple(a.shape) == (6, 4)  # E = 6, N = 4
+    assert tuple(q.shape) == (2, 20, 1, 4)  # C at one head, not expanded to E
+
+
+def test_negated_product_factors(compiled, monkeypatch, poisoned):
+    m = compiled(NEGATED)
+    calls = algorithms(m, monkeypatch)
+    args = grouped_inputs(B=2, T=27, seed=10)
+    y = run(m, args)
+    (q, k, v, dt, a, *_), = next(a for n, a in calls.args.items() if "_scan" in n)
+    assert calls == ["scan"] and dt.dim() == 3 and a.dim() == 2
+    assert rel_err(y.cpu(), compiled(NEGATED, "dense")(**args)) < 1e-4
+
+
+def test_cost_model_choice():
+    """Mamba-1 (value dim 1 per head) scans at every size; GLA at K = V = 128
+    runs chunks, at K = V = 4 it scans; explain says which and why."""
+    def choice(name, sizes):
+        m = mixerc.compile(name, backend="torch")
+        p = m._impl.plan
+        mp = p.matrices[0]
+        scan, chunks = cost.gpu_per_channel_choice(mp.terms[0], mp, p.program.groups)
+        at = dict(sizes, chunk=64)
+        return "scan" if cost.evaluate(scan, at) <= cost.evaluate(chunks, at) else "chunks"
+    assert choice("mamba", {"E": 1536, "N": 16}) == "scan"
+    assert choice("gla", {"H": 16, "K": 128, "V": 128}) == "chunks"
+    assert choice("gla", {"H": 16, "K": 4, "V": 4}) == "scan"
+    mamba = mixerc.compile("mamba", backend="triton").explain()
+    assert "algorithm: the cost model's" in mamba and "scan (cheaper than chunks at every size)" \
+        in mamba
+    gla = mixerc.compile("gla", backend="triton").explain()
+    assert "scan when 8*K*V <= " in gla and "else chunks (per call)" in gla
+    from click.testing import CliRunner
+
+    from mixerc.cli import main
+    r = CliRunner().invoke(main, ["explain", "mamba", "--backend", "triton"])
+    assert r.exit_code == 0 and "scan (cheaper than chunks at every size)" in r.output
+
+
+def test_algorithm_is_a_tuning_knob(compiled):
+    mod = compiled("mamba")._impl.module
+    assert mod.CONFIG_SPACE["M.algorithm"] == ["auto", "scan", "chunks"]
+    assert mod.DEFAULT_CONFIG["M.algorithm"] == "auto"
+    assert {"M.scan_block_h", "M.scan_warps", "M.tri_chunk"} <= set(mod.CONFIG_SPACE)
+
+
+def test_gla_shape_runs_chunks_and_the_knob_overrides(compiled, monkeypatch, poisoned):
+    """At K = V = 32 the cost model picks the chunked kernels; the config's
+    `algorithm` knob forces either algorithm, and both equal dense."""
+    m = mixerc.compile("gla", backend="triton")
+    calls = algorithms(m, monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    args = dict(q=r(1, 20, 2, 32) * 0.3, k=r(1, 20, 2, 32) * 0.3, v=r(1, 20, 2, 32),
+                g=torch.nn.functional.logsigmoid(r(1, 20, 2, 32) + 2))
+    want = compiled("gla", "dense")(**args)
+    assert rel_err(run(m, args).cpu(), want) < 1e-4
+    m._impl.pin_config(algorithm="scan")
+    assert rel_err(run(m, args).cpu(), want) < 1e-4
+    assert calls == ["chunks", "scan"]
+    m2 = mixerc.compile("mamba", backend="triton")
+    m2._impl.pin_config(algorithm="chunks")
+    calls2 = algorithms(m2, monkeypatch)
+    args = make_inputs("mamba", B=2, T=25, seed=8)
+    assert rel_err(run(m2, args).cpu(), compiled("mamba", "dense")(**args)) < 1e-4
+    assert calls2 == ["chunks"]
+
+
+def test_gradients_leave_the_scan(compiled, monkeypatch):
+    m = compiled("mamba")
+    calls = algorithms(m, monkeypatch)
+    args = make_inputs("mamba", B=1, T=24, seed=9)
+    dev = {n: x.float().to(DEVICE).requires_grad_(True) for n, x in args.items()}
+    y = m(**dev)
+    assert calls == []  # the chunked branch's torch code: autograd
+    assert rel_err(y.detach().cpu(), compiled("mamba", "dense")(**args)) < 1e-4
+    y.square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in dev.values())
+
+
+FITNESS = textwrap.dedent("""
+    import json
+    import itertools
+    import mixerc
+    from mixerc.codegen.triton import fitness
+    out = []
+    for src, sizes, every in (("mamba", {"E": 1536, "N": 16}, True),
+                              (%r, {"H": 8, "K": 16, "V": 2}, False)):
+        r = mixerc.compile(src, backend="triton")._impl
+        mod = r.module
+        for name, (key, D, DV) in r.kernel_shapes(sizes).items():
+            if "_scan" not in name:
+                continue
+            meta = getattr(mod, name + "_compile_meta")
+            choices = [mod.CONFIG_SPACE[key + "." + k] if every else
+                       [mod.DEFAULT_CONFIG[key + "." + k]] for k in meta.knobs]
+            for target in ("sm_90a", "sm_80"):
+                for values in itertools.product(*choices):
+                    cfg = dict(zip(meta.knobs, values))
+                    fit = fitness.KernelFit(name, name + "_fwd", cfg)
+                    constexprs, warps, stages = meta(D, DV, cfg, "bf16")
+                    fitness.inspect(fitness.compile_kernel(
+                        getattr(mod, name + "_fwd"), constexprs, target, warps, stages),
+                        target, fit)
+                    out.append(dict(target=target, kernel=fit.kernel, cfg=cfg,
+                                    regs=fit.registers, spill=fit.spill_bytes,
+                                    shared=fit.shared, limit=fit.shared_limit))
+    print(json.dumps(out))
+""") % STRICT
+
+
+def test_scan_kernels_fit_sm90a_and_sm80():
+    """Every config of the scan's knobs for Mamba-1 (the factored log-decay)
+    and the default for a log-decay per token and channel compile without
+    spills."""
+    fits = run_without_interpreter(FITNESS, timeout=900)
+    kernels = {f["kernel"] for f in fits}
+    assert len(kernels) == 2 and {f["target"] for f in fits} == {"sm_90a", "sm_80"}, kernels
+    assert len(fits) == 2 * (9 + 1)
+    for f in fits:
+        where = f"{f['target']} {f['kernel']} {f['cfg']}"
+        assert f["spill"] == 0 and f["shared"] <= f["limit"] and f["regs"] <= 255, where
