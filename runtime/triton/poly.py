@@ -13,7 +13,8 @@ from mixerc.runtime.torch.tokens import poly_features
 # torch backend's feature-state recurrence (codegen/torch/templates/poly_quadratic)
 POLY_DECODE_TOKENS = 16
 
-_POLY_OPS = {}  # op name -> forward op: a module loaded twice reuses it
+# op name -> (forward op, forward, backward): a module loaded twice reuses them
+_POLY_OPS = {}
 
 
 def poly_ops(name, forward, forward_fake, backward, backward_fake):
@@ -22,7 +23,7 @@ def poly_ops(name, forward, forward_fake, backward, backward_fake):
     backward(dy, q, k, v, coef, *the same ints) -> [dq, dk, dv]. The
     coefficients are numbers of the program (no gradient)."""
     if name in _POLY_OPS:
-        return _POLY_OPS[name]
+        return _POLY_OPS[name][0]
     fwd = torch.library.custom_op(name + "_fwd", forward, mutates_args=())
     fwd.register_fake(forward_fake)
     bwd = torch.library.custom_op(name + "_bwd", backward, mutates_args=())
@@ -39,7 +40,7 @@ def poly_ops(name, forward, forward_fake, backward, backward_fake):
         return (dq, dk, dv, None) + (None,) * len(ctx.args)
 
     fwd.register_autograd(grads, setup_context=save)
-    _POLY_OPS[name] = fwd
+    _POLY_OPS[name] = (fwd, forward, backward)
     return fwd
 
 
