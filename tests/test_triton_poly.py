@@ -288,3 +288,11 @@ def test_the_normalizer_is_summed_in_registers(compiled):
     where = {name: [poly_terms.normalizer(mp)[0] for mp in compiled(name).plan.matrices]
              for name in ("based", "square", "strict")}
     assert where == {"based": ["last"], "square": ["first"], "strict": [None]}
+
+
+@pytest.mark.parametrize("name", ["based", "strict", "square"])
+@pytest.mark.parametrize("standalone", [False, True])
+def test_generated_modules_are_pyflakes_clean(name, standalone):
+    from test_generated_code import flakes
+    src = mixerc.compile(SOURCES[name], backend="triton")._impl.generate(standalone=standalone)[0]
+    assert flakes(src) == ""
