@@ -90,8 +90,8 @@ def compiled():
         if (name, backend) not in cache:
             m = mixerc.compile(SOURCES[name], backend=backend)
             if backend == "triton":  # short inputs, several blocks, the quadratic form
-                m._impl.pin_config(form="quadratic", block_m=16, block_n=16, bwd_block_m=16,
-                                   bwd_block_n=16)
+                m._impl.pin_config(form="quadratic", block_m=16, block_n=16, block_v=16,
+                                   bwd_block_m=16, bwd_block_n=16, bwd_block_v=16)
             cache[name, backend] = m
         return cache[name, backend]
     return get
@@ -259,27 +259,31 @@ FITNESS = textwrap.dedent("""
     from mixerc.codegen.triton import fitness
     out = []
     m = mixerc.compile("based", backend="triton")
-    for target in ("sm_90a", "sm_80"):
-        for f in fitness.check(m._impl, {"H": 16, "K": 16, "V": 64}, target):
-            out.append(dict(target=target, kernel=f.kernel, regs=f.registers,
+    shapes = [(t, K, V) for t in ("sm_90a", "sm_80") for K, V in ((16, 64), (16, 128), (64, 64))]
+    for target, K, V in shapes:
+        for f in fitness.check(m._impl, {"H": 16, "K": K, "V": V}, target):
+            out.append(dict(target=target, K=K, V=V, kernel=f.kernel, regs=f.registers,
                             spill=f.spill_bytes, shared=f.shared, limit=f.shared_limit,
-                            mma=f.mma, error=f.error))
+                            mma=f.mma, hmma=f.hmma, error=f.error))
     print(json.dumps(out))
 """)
 
 
 def test_kernels_fit_sm90a_and_sm80():
-    """Based's kernels (K = 16, V = 64, bf16, default config): no spills,
-    shared memory within the limit, the dots on HGMMA (sm_90a) / HMMA (sm_80)."""
+    """Based's kernels (K = 16 with V = 64 and 128, K = V = 64; bf16, default
+    config): no spills, shared memory within the limit, the dots on HGMMA
+    (sm_90a, no warp-level HMMA fallback) / HMMA (sm_80)."""
     fits = run_without_interpreter(FITNESS, timeout=600)
-    assert {f["kernel"] for f in fits} == {"poly_kernel_fwd", "poly_kernel_grad_bwd_dq",
-                                           "poly_kernel_grad_bwd_dkv"}
-    assert len(fits) == 2 * 3
+    assert {f["kernel"] for f in fits} == {"poly_kernel_fwd", "poly_kernel_bwd_dq",
+                                           "poly_kernel_bwd_dkv"}
+    assert len(fits) == 2 * 3 * 3  # targets x shapes x kernels
     for f in fits:
-        where = f"{f['target']} {f['kernel']}"
+        where = f"{f['target']} K={f['K']} V={f['V']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
         assert f["spill"] == 0 and f["shared"] <= f["limit"], where
         assert f["mma"] > 0 and f["regs"] <= 255, where
+        if f["target"] == "sm_90a":
+            assert f["hmma"] == 0, where
 
 
 def test_the_normalizer_is_summed_in_registers(compiled):

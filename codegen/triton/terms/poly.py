@@ -19,16 +19,17 @@ from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile examples/based.mx
-# --target sm_90a|sm_80 --dims H=16,K=16,V=64`, bf16: Based's feature dim 16,
-# head dim 64): no spills on both, HGMMA on sm_90a. Wider heads (V = 128, or
-# K = V = 64 on sm_80) spill in the backward's dK/dV kernel at these blocks:
-# the tuner's screen picks smaller ones there.
-DEFAULTS = {"form": "cost", "block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2,
-            "bwd_block_m": 64, "bwd_block_n": 64, "bwd_warps": 8, "bwd_stages": 2}
+# --target sm_90a|sm_80 --dims H=16,K=16,V=64`, and K = 16, 64 with V = 64,
+# 128; bf16): no spills on both, HGMMA on sm_90a. Value columns in blocks of
+# 64 (each block's program recomputes the scores, cheap at Based's K = 16);
+# the backward's dK/dV kernel takes 64 keys (its dots' M) per 32 queries.
+DEFAULTS = {"form": "cost", "block_m": 64, "block_n": 64, "block_v": 64, "num_warps": 8,
+            "num_stages": 2, "bwd_block_m": 64, "bwd_block_n": 32, "bwd_block_v": 64,
+            "bwd_warps": 8, "bwd_stages": 2}
 CHOICES = {"form": ["cost", "quadratic", "features"], "block_m": [32, 64, 128],
-           "block_n": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3],
-           "bwd_block_m": [32, 64, 128], "bwd_block_n": [16, 32, 64, 128],
-           "bwd_warps": [4, 8], "bwd_stages": [1, 2, 3]}
+           "block_n": [16, 32, 64, 128], "block_v": [32, 64, 128], "num_warps": [2, 4, 8],
+           "num_stages": [1, 2, 3], "bwd_block_m": [32, 64, 128], "bwd_block_n": [16, 32, 64],
+           "bwd_block_v": [32, 64, 128], "bwd_warps": [4, 8], "bwd_stages": [1, 2, 3]}
 KERNEL_KNOBS = [p for p in DEFAULTS if p != "form"]
 
 
@@ -86,9 +87,8 @@ def emit(tp, mp, w, key, values):
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_poly.py.jinja", base="poly_kernel", op=f"mixerc::poly_{digest}",
                     **flags)
-    # the kernels' dims (forward; backward under `<fn>_grad`), for fitness.py
-    dims = (key, (dim,), [value_dims(a, mp.heads, g) for a in applies])
-    w.kernel_dims[fn] = w.kernel_dims[fn + "_grad"] = dims
+    # the kernels' dims, for compiling them without tensors (fitness.py)
+    w.kernel_dims[fn] = (key, (dim,), [value_dims(a, mp.heads, g) for a in applies])
     chunk = w.config_key(key, "chunk", tp)
     form = w.config_key(key, "form", tp)
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
