@@ -78,8 +78,18 @@ mixer poly_decayed {
   out y = (decay(-softplus(a)) * (1 + z + z^2 / 2) * (s <= t)) @ v
 }
 """
+NONCAUSAL = """
+mixer poly_noncausal {
+  dims H, K, V
+  input q : [H, K]
+  input k : [H, K]
+  input v : [H, V]
+  let z = q @ k^T / sqrt(K)
+  out y = (1 + z + z^2 / 2) @ v
+}
+"""
 SOURCES = {"based": "based", "strict": STRICT, "square": SQUARE, "linear": LINEAR,
-           "cubic": CUBIC, "decayed": DECAYED}
+           "cubic": CUBIC, "decayed": DECAYED, "noncausal": NONCAUSAL}
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +253,11 @@ def test_float64_runs_the_torch_code(compiled, monkeypatch):
     assert not launches
 
 
-@pytest.mark.parametrize("name", ["linear", "cubic", "decayed"])
+@pytest.mark.parametrize("name", ["linear", "cubic", "decayed", "noncausal"])
 def test_other_polynomials_are_planned_elsewhere(compiled, name):
-    """Degree 1 (a sum of low-rank terms), degree 3 and a decay are not this
-    kernel's: planned elsewhere, still equal to dense."""
+    """Degree 1 (not a polynomial kernel: the dense path), degree 3, a decay
+    and no mask (a global feature-map sum, O(T)) are not this kernel's:
+    planned elsewhere, still equal to dense."""
     m = compiled(name)
     assert not any(poly_terms.handles(tp) for mp in m.plan.matrices for tp in mp.terms)
     x = inputs(2, 19, K=8, seed=8, decay=name == "decayed")
