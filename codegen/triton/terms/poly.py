@@ -26,10 +26,10 @@ from mixerc.plan import value_dims
 DEFAULTS = {"form": "cost", "block_m": 64, "block_n": 64, "block_v": 64, "num_warps": 8,
             "num_stages": 2, "bwd_block_m": 64, "bwd_block_n": 32, "bwd_block_v": 64,
             "bwd_warps": 8, "bwd_stages": 2}
-CHOICES = {"form": ["cost", "quadratic", "features"], "block_m": [32, 64, 128],
-           "block_n": [16, 32, 64, 128], "block_v": [32, 64, 128], "num_warps": [2, 4, 8],
-           "num_stages": [1, 2, 3], "bwd_block_m": [32, 64, 128], "bwd_block_n": [16, 32, 64],
-           "bwd_block_v": [32, 64, 128], "bwd_warps": [4, 8], "bwd_stages": [1, 2, 3]}
+CHOICES = {"form": ["cost", "quadratic", "features"], "block_m": [64, 128],
+           "block_n": [32, 64], "block_v": [64, 128], "num_warps": [4, 8], "num_stages": [2, 3],
+           "bwd_block_m": [64, 128], "bwd_block_n": [16, 32], "bwd_block_v": [32, 64],
+           "bwd_warps": [4, 8], "bwd_stages": [1, 2]}  # with the feature map's chunk: 15360
 KERNEL_KNOBS = [p for p in DEFAULTS if p != "form"]
 
 
