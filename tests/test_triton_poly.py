@@ -311,3 +311,21 @@ def test_generated_modules_are_pyflakes_clean(name, standalone):
     from test_generated_code import flakes
     src = mixerc.compile(SOURCES[name], backend="triton")._impl.generate(standalone=standalone)[0]
     assert flakes(src) == ""
+
+
+def test_stack_states_of_different_lengths(compiled):
+    """Based's feature-map state does not depend on the length: prefills of 5
+    and 20 tokens (the latter by the kernels) stacked into one batch step on
+    as the dense interpreter does on each sequence."""
+    m, d = compiled("based"), compiled("based", "dense")
+    x = inputs(2, 23, seed=9)
+    lengths = (5, 20)
+    states = [m(**on_device({n: t[b:b + 1, :lengths[b]] for n, t in x.items()}),
+                return_state=True)[1] for b in range(2)]
+    state = m.stack_states(states)
+    for i in range(3):
+        y, state = m.step(state, **{n: torch.stack([t[b, lengths[b] + i] for b in range(2)])
+                                    .float() for n, t in x.items()})
+        for b, n in enumerate(lengths):
+            want = d(**{k: t[b:b + 1, :n + i + 1] for k, t in x.items()})[:, -1]
+            assert rel_err(y[b:b + 1], want) < 1e-4, (i, b)
