@@ -329,3 +329,22 @@ def test_stack_states_of_different_lengths(compiled):
         for b, n in enumerate(lengths):
             want = d(**{k: t[b:b + 1, :n + i + 1] for k, t in x.items()})[:, -1]
             assert rel_err(y[b:b + 1], want) < 1e-4, (i, b)
+
+
+def test_gradients_after_an_initial_state_match_dense(compiled, monkeypatch):
+    """A block with gradients after a prefill's state: the kernels' gradients
+    plus the state's (phi(q) . S by torch ops) equal dense on the whole sequence."""
+    m, d = compiled("based"), compiled("based", "dense")
+    x = inputs(2, 41, seed=10)
+    _, s1 = m(**on_device({n: t[:, :20] for n, t in x.items()}), return_state=True)
+    leaves = {n: t[:, 20:].float().requires_grad_() for n, t in x.items()}
+    leaves64 = {n: t[:, 20:].clone().requires_grad_() for n, t in x.items()}
+    g = torch.Generator().manual_seed(11)
+    dy = torch.randn(2, 21, 2, 20, generator=g, dtype=f64)
+    launches = kernel_launches(m, monkeypatch)
+    (m(**leaves, initial_state=s1) * dy.float()).sum().backward()
+    whole = d(**{n: torch.cat([x[n][:, :20], leaves64[n]], 1) for n in x})
+    (whole[:, 20:] * dy).sum().backward()
+    assert {n.rsplit("_", 2)[-1] for n in launches} >= {"fwd", "dq", "dkv"}
+    for n in x:
+        assert rel_err(leaves[n].grad, leaves64[n].grad) < 1e-4, n
