@@ -5,6 +5,8 @@ autograd, the value columns with the normalizer's column of ones put back
 (for the torch code that computes the decode state), and the feature-map
 state around a quadratic-form call (initial state in, final state out)."""
 
+import functools
+
 import torch
 
 from mixerc.runtime.torch.tokens import poly_features
@@ -42,6 +44,19 @@ def poly_ops(name, forward, forward_fake, backward, backward_fake):
     fwd.register_autograd(grads, setup_context=save)
     _POLY_OPS[name] = (fwd, forward, backward)
     return fwd
+
+
+def poly_coefficients(coeffs, device):
+    """c0, c1, c2 (zeros past the degree) as a float32 tensor on `device`,
+    made once per coefficients and device (read-only for the kernels): a
+    repeated call copies nothing to the device."""
+    padded = tuple(float(c) for c in list(coeffs) + [0.0, 0.0])[:3]
+    return _coefficients(padded, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficients(padded, device):
+    return torch.tensor(padded, dtype=torch.float32, device=device)
 
 
 def with_ones(v, norm):
