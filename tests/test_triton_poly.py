@@ -229,17 +229,19 @@ def test_state_layout_matches_the_feature_map(compiled):
 
 
 def test_the_cost_model_and_the_knob_choose(compiled, monkeypatch):
-    """form="cost": the quadratic form on a short input (the model's Min
-    picks it); form="features": no kernel, the torch feature map; both equal
-    dense."""
+    """form="cost": the quadratic form on a short input, the feature map on a
+    long one (K = 12, V = 20: the model's Min crosses near T = 430);
+    form="features": no kernel, the torch feature map; all equal dense."""
     m, d = compiled("based"), compiled("based", "dense")
     x = inputs(1, 40, seed=6)
     ref = d(**x)
+    long = inputs(1, 480, H=1, seed=6)
     launches = kernel_launches(m, monkeypatch)
     try:
         m._impl.pin_config(form="features")
         assert rel_err(m(**on_device(x)), ref) < 1e-4 and not launches
         m._impl.pin_config(form="cost")
+        assert rel_err(m(**on_device(long)), d(**long)) < 1e-4 and not launches
         assert rel_err(m(**on_device(x)), ref) < 1e-4 and launches
     finally:
         m._impl.pin_config(form="quadratic")
