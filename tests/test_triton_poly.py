@@ -190,10 +190,14 @@ def test_gradients_match_dense(compiled, name, poisoned, monkeypatch):
         assert rel_err(xs[n].grad, xd[n].grad) < 1e-4, n
 
 
-def test_state_prefill_and_decode_match_dense(compiled, monkeypatch):
+@pytest.mark.parametrize("piece", [None, 2 * 2 * 157 * 3], ids=["whole", "pieces"])
+def test_state_prefill_and_decode_match_dense(compiled, monkeypatch, piece):
     """A prefill by the kernels with an initial state (from an earlier
     prefill by them), then decode steps (the torch feature-state
-    recurrence), equal dense over the whole sequence."""
+    recurrence), equal dense over the whole sequence; the state's feature
+    maps computed whole or a few tokens at a time."""
+    if piece:
+        monkeypatch.setattr(poly_runtime, "STATE_PIECE", piece)
     m, d = compiled("based"), compiled("based", "dense")
     x = inputs(2, 45, seed=4)
     whole = d(**x)

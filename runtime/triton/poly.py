@@ -68,15 +68,30 @@ def with_ones(v, norm):
     return torch.cat([ones, v] if norm == "first" else [v, ones], -1)
 
 
+# the feature maps around a quadratic-form call are computed this many elements
+# at a time (B x tokens x H x features), so a long prefill never holds them whole
+STATE_PIECE = 1 << 24
+
+
 def poly_state_around(y, q, k, values, coeffs, state):
     """The feature-map state's part of a quadratic-form call (float32): y plus
     phi_c(q_t) . state for an initial state, and the state after the last
     token, state + sum_t phi_1(k_t) values_t^T [B, H, F, V] (the layout the
-    torch backend's decode steps and chunked feature map use)."""
+    torch backend's decode steps and chunked feature map use), by torch ops
+    over pieces of the tokens."""
+    B, T, H, K = k.shape
     ones = [1.0] * len(coeffs)
-    new_state = torch.einsum("bthf,bthv->bhfv", poly_features(k.float(), ones), values.float())
+    features = sum(K ** d for d in range(len(coeffs)))
+    step = max(1, STATE_PIECE // max(1, B * H * features))
+    new_state, reads = None, []
+    for t0 in range(0, T, step):
+        kf = poly_features(k[:, t0:t0 + step].float(), ones)
+        part = torch.einsum("bthf,bthv->bhfv", kf, values[:, t0:t0 + step].float())
+        new_state = part if new_state is None else new_state + part
+        if state is not None:
+            qf = poly_features(q[:, t0:t0 + step].float(), coeffs)
+            reads.append(torch.einsum("bthf,bhfv->bthv", qf, state.float()))
     if state is not None:
-        state = state.float()
-        y = y + torch.einsum("bthf,bhfv->bthv", poly_features(q.float(), coeffs), state)
-        new_state = new_state + state
+        y = y + (reads[0] if len(reads) == 1 else torch.cat(reads, 1))
+        new_state = new_state + state.float()
     return y, new_state
