@@ -354,3 +354,28 @@ def test_gradients_after_an_initial_state_match_dense(compiled, monkeypatch):
     assert {n.rsplit("_", 2)[-1] for n in launches} >= {"fwd", "dq", "dkv"}
     for n in x:
         assert rel_err(leaves[n].grad, leaves64[n].grad) < 1e-4, n
+
+
+@pytest.mark.parametrize("name", ["based", "strict"])
+def test_gradients_at_the_default_blocks_match_dense(compiled, poisoned, name):
+    """The default geometry: 64-row blocks forward and dQ over 64 / 32 keys,
+    the dK/dV kernel's 64 keys per 32 queries (its blocks swapped), value
+    columns in two blocks; T = 150 ends inside a block."""
+    m, d = compiled(name), compiled(name, "dense")
+    x = inputs(1, 150, H=1, seed=12)
+    dy = torch.randn(1, 150, 1, 20, generator=torch.Generator().manual_seed(13), dtype=f64)
+    xs = {n: t.float().requires_grad_() for n, t in x.items()}
+    xd = {n: t.clone().requires_grad_() for n, t in x.items()}
+    m._impl.pin_config(block_m=64, block_n=64, block_v=16, bwd_block_m=64, bwd_block_n=32,
+                       bwd_block_v=16)
+    try:
+        y = m(**xs)
+        (y * dy.float()).sum().backward()
+    finally:
+        m._impl.pin_config(block_m=16, block_n=16, block_v=16, bwd_block_m=16, bwd_block_n=16,
+                           bwd_block_v=16)
+    want = d(**xd)
+    (want * dy).sum().backward()
+    assert rel_err(y, want) < 1e-4
+    for n in x:
+        assert rel_err(xs[n].grad, xd[n].grad) < 1e-4, n
