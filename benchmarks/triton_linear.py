@@ -461,7 +461,8 @@ def header(o, bw, elapsed) -> list:
     L = ta.header(o, bw, elapsed)
     L[0] = f"## Triton backend: linear / state-space family, {datetime.date.today()}"
     L[2] = (L[2].replace("Device copy", "fla-core " + fla_version() + ". Device copy")
-            .replace("Our configs", f"B = {o.tokens} // T sequences. Our configs"))
+            .replace("Our configs", f"B = {o.tokens} // T sequences. Based's form: "
+                     f"{o.linear_based_form}. Our configs"))
     if o.dry:
         L[2] += (" Peers in this dry run: fla's PyTorch references (fla/ops/*/naive.py) "
                  "behind the calls of its Triton kernels (a check of our mapping onto fla's "
@@ -621,6 +622,11 @@ def parser(standalone: bool = True):
     p.add_argument("--grace", type=float, default=45.0,
                    help="past budget + grace seconds a watchdog prints the report so far and "
                         "exits (status 3)")
+    p.add_argument("--linear-based-form", default="quadratic",
+                   choices=["cost", "quadratic", "features"],
+                   help="based: the knob form (quadratic: our Triton quadratic-form kernels, "
+                        "the algorithm of fla's parallel_based; features: the chunked feature "
+                        "map; cost: the cost model's choice per call)")
     p.add_argument("--quick", action="store_true", help="a subset: T 1k, 4k")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU: tiny shapes on the CPU in Triton's interpreter")
@@ -681,6 +687,8 @@ def main(argv=None, standalone=True):
     for name in o.mixers:
         try:
             ms[name] = mixerc.compile(name, backend="triton")
+            if name == "based" and o.linear_based_form != "cost":  # the form fla's peer has
+                ms[name]._impl.pin_config(form=o.linear_based_form)
         except Exception as e:  # noqa: BLE001
             compile_errors[name] = ta.fail(e)
             print(f"  compile {name}: {compile_errors[name]}", flush=True)

@@ -93,13 +93,14 @@ def test_scalar_decay_terms_run_on_the_kernel(compiled):
 
 @pytest.mark.parametrize("name", ["gla", "mamba", "based", "h3"])
 def test_other_chunked_cases_stay_off_these_kernels(name, compiled):
-    """A feature map stays on the torch backend; a per-channel decay goes to
-    its own kernel (tests/test_triton_per_channel.py), never to these."""
+    """A feature map goes to the polynomial's quadratic-form kernels
+    (tests/test_triton_poly.py); a per-channel decay to its own kernel
+    (tests/test_triton_per_channel.py), never to these."""
     m = compiled(name)
     text = m.explain()
     assert "two Triton kernels" not in text, text
     if name == "based":
-        assert "runs on: the torch backend" in text and "a Triton kernel" not in text, text
+        assert "runs on: the quadratic form by Triton kernels" in text, text
     else:
         assert "runs on: a Triton kernel (forward without gradients" in text, text
     if name == "gla":

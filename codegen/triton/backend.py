@@ -12,7 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
-from .terms import has_kernels, per_channel
+from .terms import has_kernels, per_channel, poly
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -147,6 +147,13 @@ def runs_on(tp, plan=None) -> str:
                 "registers, or chunks and sub-chunks in log space with the state passed in "
                 "registers; decode steps update the state in place); the torch backend when "
                 "gradients are needed or for float64" + algorithm)
+    if poly.handles(tp):
+        return ("the quadratic form by Triton kernels (per query block the key blocks up to "
+                "the diagonal, f(q k^T) and the normalizer's row sums in registers; backward "
+                "dQ and dK/dV) where the cost model's Min picks it (quadratic FLOPs <= feature "
+                "map FLOPs; knob form: cost | quadratic | features), else the torch "
+                "backend's chunked feature map; decode steps: the torch backend's "
+                "feature-state recurrence")
     if has_kernels(tp) and tp.strategy == "chunked":
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "

@@ -182,8 +182,10 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
-        meta = getattr(mod, f"{function}_compile_meta", None)
-        if meta is not None:  # a kernel family that says its own constexprs and knobs
+        # a kernel (or its family) that says its own constexprs and knobs
+        meta = getattr(mod, f"{name}_compile_meta", None) or \
+            getattr(mod, f"{function}_compile_meta", None)
+        if meta is not None:
             out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
                                    target, mm_dtype, keep_asm))
             continue

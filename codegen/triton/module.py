@@ -40,7 +40,7 @@ class TritonWriter(Writer):
     def own_values(self, tp) -> bool:
         """Terms whose kernels read the values as given (no float32 copy)."""
         # (the per-channel kernel's emitter takes the values as the torch backend builds them)
-        return super().own_values(tp) or terms.chunked.handles(tp)
+        return super().own_values(tp) or terms.chunked.handles(tp) or terms.poly.handles(tp)
 
     def canon_mm(self, node: ir.Node, heads: tuple, tail: tuple, hint: str = "v") -> str:
         """canon(...) in the matmuls' dtype (MM_DTYPE: the inputs'); an input

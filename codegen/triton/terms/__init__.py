@@ -4,7 +4,7 @@ the torch backend's (codegen/torch/terms)."""
 
 from mixerc.codegen.torch import terms as torch_terms
 
-from . import chunked, flash, per_channel
+from . import chunked, flash, per_channel, poly
 
 BY_STRATEGY = {**torch_terms.BY_STRATEGY, "flash": flash, "chunked": chunked}
 KERNELS = frozenset({"flash", "chunked"})  # strategies with Triton kernels for some terms
@@ -12,9 +12,10 @@ KERNELS = frozenset({"flash", "chunked"})  # strategies with Triton kernels for 
 
 def has_kernels(tp) -> bool:
     """Whether the term runs on Triton kernels (else on the torch backend; a
-    per-channel decay's kernel runs when no gradient is needed)."""
+    per-channel decay's kernel runs when no gradient is needed, a
+    polynomial's quadratic form where the cost model or its knob picks it)."""
     if tp.strategy == "flash":
         return True
     if tp.strategy == "chunked":
-        return chunked.handles(tp) or per_channel.handles(tp)
+        return chunked.handles(tp) or per_channel.handles(tp) or poly.handles(tp)
     return False

@@ -9,13 +9,14 @@ the state updated in place). q and k are read at their group heads (SSD's B and 
 group of heads).
 
 A decay inside the contraction (GLA, Mamba-1, H3's modal kernel) goes to
-terms/scan.py (a scan or per_channel.py's chunks, per call); a polynomial feature map (Based) is the torch backend's
+terms/scan.py (a scan or per_channel.py's chunks, per call); a polynomial of degree
+<= 2 without decay (Based) to terms/poly.py; other polynomial feature maps are the torch backend's
 (codegen/torch/terms/chunked.py), and explain says so per term."""
 
 import hashlib
 
 from mixerc.codegen.torch.terms import chunked as torch_chunked
-from mixerc.codegen.triton.terms import scan
+from mixerc.codegen.triton.terms import poly, scan
 from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile --target`, bf16):
@@ -37,9 +38,11 @@ def handles(tp) -> bool:
 
 def _other(tp):
     """Who computes a chunked term these kernels do not: the per-channel decay's
-    scan or chunked kernels (terms/scan.py chooses, per call) where they
-    handle the term, else the torch backend."""
-    return scan if scan.handles(tp) else torch_chunked
+    scan or chunked kernels (terms/scan.py chooses, per call) or the polynomial's
+    quadratic-form kernels (terms/poly.py) where they handle the term, else the torch backend."""
+    if scan.handles(tp):
+        return scan
+    return poly if poly.handles(tp) else torch_chunked
 
 
 def _heads(op, mp, groups) -> tuple:
