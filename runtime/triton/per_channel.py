@@ -1,8 +1,10 @@
-"""Host-side helpers of the per-channel decay kernels (GLA, Mamba-1: a
-log-decay per token and channel of the contracted dim, inside the sum over
-it): which path a call takes, and the chunk-local cumulative log-decays the
-kernel reads at any row (its exact pairwise decays on the diagonal
-sub-blocks gather them)."""
+"""Host-side helpers of the per-channel decay kernels (GLA, Mamba-1, H3's
+modal kernel: a log-decay per token and channel of the contracted dim,
+inside the sum over it): which path a call takes, the chunk-local
+cumulative log-decays the kernels read at any row (their exact pairwise
+decays on the diagonal sub-blocks gather them), and the autograd function
+that joins the rendered forward and backward
+(codegen/triton/templates/triton_per_channel*.py.jinja)."""
 
 import torch
 
@@ -11,15 +13,60 @@ import torch
 DECODE_TOKENS = 16
 
 
-def kernel_forward(*tensors) -> bool:
-    """True when the forward runs the Triton kernel: no gradient is needed
-    (grad mode off, or no input requires one) and no input is float64 (the
-    kernels compute in float32). Otherwise the torch backend's chunked code
-    runs, and autograd differentiates it."""
-    xs = [x for x in tensors if torch.is_tensor(x)]
-    if any(x.dtype == torch.float64 for x in xs):
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+# the backward's dq/dk kernel takes K in blocks of at most this many channels
+# (they are independent once do v^T is known): at K = 128 a whole-K tile
+# spills on sm_90a (static fitness table, `mixerc compile --target`)
+BWD_BLOCK_K = 64
+
+
+def per_channel_kernels(*tensors) -> bool:
+    """True when the term runs the Triton kernels: no input is float64 (they
+    compute in float32). float64 runs the torch backend's chunked code,
+    which autograd differentiates."""
+    return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
+
+
+def per_channel_apply(run, backward, q, k, v, a, state, *config):
+    """run(q, k, v, a, state, *config, chunk_states=...) -> (y, final state
+    [, states entering each chunk]), with backward(q, k, v, a, entering,
+    final, dy, d_final, *config) -> (dq, dk, dv, da, d_state) as its
+    gradient when anything needs one. Without one, a few tokens may take the
+    in-place decode kernel (run decides)."""
+    tensors = [x for x in (q, k, v, a, state) if x is not None]
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        return run(q, k, v, a, state, *config)
+    if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
+        B, _, H, K = q.shape
+        y = torch.zeros(B, 0, H, v.shape[-1], dtype=torch.float32, device=q.device)
+        if state is None:
+            return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
+        return y, state.to(torch.float32)
+    return PerChannelFn.apply(run, backward, config, q, k, v, a, state)
+
+
+class PerChannelFn(torch.autograd.Function):
+    """The rendered kernels' forward (saving the state entering each chunk)
+    and backward. Gradients come in float32 and go out in each input's
+    dtype; the backward is made of kernels, so there is no double backward."""
+
+    @staticmethod
+    def forward(ctx, run, backward, config, q, k, v, a, state):
+        y, final, entering = run(q, k, v, a, state, *config, chunk_states=True)
+        ctx.backward_fn, ctx.config = backward, config
+        ctx.save_for_backward(q, k, v, a, entering, final)
+        ctx.state_dtype = None if state is None else state.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, d_final):
+        q, k, v, a, entering, final = ctx.saved_tensors
+        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, entering, final, dy, d_final,
+                                                  *ctx.config)
+        d_state = None if ctx.state_dtype is None else d_state.to(ctx.state_dtype)
+        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                da.to(a.dtype), d_state)
 
 
 def torch_state(state):
