@@ -16,7 +16,7 @@ DECODE_TOKENS = 16
 # the backward's dq/dk kernel takes K in blocks of at most this many channels
 # (they are independent once do v^T is known): at K = 128 a whole-K tile
 # spills on sm_90a (static fitness table, `mixerc compile --target`)
-BWD_BLOCK_K = 64
+BWD_BLOCK_K = 32
 
 
 def per_channel_kernels(*tensors) -> bool:
@@ -27,11 +27,10 @@ def per_channel_kernels(*tensors) -> bool:
 
 
 def per_channel_apply(run, backward, q, k, v, a, state, *config):
-    """run(q, k, v, a, state, *config, chunk_states=...) -> (y, final state
-    [, states entering each chunk]), with backward(q, k, v, a, entering,
-    final, dy, d_final, *config) -> (dq, dk, dv, da, d_state) as its
-    gradient when anything needs one. Without one, a few tokens may take the
-    in-place decode kernel (run decides)."""
+    """run(q, k, v, a, state, *config, decode=...) -> (y, final state), with
+    backward(q, k, v, a, state, dy, d_final, *config) -> (dq, dk, dv, da,
+    d_state) as its gradient when anything needs one. Without one, a few
+    tokens may take the in-place decode kernel (run decides)."""
     tensors = [x for x in (q, k, v, a, state) if x is not None]
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         return run(q, k, v, a, state, *config)
@@ -41,30 +40,30 @@ def per_channel_apply(run, backward, q, k, v, a, state, *config):
         if state is None:
             return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
         return y, state.to(torch.float32)
-    return PerChannelFn.apply(run, backward, config, q, k, v, a, state)
+    return PerChannelFn.apply(run, backward, config, q, k, v, a, torch_state(state))
 
 
 class PerChannelFn(torch.autograd.Function):
-    """The rendered kernels' forward (saving the state entering each chunk)
-    and backward. Gradients come in float32 and go out in each input's
-    dtype; the backward is made of kernels, so there is no double backward."""
+    """The rendered kernels' forward and backward. The forward keeps only its
+    inputs (the backward recomputes the chunk states); gradients come in
+    float32 and go out in each input's dtype. The backward is made of
+    kernels, so there is no double backward."""
 
     @staticmethod
     def forward(ctx, run, backward, config, q, k, v, a, state):
-        y, final, entering = run(q, k, v, a, state, *config, chunk_states=True)
+        y, final = run(q, k, v, a, state, *config, decode=False)
         ctx.backward_fn, ctx.config = backward, config
-        ctx.save_for_backward(q, k, v, a, entering, final)
-        ctx.state_dtype = None if state is None else state.dtype
+        ctx.save_for_backward(q, k, v, a, state)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, d_final):
-        q, k, v, a, entering, final = ctx.saved_tensors
-        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, entering, final, dy, d_final,
+        q, k, v, a, state = ctx.saved_tensors
+        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, state, dy, d_final,
                                                   *ctx.config)
-        d_state = None if ctx.state_dtype is None else d_state.to(ctx.state_dtype)
+        d_state = None if state is None else d_state.to(state.dtype)
         return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 da.to(a.dtype), d_state)
 
