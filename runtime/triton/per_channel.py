@@ -13,12 +13,6 @@ import torch
 DECODE_TOKENS = 16
 
 
-# the backward's dq/dk kernel takes K in blocks of at most this many channels
-# (they are independent once do v^T is known): at K = 128 a whole-K tile
-# spills on sm_90a (static fitness table, `mixerc compile --target`)
-BWD_BLOCK_K = 32
-
-
 def per_channel_kernels(*tensors) -> bool:
     """True when the term runs the Triton kernels: no input is float64 (they
     compute in float32). float64 runs the torch backend's chunked code,
@@ -26,11 +20,11 @@ def per_channel_kernels(*tensors) -> bool:
     return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
 
 
-def per_channel_apply(run, backward, q, k, v, a, state, *config):
+def per_channel_apply(run, backward, q, k, v, a, state, config, bwd_block_k):
     """run(q, k, v, a, state, *config, decode=...) -> (y, final state), with
-    backward(q, k, v, a, state, dy, d_final, *config) -> (dq, dk, dv, da,
-    d_state) as its gradient when anything needs one. Without one, a few
-    tokens may take the in-place decode kernel (run decides)."""
+    backward(q, k, v, a, state, dy, d_final, *config, bwd_block_k) -> (dq,
+    dk, dv, da, d_state) as its gradient when anything needs one. Without
+    one, a few tokens may take the in-place decode kernel (run decides)."""
     tensors = [x for x in (q, k, v, a, state) if x is not None]
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         return run(q, k, v, a, state, *config)
@@ -40,7 +34,8 @@ def per_channel_apply(run, backward, q, k, v, a, state, *config):
         if state is None:
             return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
         return y, state.to(torch.float32)
-    return PerChannelFn.apply(run, backward, config, q, k, v, a, torch_state(state))
+    return PerChannelFn.apply(run, backward, (config, bwd_block_k), q, k, v, a,
+                              torch_state(state))
 
 
 class PerChannelFn(torch.autograd.Function):
@@ -50,9 +45,9 @@ class PerChannelFn(torch.autograd.Function):
     kernels, so there is no double backward."""
 
     @staticmethod
-    def forward(ctx, run, backward, config, q, k, v, a, state):
-        y, final = run(q, k, v, a, state, *config, decode=False)
-        ctx.backward_fn, ctx.config = backward, config
+    def forward(ctx, run, backward, configs, q, k, v, a, state):
+        y, final = run(q, k, v, a, state, *configs[0], decode=False)
+        ctx.backward_fn, ctx.configs = backward, configs
         ctx.save_for_backward(q, k, v, a, state)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
@@ -61,8 +56,9 @@ class PerChannelFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, d_final):
         q, k, v, a, state = ctx.saved_tensors
-        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, state, dy, d_final,
-                                                  *ctx.config)
+        config, bwd_block_k = ctx.configs
+        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, state, dy, d_final, *config,
+                                                  bwd_block_k)
         d_state = None if state is None else d_state.to(state.dtype)
         return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 da.to(a.dtype), d_state)

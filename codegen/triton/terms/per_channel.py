@@ -17,10 +17,14 @@ from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile examples/gla.mx
 # --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
-# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills)
-DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2}
+# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills).
+# bwd_block_k: the K channels of one backward dq/dk program (each recomputes
+# do v^T); 32 fits sm_90a but spills on sm_80, 16 fits both
+DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2,
+            "bwd_block_k": 16}
 CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
-           "num_warps": [4, 8], "num_stages": [1, 2, 3]}
+           "num_warps": [4, 8], "num_stages": [1, 2, 3], "bwd_block_k": [16, 32, 64]}
+FORWARD = ("tri_chunk", "tri_sub", "block_v", "num_warps", "num_stages")  # the host's args
 
 
 def handles(tp) -> bool:
@@ -53,7 +57,8 @@ def emit(tp, mp, w, key, values):
     fn = w.function("triton_per_channel.py.jinja", base="per_channel", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
-    knobs = ", ".join(w.config_key(key, p, tp) for p in DEFAULTS)
+    knobs = ", ".join(w.config_key(key, p, tp) for p in FORWARD)
+    bwd_k = w.config_key(key, "bwd_block_k", tp)
     # the torch backend's code, for float64: its lines go in the else branch
     start = len(w.lines)
     y_torch = torch_chunked.emit(tp, mp, w, key, values)
@@ -62,7 +67,7 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     w.line(f"if per_channel_kernels({q}, {k}, {vals}, {a}, {read}):  # Triton kernels")
     w.line(f"    {y}, {write} = per_channel_apply({fn}, {fn}_backward, {q}, {k}, {vals}, {a}, "
-           f"{read}, {knobs})")
+           f"{read}, ({knobs}), {bwd_k})")
     w.line("else:  # float64: the torch backend's chunked code, autograd")
     s_in = w.fresh("state_in")
     w.line(f"    {s_in} = torch_state({read})")
