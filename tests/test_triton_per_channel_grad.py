@@ -95,7 +95,7 @@ def assert_grads_match(m, d, args, dtype, tol):
         assert rel_err(g.cpu(), want[n]) < tol, (n, rel_err(g.cpu(), want[n]))
 
 
-@pytest.mark.parametrize("name,T", [("gla", 75), ("mamba", 70), ("h3", 45)])
+@pytest.mark.parametrize("name,T", [("gla", 75), ("mamba", 45), ("h3", 40)])
 def test_gradients_equal_dense(compiled, monkeypatch, poisoned, name, T):
     m = compiled(name, tri_chunk=32)  # several chunks on a short input, the last partial
     calls = triton_only(m, monkeypatch)
@@ -116,24 +116,23 @@ def test_strict_mask_odd_dims(compiled, monkeypatch, poisoned):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("sub", [16, 32])
-def test_initial_and_final_state_gradients(compiled, monkeypatch, poisoned, sub):
+def test_initial_and_final_state_gradients(compiled, monkeypatch, poisoned):
     """A prefill split in two: the second call starts from the first's state,
     so the loss reaches the first call through its final state (d_final) and
     the second's initial state (d_state); the second's final state is in
     the loss too. Reference: the torch backend in float64."""
-    m = compiled("gla", tri_chunk=32, tri_sub=sub)
+    m = compiled("gla", tri_chunk=32)
     ref = compiled("gla", "torch")
     calls = triton_only(m, monkeypatch)
-    args = make_inputs("gla", B=2, T=80, seed=13)
+    args = make_inputs("gla", B=2, T=64, seed=13)
     g = torch.Generator().manual_seed(14)
-    w_y = torch.randn(2, 80, 4, 5, generator=g, dtype=f64)
+    w_y = torch.randn(2, 64, 4, 5, generator=g, dtype=f64)
     w_s = torch.randn(2, 4, 6, 5, generator=g, dtype=f64)
 
     def run(mixer, dtype):
         leaves = {n: x.to(DEVICE, dtype).requires_grad_(True) for n, x in args.items()}
-        y1, s1 = mixer(**{n: x[:, :37] for n, x in leaves.items()}, return_state=True)
-        y2, s2 = mixer(**{n: x[:, 37:] for n, x in leaves.items()}, initial_state=s1,
+        y1, s1 = mixer(**{n: x[:, :29] for n, x in leaves.items()}, return_state=True)
+        y2, s2 = mixer(**{n: x[:, 29:] for n, x in leaves.items()}, initial_state=s1,
                        return_state=True)
         y = torch.cat([y1, y2], 1)
         loss = (y * w_y.to(y)).sum() + (s2.tensors["y"] * w_s.to(y)).sum()
@@ -147,22 +146,22 @@ def test_initial_and_final_state_gradients(compiled, monkeypatch, poisoned, sub)
         assert rel_err(got[n].cpu(), want[n]) < 1e-4, n
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 4e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 2e-2)])
 def test_half_gradients(compiled, monkeypatch, bf16_dots, dtype, tol):
     m = compiled("gla", tri_chunk=32)
     calls = triton_only(m, monkeypatch)
-    args = make_inputs("gla", B=2, T=50, seed=15)
+    args = make_inputs("gla", B=2, T=40, seed=15)
     assert_grads_match(m, compiled("gla", "dense"), args, dtype, tol)
     assert len(calls) == 1
 
 
 def test_strong_decays_long_input_finite(compiled, monkeypatch):
-    """log-decay -5 per step over T = 512, some slow steps between: every
+    """log-decay -5 per step over T = 256, some slow steps between: every
     exponent the backward takes is <= 0 (sub-chunk dots rebased on their own
     start or end); the gradients are finite and equal dense."""
     m = compiled("gla")
     calls = triton_only(m, monkeypatch)
-    args = make_inputs("gla", B=1, T=512, seed=16)
+    args = make_inputs("gla", B=1, T=256, seed=16)
     args["g"] = torch.full_like(args["g"], -5.0)
     args["g"][:, ::7] = -0.01
     assert_grads_match(m, compiled("gla", "dense"), args, torch.float32, 1e-4)

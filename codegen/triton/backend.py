@@ -141,9 +141,10 @@ def stack_states(runner, states: list):
 
 def runs_on(tp) -> str:
     if per_channel.handles(tp):
-        return ("a Triton kernel (forward without gradients: chunks and sub-chunks in log "
-                "space, state passed in registers; decode steps update the state in place); "
-                "the torch backend when gradients are needed or for float64")
+        return ("Triton kernels (forward: chunks and sub-chunks in log space, state passed "
+                "in registers; backward: the adjoint state back over the chunks, then dq, dk "
+                "and the log-decay's gradient per chunk; a decode step without gradients "
+                "updates the state in place); the torch backend for float64")
     if has_kernels(tp) and tp.strategy == "chunked":
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "
