@@ -66,8 +66,9 @@ def emit(tp, mp, w, key, values):
     del w.lines[start:]
     y = w.fresh("y")
     w.line(f"if per_channel_kernels({q}, {k}, {vals}, {a}, {read}):  # Triton kernels")
-    w.line(f"    {y}, {write} = per_channel_apply({fn}, {fn}_backward, {q}, {k}, {vals}, {a}, "
-           f"{read}, ({knobs}), {bwd_k})")
+    w.line(f"    {y}, {write} = per_channel_apply(")
+    w.line(f"        {fn}, {fn}_backward, {q}, {k}, {vals}, {a}, {read},")
+    w.line(f"        ({knobs}), {bwd_k})")
     w.line("else:  # float64: the torch backend's chunked code, autograd")
     s_in = w.fresh("state_in")
     w.line(f"    {s_in} = torch_state({read})")
