@@ -150,22 +150,28 @@ def test_initial_and_final_state_gradients(compiled, monkeypatch, poisoned):
 def test_half_gradients(compiled, monkeypatch, bf16_dots, dtype, tol):
     m = compiled("gla", tri_chunk=32)
     calls = triton_only(m, monkeypatch)
-    args = make_inputs("gla", B=2, T=40, seed=15)
+    args = make_inputs("gla", B=1, T=40, seed=15)
     assert_grads_match(m, compiled("gla", "dense"), args, dtype, tol)
     assert len(calls) == 1
 
 
 def test_strong_decays_long_input_finite(compiled, monkeypatch):
-    """log-decay -5 per step over T = 256, some slow steps between: every
-    exponent the backward takes is <= 0 (sub-chunk dots rebased on their own
-    start or end); the gradients are finite and equal dense."""
+    """log-decay -5 per step over T = 4096 (one head, to keep the interpreter
+    quick), some slow steps between: every exponent the backward takes is
+    <= 0 (sub-chunk dots rebased on their own start or end, the decay's
+    gradient restarted at every chunk), so the gradients are finite and
+    equal the torch backend's in float64."""
     m = compiled("gla")
     calls = triton_only(m, monkeypatch)
-    args = make_inputs("gla", B=1, T=256, seed=16)
+    args = {n: x[:, :, :1] for n, x in make_inputs("gla", B=1, T=4096, seed=16).items()}
     args["g"] = torch.full_like(args["g"], -5.0)
     args["g"][:, ::7] = -0.01
-    assert_grads_match(m, compiled("gla", "dense"), args, torch.float32, 1e-4)
-    assert len(calls) == 1
+    y, got = grads_of(m, args, torch.float32)
+    y_ref, want = grads_of(compiled("gla", "torch"), args, f64)
+    assert len(calls) == 1 and rel_err(y.cpu(), y_ref) < 1e-4
+    for n in args:
+        assert torch.isfinite(got[n]).all(), n
+        assert rel_err(got[n].cpu(), want[n]) < 1e-4, n
 
 
 DECAYS = ["decay(-softplus(f))", "decay(log(sigmoid(f)))", "decay(-exp(A) * softplus(f))",
