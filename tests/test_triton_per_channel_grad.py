@@ -146,6 +146,24 @@ def test_initial_and_final_state_gradients(compiled, monkeypatch, poisoned):
         assert rel_err(got[n].cpu(), want[n]) < 1e-4, n
 
 
+def test_final_state_alone(compiled, monkeypatch, poisoned):
+    """A loss on the returned state only (y unused: its gradient comes as None)."""
+    m = compiled("gla", tri_chunk=32)
+    calls = triton_only(m, monkeypatch)
+    args = make_inputs("gla", B=1, T=40, seed=19)
+
+    def run(mixer, dtype):
+        leaves = {n: x.to(DEVICE, dtype).requires_grad_(True) for n, x in args.items()}
+        _, state = mixer(**leaves, return_state=True)
+        state.tensors["y"].square().sum().backward()
+        return {n: x.grad for n, x in leaves.items()}
+    got, want = run(m, torch.float32), run(compiled("gla", "torch"), f64)
+    assert len(calls) == 1
+    assert want["q"] is None and not got["q"].any()  # the state never reads q
+    for n in ("k", "v", "g"):
+        assert rel_err(got[n].cpu(), want[n]) < 1e-4, n
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 2e-2)])
 def test_half_gradients(compiled, monkeypatch, bf16_dots, dtype, tol):
     m = compiled("gla", tri_chunk=32)
