@@ -65,8 +65,9 @@ class PerChannelFn(torch.autograd.Function):
 
 
 def torch_state(state):
-    """A decode state for the torch backend's code: a copy when the state is
-    one the decode step updates in place (its autograd graph may keep it)."""
+    """A decode state an autograd graph may keep (the torch backend's code,
+    or PerChannelFn's saved inputs): a copy when it is one the decode step
+    updates in place, which a later step would change under the graph."""
     if state is not None and hasattr(state, "_mixerc_newest"):
         return state.clone()
     return state
