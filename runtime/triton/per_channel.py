@@ -12,6 +12,12 @@ import torch
 # recurrence kernel (runtime/triton/recurrent.py), state updated in place
 DECODE_TOKENS = 16
 
+# the intra kernel (scores inside a chunk) takes K in blocks of at most this
+# many channels (static fitness table, K = 128, bf16): a whole-K tile spills
+# under Triton 3.6 on sm_90a and sm_80, blocks of 64 on sm_80 under 3.9;
+# 32 fits both targets under both
+INTRA_BLOCK_K = 32
+
 
 def per_channel_kernels(*tensors) -> bool:
     """True when the term runs the Triton kernels: no input is float64 (they
