@@ -4,10 +4,10 @@ the dense interpreter: forward without gradients in float32 (< 1e-4),
 float16 and bfloat16 (< 2e-2; bf16 through the test-only dot patch), T not a
 multiple of the chunk, batch > 1, K and V not powers of 2, strict masks,
 strong decays over long inputs, initial and final states, decode steps
-after a prefill; outputs poisoned before the kernels write. With gradients
-the term runs the torch backend's chunked code (autograd), still equal to
-dense. Static fitness: the kernels compile for sm_90a and sm_80 at their
-default config with no spills (in a subprocess without TRITON_INTERPRET)."""
+after a prefill; outputs poisoned before the kernels write (gradients:
+tests/test_triton_per_channel_grad.py). Static fitness: the forward and
+backward kernels compile for sm_90a and sm_80 at their default config with
+no spills (in a subprocess without TRITON_INTERPRET)."""
 
 import textwrap
 
@@ -50,15 +50,15 @@ def compiled():
 
 
 def kernel_calls(m, monkeypatch):
-    """Records, per call of the term, whether the Triton kernel ran."""
+    """Records, per call of the term, whether the Triton kernels ran."""
     mod = m._impl.module
-    original = mod.kernel_forward
+    original = mod.per_channel_kernels
     calls = []
 
     def spy(*tensors):
         calls.append(original(*tensors))
         return calls[-1]
-    monkeypatch.setattr(mod, "kernel_forward", spy)
+    monkeypatch.setattr(mod, "per_channel_kernels", spy)
     return calls
 
 
@@ -78,11 +78,14 @@ def strict_inputs(B, T, H=2, K=20, V=24, seed=0):
 def test_explain_and_source_say_where_it_runs(compiled):
     m = compiled("gla")
     text = m.explain()
-    assert "runs on: a Triton kernel (forward without gradients" in text
-    assert "the torch backend when gradients are needed" in text
+    assert "runs on: Triton kernels (forward: a scan of the state in registers, or chunks" in text
+    assert "backward: the chunks' adjoint state back over the chunks" in text
+    assert "the torch backend for float64" in text
     src = m.source()
     assert "def per_channel_fwd(" in src and "def per_channel_fwd_intra(" in src
-    assert "kernel_forward(" in src and "chunked_has_decay_per_channel(" in src
+    for kernel in ("bwd_states", "bwd_dv", "bwd_dqk"):
+        assert f"def per_channel_{kernel}(" in src
+    assert "per_channel_apply(" in src and "chunked_has_decay_per_channel(" in src
 
 
 @pytest.mark.parametrize("name,T,dtype,tol", [
@@ -202,23 +205,6 @@ def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
         assert rel_err(y[:, a:b].cpu(), want) < 1e-4
 
 
-def test_gradients_run_the_torch_backend(compiled, monkeypatch):
-    m = compiled("gla")
-    calls = kernel_calls(m, monkeypatch)
-    args = make_inputs("gla", B=2, T=70, seed=6)
-    want = compiled("gla", "dense")(**args)
-    dev = {n: x.float().to(DEVICE).requires_grad_(True) for n, x in args.items()}
-    y = m(**dev)
-    assert calls == [False]
-    assert rel_err(y.detach().cpu(), want) < 1e-4
-    y.square().sum().backward()
-    leaves = {n: x.detach().requires_grad_(True) for n, x in args.items()}
-    compiled("gla", "torch")(**leaves).square().sum().backward()
-    for n in args:
-        assert dev[n].grad is not None and torch.isfinite(dev[n].grad).all(), n
-        assert rel_err(dev[n].grad.cpu(), leaves[n].grad) < 1e-4, n
-
-
 def test_float64_runs_the_torch_backend(compiled, monkeypatch):
     m = compiled("gla")
     calls = kernel_calls(m, monkeypatch)
@@ -247,7 +233,8 @@ FITNESS = textwrap.dedent("""
 def test_kernels_fit_sm90a_and_sm80():
     fits = run_without_interpreter(FITNESS, timeout=600)
     assert sorted(f["kernel"] for f in fits) == sorted(
-        ["per_channel_fwd", "per_channel_fwd_intra", "_mx_recurrent_step",
+        ["per_channel_fwd", "per_channel_fwd_intra", "per_channel_bwd_states",
+         "per_channel_bwd_dv", "per_channel_bwd_dqk", "_mx_recurrent_step",
          "per_channel_scan_fwd"] * 2)
     for f in fits:
         where = f"{f['target']} {f['kernel']}"
@@ -257,6 +244,6 @@ def test_kernels_fit_sm90a_and_sm80():
             continue
         assert f["shared"] > 0, where
         assert f["mma"] + f["hmma"] > 0, where  # the dots run on tensor cores
-        if f["target"] == "sm_90a":  # chunks of 64 rows: warpgroup MMA (wgmma)
+        if f["target"] == "sm_90a":  # chunks of 64 rows: warpgroup MMA (wgmma), backward too
             assert f["mma"] > 0, where
         assert f["regs"] <= 255, where

@@ -143,10 +143,11 @@ def stack_states(runner, states: list):
 def runs_on(tp, plan=None) -> str:
     if per_channel.handles(tp):
         algorithm = "" if plan is None else "; algorithm: " + _scan_or_chunks(tp, plan)
-        return ("a Triton kernel (forward without gradients: a scan of the state in "
-                "registers, or chunks and sub-chunks in log space with the state passed in "
-                "registers; decode steps update the state in place); the torch backend when "
-                "gradients are needed or for float64" + algorithm)
+        return ("Triton kernels (forward: a scan of the state in registers, or chunks and "
+                "sub-chunks in log space with the state passed in registers; backward: the "
+                "chunks' adjoint state back over the chunks, then dq, dk and the log-decay's "
+                "gradient per chunk; a decode step without gradients updates the state in "
+                "place); the torch backend for float64" + algorithm)
     if poly.handles(tp):
         return ("the quadratic form by Triton kernels (per query block the key blocks up to "
                 "the diagonal, f(q k^T) and the normalizer's row sums in registers; backward "

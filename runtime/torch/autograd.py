@@ -31,9 +31,10 @@ chunk intermediate, and costs three forward passes. It is made of torch ops,
 so double backward works too (by autograd through those passes).
 
 The scalar-decay class (linear attention, RetNet, SSD, Based's feature map,
-each Hydra pass) takes this path. The per-channel class (GLA, Mamba-1, H3's
-modal kernel) still differentiates by autograd through the chunks: its dq
-adjoint would need a decay along the value dim, which no template has yet.
+each Hydra pass) takes this path. On the torch backend the per-channel class
+(GLA, Mamba-1, H3's modal kernel) still differentiates by autograd through
+the chunks (its dq adjoint needs a decay along the output dim); the Triton
+backend has backward kernels for it (runtime/triton/per_channel.py).
 Set MIXERC_CHUNKED_BACKWARD=autograd (or ADJOINT_BACKWARD = False here) to
 use autograd through the chunks for the scalar class too, e.g. to compare.
 """

@@ -1,8 +1,10 @@
-"""Host-side helpers of the per-channel decay kernels (GLA, Mamba-1: a
-log-decay per token and channel of the contracted dim, inside the sum over
-it): which path a call takes, and the chunk-local cumulative log-decays the
-kernel reads at any row (its exact pairwise decays on the diagonal
-sub-blocks gather them)."""
+"""Host-side helpers of the per-channel decay kernels (GLA, Mamba-1, H3's
+modal kernel: a log-decay per token and channel of the contracted dim,
+inside the sum over it): which path a call takes, the chunk-local
+cumulative log-decays the kernels read at any row (their exact pairwise
+decays on the diagonal sub-blocks gather them), and the autograd function
+that joins the rendered forward and backward
+(codegen/triton/templates/triton_per_channel*.py.jinja)."""
 
 import torch
 
@@ -10,21 +12,68 @@ import torch
 # recurrence kernel (runtime/triton/recurrent.py), state updated in place
 DECODE_TOKENS = 16
 
+# the intra kernel (scores inside a chunk) takes K in blocks of at most this
+# many channels (static fitness table, K = 128, bf16): a whole-K tile spills
+# under Triton 3.6 on sm_90a and sm_80, blocks of 64 on sm_80 under 3.9;
+# 32 fits both targets under both
+INTRA_BLOCK_K = 32
 
-def kernel_forward(*tensors) -> bool:
-    """True when the forward runs the Triton kernel: no gradient is needed
-    (grad mode off, or no input requires one) and no input is float64 (the
-    kernels compute in float32). Otherwise the torch backend's chunked code
-    runs, and autograd differentiates it."""
-    xs = [x for x in tensors if torch.is_tensor(x)]
-    if any(x.dtype == torch.float64 for x in xs):
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+
+def per_channel_kernels(*tensors) -> bool:
+    """True when the term runs the Triton kernels: no input is float64 (they
+    compute in float32). float64 runs the torch backend's chunked code,
+    which autograd differentiates."""
+    return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
+
+
+def per_channel_apply(run, backward, q, k, v, a, state, config, bwd_block_k):
+    """run(q, k, v, a, state, *config, decode=...) -> (y, final state), with
+    backward(q, k, v, a, state, dy, d_final, *config, bwd_block_k) -> (dq,
+    dk, dv, da, d_state) as its gradient when anything needs one. Without
+    one, a few tokens may take the in-place decode kernel (run decides)."""
+    tensors = [x for x in (q, k, v, a, state) if x is not None]
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        return run(q, k, v, a, state, *config)
+    if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
+        B, _, H, K = q.shape
+        y = torch.zeros(B, 0, H, v.shape[-1], dtype=torch.float32, device=q.device)
+        if state is None:
+            return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
+        return y, state.to(torch.float32)
+    return PerChannelFn.apply(run, backward, (config, bwd_block_k), q, k, v, a,
+                              torch_state(state))
+
+
+class PerChannelFn(torch.autograd.Function):
+    """The rendered kernels' forward and backward. The forward keeps only its
+    inputs (the backward recomputes the chunk states); gradients come in
+    float32 and go out in each input's dtype. The backward is made of
+    kernels, so there is no double backward."""
+
+    @staticmethod
+    def forward(ctx, run, backward, configs, q, k, v, a, state):
+        y, final = run(q, k, v, a, state, *configs[0], decode=False)
+        ctx.backward_fn, ctx.configs = backward, configs
+        ctx.save_for_backward(q, k, v, a, state)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, d_final):
+        q, k, v, a, state = ctx.saved_tensors
+        config, bwd_block_k = ctx.configs
+        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, state, dy, d_final, *config,
+                                                  bwd_block_k)
+        d_state = None if state is None else d_state.to(state.dtype)
+        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                da.to(a.dtype), d_state)
 
 
 def torch_state(state):
-    """A decode state for the torch backend's code: a copy when the state is
-    one the decode step updates in place (its autograd graph may keep it)."""
+    """A decode state an autograd graph may keep (the torch backend's code,
+    or PerChannelFn's saved inputs): a copy when it is one the decode step
+    updates in place, which a later step would change under the graph."""
     if state is not None and hasattr(state, "_mixerc_newest"):
         return state.clone()
     return state

@@ -3,11 +3,12 @@ Mamba-1, H3's modal kernel: strategy `chunked`, flags["per_channel"]) as a
 Triton forward kernel (templates/triton_per_channel.py.jinja): chunks in log
 space, sub-chunks with exact pairwise decays on the diagonal sub-blocks and
 rebased tensor-core dots below them, the state passed between chunks in
-registers; initial state in, final state out. A call of a few tokens is a
-decode step on runtime/triton/recurrent.py (state updated in place).
-
-The kernel runs the forward when no gradient is needed; when one is (or for
-float64 inputs) the term runs the torch backend's chunked code
+registers; initial state in, final state out. Its backward
+(triton_per_channel_bwd.py.jinja) runs the adjoint state back over the
+chunks, then dq, dk and the log-decay's gradient per chunk; autograd joins
+them (runtime/triton/per_channel.py). Without gradients a call of a few
+tokens is a decode step on runtime/triton/recurrent.py (state updated in
+place). float64 inputs run the torch backend's chunked code
 (codegen/torch/terms/chunked.py), which autograd differentiates.
 """
 
@@ -16,10 +17,14 @@ from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile examples/gla.mx
 # --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
-# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills)
-DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2}
+# sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills).
+# bwd_block_k: the K channels of one backward dq/dk program (each recomputes
+# do v^T); 32 fits sm_90a but spills on sm_80, 16 fits both
+DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2,
+            "bwd_block_k": 16}
 CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
-           "num_warps": [4, 8], "num_stages": [1, 2, 3]}
+           "num_warps": [4, 8], "num_stages": [1, 2, 3], "bwd_block_k": [16, 32, 64]}
+FORWARD = ("tri_chunk", "tri_sub", "block_v", "num_warps", "num_stages")  # the host's args
 
 
 def handles(tp) -> bool:
@@ -52,16 +57,19 @@ def emit(tp, mp, w, key, values):
     fn = w.function("triton_per_channel.py.jinja", base="per_channel", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
-    knobs = ", ".join(w.config_key(key, p, tp) for p in DEFAULTS)
-    # the torch backend's code, for gradients and float64: its lines go in the else branch
+    knobs = ", ".join(w.config_key(key, p, tp) for p in FORWARD)
+    bwd_k = w.config_key(key, "bwd_block_k", tp)
+    # the torch backend's code, for float64: its lines go in the else branch
     start = len(w.lines)
     y_torch = torch_chunked.emit(tp, mp, w, key, values)
     body = w.lines[start:]
     del w.lines[start:]
     y = w.fresh("y")
-    w.line(f"if kernel_forward({q}, {k}, {vals}, {a}, {read}):  # no gradient: Triton kernels")
-    w.line(f"    {y}, {write} = {fn}({q}, {k}, {vals}, {a}, {read}, {knobs})")
-    w.line("else:  # gradients (or float64): the torch backend's chunked code, autograd")
+    w.line(f"if per_channel_kernels({q}, {k}, {vals}, {a}, {read}):  # Triton kernels")
+    w.line(f"    {y}, {write} = per_channel_apply(")
+    w.line(f"        {fn}, {fn}_backward, {q}, {k}, {vals}, {a}, {read},")
+    w.line(f"        ({knobs}), {bwd_k})")
+    w.line("else:  # float64: the torch backend's chunked code, autograd")
     s_in = w.fresh("state_in")
     w.line(f"    {s_in} = torch_state({read})")
     w.lines.extend("    " + ln.replace(read, s_in) for ln in body)
