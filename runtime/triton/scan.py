@@ -3,6 +3,7 @@
 time scan, and which algorithm a call runs (the scan or the chunked
 kernels) from the config's choice and the cost model's two estimates."""
 
+import torch
 import triton
 
 
@@ -11,6 +12,17 @@ def _mx_scan_combine(decay_a, state_a, decay_b, state_b):
     # two spans of the recurrence S <- g S + u, earlier (a) then later (b):
     # together they decay by g_a g_b and add g_b u_a + u_b
     return decay_a * decay_b, decay_b * state_a + state_b
+
+
+def scan_forward(*tensors) -> bool:
+    """True when the scan may run: it is forward-only, so no input needs a
+    gradient (or grad mode is off), and none is float64 (it computes in
+    float32). Otherwise the chunked kernels run (their backward is Triton's
+    too; float64 takes the torch backend's code)."""
+    xs = [x for x in tensors if torch.is_tensor(x)]
+    if any(x.dtype == torch.float64 for x in xs):
+        return False
+    return not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
 
 
 def scan_or_chunks(choice, scan_cost, chunks_cost):

@@ -134,9 +134,9 @@ def emit(tp, mp, w, key, values):
            f"{cost.as_python(chunks_cost, chunk, w.dim)})")
     y = w.fresh("y")
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
-    w.line(f"if {algorithm} == 'scan' and kernel_forward({q}, {k}, {v}, {dt}, {a}, {read}):")
+    w.line(f"if {algorithm} == 'scan' and scan_forward({q}, {k}, {v}, {dt}, {a}, {read}):")
     w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs})")
-    w.line("else:  # the chunked kernels, or the torch backend for gradients and float64")
+    w.line("else:  # the chunked kernels (with their backward), or the torch backend for float64")
     # the chunked branch's values (the materialized log-decay) stay in it
     names, start = dict(w.names), len(w.lines)
     y_chunks = per_channel.emit(tp, mp, w, key, values)
