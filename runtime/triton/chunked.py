@@ -63,16 +63,26 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
     return y[:, None], state
 
 
-def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config):
-    """run(q, k, v, a, state, chunk, *config, chunk_states=...) -> (y, final
-    state[, entering states]), with the adjoint backward when anything needs
-    a gradient."""
-    def fwd(q, k, v, a, state, chunk, chunk_states=False):
-        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states)
-    tensors = [x for x in (q, k, v, a, state) if x is not None]
+def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None):
+    """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
+    -> (y, final state[, entering states]), with the adjoint backward when
+    anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
+    keys k [B, T, G, K] per token and head (scaled on load, never stored)."""
+    scaled = {} if key_scale is None else {"key_scale": key_scale}
+
+    def fwd(q, k, v, a, state, chunk, chunk_states=False, key_scale=None):
+        extra = {} if key_scale is None else {"key_scale": key_scale}
+        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
+    tensors = [x for x in (q, k, v, a, state, key_scale) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state)
+        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale)
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
-               decode=not torch.compiler.is_compiling())
+               decode=not torch.compiler.is_compiling(), **scaled)
+
+
+def scaled_keys(k, key_scale, H):
+    """w_s k_s at the H heads (a decode step's few tokens, or float64 inputs
+    on the torch backend's chunks, read the keys per head)."""
+    return key_scale[..., None] * chunk_heads(k, H).to(key_scale.dtype)

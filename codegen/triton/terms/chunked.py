@@ -71,10 +71,15 @@ def emit(tp, mp, w, key, values):
     a = "None"
     if f["has_decay"]:
         a = w.canon(tp.operands["log_decay"].node, mp.heads, (), hint="log_decay")
+    scale = ""
+    if "k_scale" in tp.operands:  # k = scale * key at fewer heads: scaled on load
+        ks = w.canon(tp.operands["k_scale"].node, mp.heads, (), hint="key_scale")
+        scale = f", key_scale={ks}"
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
+                 key_scale="k_scale" in tp.operands,
                  fallback=fallback,  # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
@@ -87,7 +92,8 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     read, write = w.state(key)
     w.line("# backward: the same kernel on the adjoint problems (runtime/triton/chunked.py)")
-    w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config})")
+    w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config}"
+           f"{scale})")
     return y
 
 
