@@ -293,9 +293,9 @@ def test_custom_op_opcheck(compiled):
     g = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20, 4, 20, 20
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    for S0 in (None, r(B, H, K, V)):
-        args = (r(B, T, 2, K), r(B, T, H, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                S0, H, 16, 16, 16, 4, 1)
+    for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
+        args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
+                scale, S0, H, 16, 16, 16, 4, 1)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
