@@ -167,6 +167,9 @@ def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = No
     lines = [f"plan ({backend} backend):"]
     for mp in mplan.matrices:
         lines.append(f"  {mp.name}: {', '.join(mp.strategies)}")
+        if mp.normalizer:
+            lines.append(f"    normalizer: {mp.name} @ 1 (the row sums of {mp.name}; a chunked "
+                         "kernel computes it from its score tiles and a state row)")
         for tp in mp.terms:
             where = f" at {tp.loc}" if tp.loc else ""
             lines.append(f"    term {tp.index + 1}{where}: {_term_line(tp)}")

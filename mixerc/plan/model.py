@@ -134,6 +134,14 @@ class MatrixPlan:
     info: MatrixInfo
 
     @property
+    def normalizer(self) -> bool:
+        """Whether the last application is M @ 1 (the row sums of M, as in
+        linear attention's (M @ v) / (M @ 1)): a kernel may compute it from
+        its score tiles and a state row instead of reading a ones column."""
+        last = self.applies[-1].u
+        return len(self.applies) > 1 and isinstance(last, ir.Const) and last.value == 1.0
+
+    @property
     def strategies(self) -> list:
         return [t.strategy for t in self.terms]
 

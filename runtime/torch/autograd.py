@@ -68,12 +68,16 @@ class ChunkedFn(torch.autograd.Function):
     groups (SSD's delta * B; fwd then takes key_scale=w and scales on load).
     The dq run scales its values (the forward's keys) by w, the dv run's
     output rows take w, and the dk run gives the scaled key's gradient g:
-    dk = w g (folded over each group), dw = k . g."""
+    dk = w g (folded over each group), dw = k . g.
+
+    ones: the values end with a ones column (a normalizer M @ 1) that the
+    forward adds itself (fwd takes ones_column=True; y and the states have
+    V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient."""
 
     @staticmethod
-    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None):
-        y, final = fwd(q, k, v, a, state, chunk, **_scaled(scale))
-        ctx.fwd, ctx.chunk = fwd, chunk
+    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False):
+        y, final = fwd(q, k, v, a, state, chunk, **_scaled(scale), **_ones(ones))
+        ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
         ctx.save_for_backward(q, k, v, a, state, final, scale)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
@@ -84,6 +88,8 @@ class ChunkedFn(torch.autograd.Function):
         fwd, C = ctx.fwd, ctx.chunk
         need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:7]
         need_w = w is not None and ctx.needs_input_grad[7]
+        if ctx.ones:  # the adjoint runs read the ones column the forward added
+            v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         B, T, H = q.shape[0], q.shape[1], final.shape[1]
         if dy is None:
             dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
@@ -110,6 +116,8 @@ class ChunkedFn(torch.autograd.Function):
             # here w scales the queries' (k's) rows: the output's rows
             dv = unrev(dv) if w is None else _wide(w)[..., None] * unrev(dv)
             dv = chunk_fold_heads(dv, v)
+            if ctx.ones:
+                dv = dv[..., :-1]
             if need_S0:
                 decay = None if a is None else torch.exp(a[:, 0].to(last.dtype))
                 dS0 = last if a is None else decay[..., None, None] * last
@@ -127,8 +135,13 @@ class ChunkedFn(torch.autograd.Function):
                 dk = _wide(w)[..., None] * dk
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw)
+                 dw, None)
         return grads[:len(ctx.needs_input_grad)]
+
+
+def _ones(ones: bool) -> dict:
+    """The ones column's keyword for a forward (none without one)."""
+    return {"ones_column": True} if ones else {}
 
 
 def _scaled(w) -> dict:

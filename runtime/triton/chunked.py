@@ -63,19 +63,23 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
     return y[:, None], state
 
 
-def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None):
+def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None,
+                          ones_column=False):
     """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
     -> (y, final state[, entering states]), with the adjoint backward when
     anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
-    keys k [B, T, G, K] per token and head (scaled on load, never stored)."""
+    keys k [B, T, G, K] per token and head (scaled on load, never stored).
+    ones_column: the values are [v, 1] (a normalizer), the ones added by the
+    kernels (y and the states have V + 1 columns)."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
+    if ones_column:
+        scaled["ones_column"] = True
 
-    def fwd(q, k, v, a, state, chunk, chunk_states=False, key_scale=None):
-        extra = {} if key_scale is None else {"key_scale": key_scale}
+    def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
     tensors = [x for x in (q, k, v, a, state, key_scale) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale)
+        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column)
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,

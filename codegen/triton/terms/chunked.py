@@ -58,11 +58,14 @@ def emit(tp, mp, w, key, values):
     g = w.program.groups
     q = w.canon_mm(tp.operands["q"].node, _heads(tp.operands["q"], mp, g), (dim,), hint="q")
     k = w.canon_mm(tp.operands["k"].node, _heads(tp.operands["k"], mp, g), (dim,), hint="k")
+    ones = False
     if isinstance(values, str):  # built by the writer (gates or wrappers applied)
         v = w.assign(f"{values}.to(MM_DTYPE)", hint="values")
     else:  # the inputs as given, at the matrix's heads
         parts = []
-        for a in mp.applies:
+        # M @ 1 last (a normalizer): the kernels add the ones column themselves
+        ones = mp.normalizer
+        for a in mp.applies[:-1] if ones else mp.applies:
             vd = value_dims(a, mp.heads, g)
             x = w.canon_mm(a.u, mp.heads, vd, hint="x")
             parts.append(x if vd else f"{x}[..., None]")
@@ -75,11 +78,13 @@ def emit(tp, mp, w, key, values):
     if "k_scale" in tp.operands:  # k = scale * key at fewer heads: scaled on load
         ks = w.canon(tp.operands["k_scale"].node, mp.heads, (), hint="key_scale")
         scale = f", key_scale={ks}"
+    if ones:
+        scale += ", ones_column=True"
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
-                 key_scale="k_scale" in tp.operands,
+                 key_scale="k_scale" in tp.operands, ones=ones,
                  fallback=fallback,  # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
