@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("fresh_cache")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 SMALL = {"chunk": 16, "block_k": 16, "block_v": 16}
-SIZES = {"H": 4, "D": 20, "N": 20, "V": 20, "P": 20}
+SIZES = {"H": 4, "D": 20, "K": 20, "N": 20, "V": 20, "P": 20}
 
 
 def scaled_program(seed: int) -> str:
@@ -53,9 +53,34 @@ def scaled_program(seed: int) -> str:
 }}"""
 
 
+def normalized_program(seed: int) -> str:
+    """A random mixer (M @ v) / (M @ 1) with positive scores (a positive
+    denominator), with or without a decay, keys per head or per group with a
+    per-head scale."""
+    rng = random.Random(seed)
+    phi = rng.choice(["elu({x}) + 1", "exp(-softplus({x}))", "sigmoid({x})"])
+    decay = rng.choice(["", "decay(-softplus(u)) * "])
+    strict = rng.random() < 0.5
+    mask, eps = ("(s < t)", " + 1") if strict else ("(s <= t)", "")  # row 0 sums nothing
+    keys, k = rng.choice([("H", "({k})"), ("G", "(sigmoid(u) * ({k}))")])
+    k = k.format(k=phi.format(x="k"))
+    return f"""mixer normalized_{seed} {{
+  dims H, G divides H, D, V
+  input q : [H, D]
+  input k : [{keys}, D]
+  input v : [H, V]
+  input u : [H]
+  let M = {decay}(({phi.format(x="q")}) @ {k}^T) * {mask}
+  out y = (M @ v) / (M @ 1{eps})
+}}"""
+
+
 SEEDS = [0, 1, 3, 5]  # col gate + decay, strict without decay, a param decay, col exp
+NORM_SEEDS = [0, 2, 8, 12]  # strict + decay + scaled G keys, strict, decay, decay + G
 CASES = [("ssd", 1), ("ssd", 2)] + [(scaled_program(s), 2) for s in SEEDS]
 IDS = ["ssd_G1", "ssd_G2"] + [f"random{s}" for s in SEEDS]
+NORM_CASES = [("linear_attention", 1)] + [(normalized_program(s), 2) for s in NORM_SEEDS]
+NORM_IDS = ["linear_attention"] + [f"normalized{s}" for s in NORM_SEEDS]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +111,20 @@ def test_random_programs_have_a_key_scale(compiled):
     for src, _ in CASES:
         text = compiled(src).explain()
         assert re.search(r"k: \[G, (D|N)\]", text) and "k_scale: [H]" in text, text
+    for src, _ in NORM_CASES:
+        assert "normalizer: M @ 1" in compiled(src).explain()
+
+
+@pytest.mark.parametrize("src,G", NORM_CASES, ids=NORM_IDS)
+def test_generated_code_has_no_ones_column(src, G, compiled):
+    """The normalizer's ones never reach HBM: no torch.full / cat of values in
+    the forward, the kernels told ones_column=True, its z row in them."""
+    m = compiled(src)
+    forward = m.source().split("\ndef forward(")[1]
+    assert "torch.full(" not in forward and "torch.cat(" not in forward, forward
+    call = next(line for line in forward.splitlines() if "chunked_kernels_apply(" in line)
+    assert "ones_column=True" in call, call
+    assert "den = tl.sum(s, 1) + qz" in m.source()
 
 
 @pytest.mark.parametrize("src,G", CASES, ids=IDS)
@@ -101,7 +140,7 @@ def test_generated_code_keeps_keys_at_their_groups(src, G, compiled):
     assert "w = tl.load(KS + " in kernels and "w[None, :]" in kernels
 
 
-@pytest.mark.parametrize("src,G", CASES, ids=IDS)
+@pytest.mark.parametrize("src,G", CASES + NORM_CASES, ids=IDS + NORM_IDS)
 def test_forward_equals_dense(src, G, compiled, bf16_dots, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, G)
@@ -114,7 +153,7 @@ def test_forward_equals_dense(src, G, compiled, bf16_dots, poisoned):
     assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9  # the torch chunks
 
 
-@pytest.mark.parametrize("src,G", CASES, ids=IDS)
+@pytest.mark.parametrize("src,G", CASES + NORM_CASES, ids=IDS + NORM_IDS)
 def test_gradients_equal_dense(src, G, compiled, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, G, T=35, seed=2)
@@ -131,7 +170,7 @@ def test_gradients_equal_dense(src, G, compiled, poisoned):
         assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
 
 
-@pytest.mark.parametrize("src,G", CASES[:3], ids=IDS[:3])
+@pytest.mark.parametrize("src,G", CASES[:3] + NORM_CASES[1:3], ids=IDS[:3] + NORM_IDS[1:3])
 def test_prefill_then_decode_equal_dense(src, G, compiled):
     """A prefill's state equals the torch backend's; continuing from it (a
     nonzero initial state through the kernels) and decoding token by token
@@ -145,8 +184,9 @@ def test_prefill_then_decode_equal_dense(src, G, compiled):
     y1, state = m(**part(0, 18), return_state=True)
     _, ref_state = t(**{n: (v[:, :18] if n in tokens else v) for n, v in args.items()},
                      return_state=True)
+    assert state.tensors.keys() == ref_state.tensors.keys()
     for key, s in state.tensors.items():
-        assert s.abs().max() > 0 and rel_err(s.cpu(), ref_state.tensors[key]) < 1e-5, key
+        assert s.shape == ref_state.tensors[key].shape and s.abs().max() > 0 and rel_err(s.cpu(), ref_state.tensors[key]) < 1e-5, key
     y2, state = m(**part(18, 36), initial_state=state, return_state=True)
     assert rel_err(torch.cat([y1, y2], 1).cpu(), want[:, :36]) < 1e-4
     for i in range(36, 40):

@@ -46,6 +46,8 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
                 where = term.loc or info.apply.loc
                 warnings.append((where, f"{where}: matrix {info.name}: this term runs through the "
                                  f"dense interpreter (O(T^2) time and memory): {why}"))
+            if tp.strategy == "chunked" and mp.normalizer:
+                tp.flags["normalizer"] = True  # the values end with M @ 1's ones
             mp.terms.append(tp)
         matrices.append(mp)
     return ModulePlan(program, result, matrices, warnings)

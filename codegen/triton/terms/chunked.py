@@ -105,7 +105,11 @@ def emit(tp, mp, w, key, values):
 def space(tp):
     if not handles(tp):
         return _other(tp).space(tp)
-    return {p: (CHOICES[p], DEFAULTS[p]) for p in DEFAULTS}
+    defaults = dict(DEFAULTS)
+    if tp.flags.get("normalizer") and tp.flags["has_decay"]:
+        # the normalizer's state row beside a decayed state: 4 warps spill on sm_80
+        defaults["num_warps"] = 8
+    return {p: (CHOICES[p], defaults[p]) for p in DEFAULTS}
 
 
 def constraints(tp, key):
