@@ -75,12 +75,49 @@ def normalized_program(seed: int) -> str:
 }}"""
 
 
+def skip_program(seed: int) -> str:
+    """A random mixer M @ x + d * x (a per-head param d, either order), with
+    or without a decay and a key scale on grouped keys, strict or not."""
+    rng = random.Random(seed)
+    decay = rng.choice(["", "decay(-softplus(u)) * "])
+    keys, k = rng.choice([("H", "k"), ("G", "(softplus(u) * k)")])
+    mask = rng.choice(["(s <= t)", "(s < t)"])
+    out = rng.choice(["M @ x + d * x", "d * x + M @ x", "(M @ x) + x * d"])
+    return f"""mixer skip_{seed} {{
+  dims H, G divides H, D, P
+  input q : [H, D]
+  input k : [{keys}, D]
+  input x : [H, P]
+  input u : [H]
+  param d : [H]
+  let M = {decay}(q @ {k}^T) * {mask}
+  out y = {out}
+}}"""
+
+
+# M @ x read twice: the skip cannot go into the kernel (and is still right)
+SKIP_READ_TWICE = """mixer skip_twice {
+  dims H, D, P
+  input q : [H, D]
+  input k : [H, D]
+  input x : [H, P]
+  param d : [H]
+  let M = (q @ k^T) * (s <= t)
+  out y = M @ x + d * x
+  out z = M @ x
+}"""
+
+
 SEEDS = [0, 1, 3, 5]  # col gate + decay, strict without decay, a param decay, col exp
 NORM_SEEDS = [0, 2, 8, 12]  # strict + decay + scaled G keys, strict, decay, decay + G
 CASES = [("ssd", 1), ("ssd", 2)] + [(scaled_program(s), 2) for s in SEEDS]
 IDS = ["ssd_G1", "ssd_G2"] + [f"random{s}" for s in SEEDS]
 NORM_CASES = [("linear_attention", 1)] + [(normalized_program(s), 2) for s in NORM_SEEDS]
 NORM_IDS = ["linear_attention"] + [f"normalized{s}" for s in NORM_SEEDS]
+SKIP_SEEDS = [0, 1, 3, 4]  # decay + scaled G keys, strict, x * d, scaled G keys
+SKIP_CASES = [(skip_program(s), 2) for s in SKIP_SEEDS] + [(SKIP_READ_TWICE, 1)]
+SKIP_IDS = [f"skip{s}" for s in SKIP_SEEDS] + ["skip_read_twice"]
+ALL_CASES, ALL_IDS = CASES + NORM_CASES + SKIP_CASES, IDS + NORM_IDS + SKIP_IDS
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +142,11 @@ def on_device(args, dtype):
     return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
 
 
+def flat(y):
+    """One tensor of a mixer's outputs (several outs come as a tuple)."""
+    return torch.cat([o.flatten() for o in y]) if isinstance(y, tuple) else y
+
+
 def test_random_programs_have_a_key_scale(compiled):
     """Every random program is planned with the scale split off its keys (else
     the tests below would not test the fusion)."""
@@ -127,6 +169,21 @@ def test_generated_code_has_no_ones_column(src, G, compiled):
     assert "den = tl.sum(s, 1) + qz" in m.source()
 
 
+@pytest.mark.parametrize("src,G", [("ssd", 2)] + SKIP_CASES, ids=["ssd"] + SKIP_IDS)
+def test_generated_code_adds_the_skip_in_the_kernel(src, G, compiled):
+    """M @ x + d * x: d goes to the kernels (skip=), whose epilogue adds it;
+    the forward computes no d * x of its own, unless M @ x is read twice."""
+    m = compiled(src)
+    forward = m.source().split("\ndef forward(")[1]
+    call = next(line for line in forward.splitlines() if "chunked_kernels_apply(" in line)
+    fused = src != SKIP_READ_TWICE
+    assert ("skip=" in call) == fused, call
+    assert ("skip: " in m.explain()) == fused
+    assert bool(re.search(r"\b[dD]\[\.\.\., None\]", forward)) != fused, forward
+    if fused:
+        assert "y += tl.load(DS + h) * v.to(tl.float32)" in m.source()
+
+
 @pytest.mark.parametrize("src,G", CASES, ids=IDS)
 def test_generated_code_keeps_keys_at_their_groups(src, G, compiled):
     """The keys reach the kernels as given (no repeat_interleave, no scale
@@ -140,29 +197,30 @@ def test_generated_code_keeps_keys_at_their_groups(src, G, compiled):
     assert "w = tl.load(KS + " in kernels and "w[None, :]" in kernels
 
 
-@pytest.mark.parametrize("src,G", CASES + NORM_CASES, ids=IDS + NORM_IDS)
+@pytest.mark.parametrize("src,G", ALL_CASES, ids=ALL_IDS)
 def test_forward_equals_dense(src, G, compiled, bf16_dots, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, G)
-    want = d(**args)
-    y = m(**on_device(args, torch.float32))
+    want = flat(d(**args))
+    y = flat(m(**on_device(args, torch.float32)))
     assert not y.isnan().any() and rel_err(y.cpu(), want) < 1e-4
     for half in (torch.float16, torch.bfloat16):
-        y = m(**on_device(args, half))
+        y = flat(m(**on_device(args, half)))
         assert y.dtype == half and rel_err(y.float().cpu(), want) < 2e-2, half
-    assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9  # the torch chunks
+    assert rel_err(flat(m(**on_device(args, f64))).cpu(), want) < 1e-9  # the torch chunks
 
 
-@pytest.mark.parametrize("src,G", CASES + NORM_CASES, ids=IDS + NORM_IDS)
+@pytest.mark.parametrize("src,G", ALL_CASES, ids=ALL_IDS)
 def test_gradients_equal_dense(src, G, compiled, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, G, T=35, seed=2)
     ref = {n: x.clone().requires_grad_() for n, x in base.items()}
     got = {n: x.clone().float().to(DEVICE).requires_grad_() for n, x in base.items()}
-    weight = torch.randn(d(**ref).shape, dtype=f64)
-    want = torch.autograd.grad((d(**ref) * weight).sum(), list(ref.values()), allow_unused=True)
-    have = torch.autograd.grad((m(**got) * weight.float().to(DEVICE)).sum(), list(got.values()),
+    weight = torch.randn(flat(d(**ref)).shape, dtype=f64)
+    want = torch.autograd.grad((flat(d(**ref)) * weight).sum(), list(ref.values()),
                                allow_unused=True)
+    have = torch.autograd.grad((flat(m(**got)) * weight.float().to(DEVICE)).sum(),
+                               list(got.values()), allow_unused=True)
     for n, g, r in zip(got, have, want):
         if r is None or float(r.abs().max()) == 0:
             assert g is None or float(g.abs().max()) == 0, n
@@ -170,7 +228,8 @@ def test_gradients_equal_dense(src, G, compiled, poisoned):
         assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
 
 
-@pytest.mark.parametrize("src,G", CASES[:3] + NORM_CASES[1:3], ids=IDS[:3] + NORM_IDS[1:3])
+@pytest.mark.parametrize("src,G", CASES[:3] + NORM_CASES[1:3] + SKIP_CASES[:2],
+                         ids=IDS[:3] + NORM_IDS[1:3] + SKIP_IDS[:2])
 def test_prefill_then_decode_equal_dense(src, G, compiled):
     """A prefill's state equals the torch backend's; continuing from it (a
     nonzero initial state through the kernels) and decoding token by token

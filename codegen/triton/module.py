@@ -37,6 +37,15 @@ class TritonWriter(Writer):
     def environment(self):
         return _env("mixerc.codegen.triton")
 
+    def e_Map(self, node: ir.Map) -> str:
+        """M @ u + d * u where the plan found a skip term and M's kernel adds
+        it in its epilogue (terms/chunked.py): the application's output is
+        the sum."""
+        for mp in self.plan.matrices:
+            if mp.skip is not None and mp.skip[0] is node and terms.chunked.fuses_skip(mp):
+                return self.value(mp.applies[0])
+        return super().e_Map(node)
+
     def own_values(self, tp) -> bool:
         """Terms whose kernels read the values as given (no float32 copy)."""
         # (the per-channel kernel's emitter takes the values as the torch backend builds them)

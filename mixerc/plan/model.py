@@ -132,6 +132,10 @@ class MatrixPlan:
     heads: tuple       # the matrix's free dims as its applications see them
     terms: list
     info: MatrixInfo
+    # (add node, d): the program adds d * u to this matrix's only application
+    # M @ u (SSD's skip D * x), and nothing else reads M @ u: a kernel may add
+    # it in its epilogue from the value tile it holds
+    skip: tuple | None = None
 
     @property
     def normalizer(self) -> bool:

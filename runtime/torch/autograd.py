@@ -72,22 +72,26 @@ class ChunkedFn(torch.autograd.Function):
 
     ones: the values end with a ones column (a normalizer M @ 1) that the
     forward adds itself (fwd takes ones_column=True; y and the states have
-    V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient."""
+    V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient.
+    skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
+    d_h dy_t, dd = sum dy . v per head."""
 
     @staticmethod
-    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False):
-        y, final = fwd(q, k, v, a, state, chunk, **_scaled(scale), **_ones(ones))
+    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None):
+        extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}))
+        y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
-        ctx.save_for_backward(q, k, v, a, state, final, scale)
+        ctx.save_for_backward(q, k, v, a, state, final, scale, skip)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dS):
-        q, k, v, a, S0, final, w = ctx.saved_tensors
+        q, k, v, a, S0, final, w, d = ctx.saved_tensors
         fwd, C = ctx.fwd, ctx.chunk
         need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:7]
         need_w = w is not None and ctx.needs_input_grad[7]
+        need_d = d is not None and ctx.needs_input_grad[9]
         if ctx.ones:  # the adjoint runs read the ones column the forward added
             v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         B, T, H = q.shape[0], q.shape[1], final.shape[1]
@@ -115,6 +119,8 @@ class ChunkedFn(torch.autograd.Function):
             dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)[:2]
             # here w scales the queries' (k's) rows: the output's rows
             dv = unrev(dv) if w is None else _wide(w)[..., None] * unrev(dv)
+            if d is not None:  # the skip term d_h v_t
+                dv = dv + d.to(dv.dtype)[:, None] * dy
             dv = chunk_fold_heads(dv, v)
             if ctx.ones:
                 dv = dv[..., :-1]
@@ -135,7 +141,8 @@ class ChunkedFn(torch.autograd.Function):
                 dk = _wide(w)[..., None] * dk
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw, None)
+                 dw, None, _wide(dy * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
+                 if need_d else None)
         return grads[:len(ctx.needs_input_grad)]
 
 

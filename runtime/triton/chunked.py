@@ -64,26 +64,37 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
 
 
 def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None,
-                          ones_column=False):
+                          ones_column=False, skip=None):
     """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
     -> (y, final state[, entering states]), with the adjoint backward when
     anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
     keys k [B, T, G, K] per token and head (scaled on load, never stored).
     ones_column: the values are [v, 1] (a normalizer), the ones added by the
-    kernels (y and the states have V + 1 columns)."""
+    kernels (y and the states have V + 1 columns). skip: None, or d [H]: y
+    gets d_h v_t added (a skip term, added in the output kernel's epilogue)."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
     if ones_column:
         scaled["ones_column"] = True
+    if skip is not None:
+        scaled["skip"] = skip
 
     def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
-    tensors = [x for x in (q, k, v, a, state, key_scale) if x is not None]
+    tensors = [x for x in (q, k, v, a, state, key_scale, skip) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column)
+        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column, skip)
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
                decode=not torch.compiler.is_compiling(), **scaled)
+
+
+def with_skip(out, v, skip, H):
+    """(y + d_h v_t, *rest) for the paths that do not run the output kernel."""
+    if skip is None:
+        return out
+    y = out[0]
+    return (y + skip.to(y.dtype)[:, None] * chunk_heads(v, H).to(y.dtype),) + tuple(out[1:])
 
 
 def scaled_keys(k, key_scale, H):

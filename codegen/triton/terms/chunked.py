@@ -35,6 +35,17 @@ def handles(tp) -> bool:
         and f["hi"] == float("inf") and f["lo"] in (0, 1)
 
 
+def fuses_skip(mp) -> bool:
+    """Whether the kernel adds the matrix's skip term d * u (plan: MatrixPlan.skip)
+    in its epilogue: one term on these kernels, its values u as given (no
+    gates or wrappers between them and the kernel, nothing on its output)."""
+    if mp.skip is None or len(mp.terms) != 1:
+        return False
+    tp = mp.terms[0]
+    return handles(tp) and not tp.wrappers and not any(
+        n in tp.operands for n in ("in_scale", "out_scale"))
+
+
 def _other(tp):
     """Who computes a chunked term these kernels do not: the per-channel decay's
     kernel (terms/per_channel.py) where it handles the term, else the torch
@@ -80,11 +91,14 @@ def emit(tp, mp, w, key, values):
         scale = f", key_scale={ks}"
     if ones:
         scale += ", ones_column=True"
+    skip = fuses_skip(mp) and not isinstance(values, str)
+    if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
+        scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
-                 key_scale="k_scale" in tp.operands, ones=ones,
+                 key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
                  fallback=fallback,  # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
