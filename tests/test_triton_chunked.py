@@ -192,7 +192,7 @@ def test_initial_state_and_group_gradients(strict, compiled):
     m = compiled(GROUPED_STRICT if strict else "ssd")
     mod = m._impl.module
     fn = next(getattr(mod, n) for n in vars(mod) if n.startswith("chunked_kernel")
-              and n.endswith(("_decay", "_strict", "_key_scale")) and callable(getattr(mod, n)))
+              and n.endswith(("_decay", "_strict", "_skip")) and callable(getattr(mod, n)))
     g = torch.Generator().manual_seed(7)
     B, T, H, K, V = 2, 35, 4, 20, 20
     r = lambda *s: torch.randn(*s, dtype=f64, generator=g)  # noqa: E731

@@ -160,13 +160,19 @@ def test_random_programs_have_a_key_scale(compiled):
 @pytest.mark.parametrize("src,G", NORM_CASES, ids=NORM_IDS)
 def test_generated_code_has_no_ones_column(src, G, compiled):
     """The normalizer's ones never reach HBM: no torch.full / cat of values in
-    the forward, the kernels told ones_column=True, its z row in them."""
+    the forward, the kernels told ones_column=True, its z row in them, and
+    the division in the kernel where the program divides by M @ 1 itself."""
     m = compiled(src)
     forward = m.source().split("\ndef forward(")[1]
     assert "torch.full(" not in forward and "torch.cat(" not in forward, forward
     call = next(line for line in forward.splitlines() if "chunked_kernels_apply(" in line)
     assert "ones_column=True" in call, call
     assert "den = tl.sum(s, 1) + qz" in m.source()
+    # (M @ v) / (M @ 1) divides in the kernel's epilogue; / (M @ 1 + 1) in torch
+    divides = src == "linear_attention" or "(M @ 1)" in src
+    assert ("divide=True" in call) == divides, call
+    assert (re.search(r"/ \w+\[\.\.\., None\]", forward) is None) == divides, forward
+    assert "y = y / tl.where(t_ok, den, 1.0)" in m.source()
 
 
 @pytest.mark.parametrize("src,G", [("ssd", 2)] + SKIP_CASES, ids=["ssd"] + SKIP_IDS)
@@ -272,7 +278,7 @@ def test_kernel_scale_gradient_with_initial_and_final_state(compiled):
     from mixerc.runtime.triton.chunked import chunked_kernels_apply
     mod = compiled("ssd")._impl.module
     fn = next(getattr(mod, n) for n in vars(mod)
-              if n.startswith("chunked_kernel") and n.endswith("_key_scale"))
+              if n.startswith("chunked_kernel") and n.endswith("_key_scale_skip"))
     g = torch.Generator().manual_seed(7)
     B, T, H, K, V = 2, 35, 4, 20, 20
     r = lambda *s: torch.randn(*s, dtype=f64, generator=g)  # noqa: E731

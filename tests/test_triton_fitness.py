@@ -94,12 +94,12 @@ def test_chunked_kernels_fit_sm90a_and_sm80(report):
     tensor cores."""
     fits = report["chunked"]
     assert len(fits) == 4 * 2 * 3  # mixers x targets x (states, output, decode step)
-    # linear attention's normalizer and SSD's key scale computed in the kernels
+    # linear attention's normalizer, SSD's key scale and skip term computed in the kernels
     assert {f["kernel"] for f in fits} == {"chunked_kernel_ones_states", "chunked_kernel_ones_fwd",
                                            "chunked_kernel_has_decay_states",
                                            "chunked_kernel_has_decay_fwd",
-                                           "chunked_kernel_has_decay_key_scale_states",
-                                           "chunked_kernel_has_decay_key_scale_fwd",
+                                           "chunked_kernel_has_decay_key_scale_skip_states",
+                                           "chunked_kernel_has_decay_key_scale_skip_fwd",
                                            "chunked_kernel_has_decay_key_scale_ones_states",
                                            "chunked_kernel_has_decay_key_scale_ones_fwd",
                                            "_mx_recurrent_step"}

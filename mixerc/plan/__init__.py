@@ -56,7 +56,8 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
 
 def _find_skips(program: ir.Program, matrices: list) -> None:
     """Set MatrixPlan.skip where the program computes M @ u + d * u (d a
-    per-head param) and reads M @ u nowhere else."""
+    per-head param) and reads M @ u nowhere else, and MatrixPlan.divide where
+    it computes (M @ v) / (M @ 1) and reads neither anywhere else."""
     readers: dict = {}
     for n in program.nodes():
         for c in n.children():
@@ -64,6 +65,11 @@ def _find_skips(program: ir.Program, matrices: list) -> None:
     for n in list(program.outs.values()) + list(program.lets.values()):
         readers[id(n)] = readers.get(id(n), 0) + 1
     for n in program.nodes():
+        if isinstance(n, ir.Map) and n.op == "div" and len(n.args) == 2:
+            mp = next((m for m in matrices if m.normalizer and len(m.applies) == 2 and
+                       tuple(m.applies) == tuple(n.args)), None)
+            if mp is not None and all(readers.get(id(a)) == 1 for a in n.args):
+                mp.divide = n
         if not (isinstance(n, ir.Map) and n.op == "add" and len(n.args) == 2):
             continue
         for apply, other in (n.args, n.args[::-1]):
@@ -200,7 +206,9 @@ def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = No
                          f"{mp.name} @ u (a chunked kernel adds it in its epilogue)")
         if mp.normalizer:
             lines.append(f"    normalizer: {mp.name} @ 1 (the row sums of {mp.name}; a chunked "
-                         "kernel computes it from its score tiles and a state row)")
+                         "kernel computes it from its score tiles and a state row"
+                         + (", and divides by it in its epilogue)" if mp.divide is not None
+                            else ")"))
         for tp in mp.terms:
             where = f" at {tp.loc}" if tp.loc else ""
             lines.append(f"    term {tp.index + 1}{where}: {_term_line(tp)}")

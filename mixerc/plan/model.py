@@ -136,6 +136,9 @@ class MatrixPlan:
     # M @ u (SSD's skip D * x), and nothing else reads M @ u: a kernel may add
     # it in its epilogue from the value tile it holds
     skip: tuple | None = None
+    # the node (M @ v) / (M @ 1) when the program reads these two applications
+    # (M's only ones) there alone: a kernel may divide in its epilogue
+    divide: ir.Node | None = None
 
     @property
     def normalizer(self) -> bool:

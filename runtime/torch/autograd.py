@@ -74,20 +74,24 @@ class ChunkedFn(torch.autograd.Function):
     forward adds itself (fwd takes ones_column=True; y and the states have
     V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient.
     skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
-    d_h dy_t, dd = sum dy . v per head."""
+    d_h dy_t, dd = sum dy . v per head. divide (with ones): y = [n / m, m]
+    (fwd takes divide=True): the backward turns dy into the gradient of
+    [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y."""
 
     @staticmethod
-    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None):
-        extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}))
+    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None,
+                divide=False):
+        extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}),
+                     **({"divide": True} if divide else {}))
         y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
-        ctx.save_for_backward(q, k, v, a, state, final, scale, skip)
+        ctx.save_for_backward(q, k, v, a, state, final, scale, skip, y if divide else None)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dS):
-        q, k, v, a, S0, final, w, d = ctx.saved_tensors
+        q, k, v, a, S0, final, w, d, quotient = ctx.saved_tensors
         fwd, C = ctx.fwd, ctx.chunk
         need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:7]
         need_w = w is not None and ctx.needs_input_grad[7]
@@ -97,6 +101,10 @@ class ChunkedFn(torch.autograd.Function):
         B, T, H = q.shape[0], q.shape[1], final.shape[1]
         if dy is None:
             dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
+        if quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
+            m = quotient[..., -1:]
+            g = dy[..., :-1] / m
+            dy = torch.cat([g, dy[..., -1:] - (g * quotient[..., :-1]).sum(-1, keepdim=True)], -1)
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.
@@ -142,7 +150,7 @@ class ChunkedFn(torch.autograd.Function):
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
                  dw, None, _wide(dy * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
-                 if need_d else None)
+                 if need_d else None, None)
         return grads[:len(ctx.needs_input_grad)]
 
 

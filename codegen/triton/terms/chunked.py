@@ -8,6 +8,11 @@ gradients is one launch of the recurrence kernel (runtime/triton/recurrent.py,
 the state updated in place). q and k are read at their group heads (SSD's B and C shared by a
 group of heads).
 
+Computed in the kernels instead of read from HBM (the plan says where): a key
+scale per token and head (operand k_scale: SSD's delta, keys left at their
+groups), the ones column of a normalizer M @ 1 (MatrixPlan.normalizer; with
+MatrixPlan.divide the division too) and a skip term d * u (MatrixPlan.skip).
+
 A decay inside the contraction (GLA, Mamba-1, H3's modal kernel) goes to
 terms/per_channel.py; a polynomial feature map (Based) is the torch backend's
 (codegen/torch/terms/chunked.py), and explain says so per term."""
@@ -40,6 +45,16 @@ def fuses_skip(mp) -> bool:
     in its epilogue: one term on these kernels, its values u as given (no
     gates or wrappers between them and the kernel, nothing on its output)."""
     if mp.skip is None or len(mp.terms) != 1:
+        return False
+    tp = mp.terms[0]
+    return handles(tp) and not tp.wrappers and not any(
+        n in tp.operands for n in ("in_scale", "out_scale"))
+
+
+def fuses_divide(mp) -> bool:
+    """Whether the kernel divides by the normalizer in its epilogue (plan:
+    MatrixPlan.divide): one term on these kernels, values as given."""
+    if mp.divide is None or len(mp.terms) != 1:
         return False
     tp = mp.terms[0]
     return handles(tp) and not tp.wrappers and not any(
@@ -91,6 +106,8 @@ def emit(tp, mp, w, key, values):
         scale = f", key_scale={ks}"
     if ones:
         scale += ", ones_column=True"
+        if fuses_divide(mp):  # y[..., :V] / y[..., V] in the output kernel's epilogue
+            scale += ", divide=True"
     skip = fuses_skip(mp) and not isinstance(values, str)
     if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
         scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
