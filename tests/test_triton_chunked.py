@@ -193,7 +193,7 @@ def test_initial_state_and_group_gradients(strict, compiled):
     m = compiled(GROUPED_STRICT if strict else "ssd")
     mod = m._impl.module
     fn = next(getattr(mod, n) for n in vars(mod) if n.startswith("chunked_kernel")
-              and n.endswith(("_decay", "_strict")) and callable(getattr(mod, n)))
+              and n.endswith(("_decay", "_strict", "_skip")) and callable(getattr(mod, n)))
     g = torch.Generator().manual_seed(7)
     B, T, H, K, V = 2, 35, 4, 20, 20
     r = lambda *s: torch.randn(*s, dtype=f64, generator=g)  # noqa: E731
@@ -224,7 +224,7 @@ def test_groups_are_read_at_their_heads(compiled, monkeypatch):
         return real(q, k, v, *rest)
     monkeypatch.setattr(mod, op, spy)
     m(**on_device(args_of(m, T=40), torch.float32))  # past 16 tokens: the chunk kernels, not the decode kernel
-    assert seen == [(2, 4, 4)], seen
+    assert seen == [(2, 2, 4)], seen
 
 
 def test_every_output_element_is_written(compiled, poisoned):
@@ -294,9 +294,9 @@ def test_custom_op_opcheck(compiled):
     g = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20, 4, 20, 20
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    for S0 in (None, r(B, H, K, V)):
-        args = (r(B, T, 2, K), r(B, T, H, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                S0, H, 16, 16, 16, 4, 1)
+    for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
+        args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
+                scale, S0, H, 16, 16, 16, 4, 1)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -32,12 +32,22 @@ SCRIPT = textwrap.dedent("""
                                             mma=f.mma, hmma=f.hmma, error=f.error))
     # the chunked scalar-decay kernels at K = V = 64 (N = P = 64 for SSD)
     out["chunked"] = []
-    for name in ("linear_attention", "retnet", "ssd"):
+    # and a normalizer beside a decay and a key scale (their default config: 8 warps)
+    normalized = '''mixer normalized {
+      dims H, G divides H, K, V
+      input q : [H, K]
+      input k : [G, K]
+      input v : [H, V]
+      input u : [H]
+      let M = decay(-softplus(u)) * ((elu(q) + 1) @ (sigmoid(u) * (elu(k) + 1))^T) * (s <= t)
+      out y = (M @ v) / (M @ 1)
+    }'''
+    for name in ("linear_attention", "retnet", "ssd", normalized):
         m = mixerc.compile(name, backend="triton")
         sizes = {"H": 16, "G": 4, "K": 64, "V": 64, "N": 64, "P": 64}
         for target in ("sm_90a", "sm_80"):
             for f in fitness.check(m._impl, sizes, target):
-                out["chunked"].append(dict(mixer=name, target=target, kernel=f.kernel,
+                out["chunked"].append(dict(mixer=name[:20], target=target, kernel=f.kernel,
                                            regs=f.registers, spill=f.spill_bytes,
                                            shared=f.shared, limit=f.shared_limit,
                                            mma=f.mma, error=f.error))
@@ -78,14 +88,21 @@ def test_every_kernel_fits_sm90a_and_sm80(report):
 
 def test_chunked_kernels_fit_sm90a_and_sm80(report):
     """The chunked scalar-decay kernels (states and output; linear attention
-    without a decay, RetNet and SSD with one, SSD with grouped q) at their
+    without a decay and its normalizer fused, RetNet and SSD with one, SSD
+    with grouped q and k and its key scale fused) at their
     default config: no spills, shared memory within the limit, the dots on
     tensor cores."""
     fits = report["chunked"]
-    assert len(fits) == 3 * 2 * 3  # mixers x targets x (states, output, decode step)
-    assert {f["kernel"] for f in fits} == {"chunked_kernel_states", "chunked_kernel_fwd",
+    assert len(fits) == 4 * 2 * 3  # mixers x targets x (states, output, decode step)
+    # linear attention's normalizer, SSD's key scale and skip term computed in the kernels
+    assert {f["kernel"] for f in fits} == {"chunked_kernel_ones_states", "chunked_kernel_ones_fwd",
                                            "chunked_kernel_has_decay_states",
-                                           "chunked_kernel_has_decay_fwd", "_mx_recurrent_step"}
+                                           "chunked_kernel_has_decay_fwd",
+                                           "chunked_kernel_has_decay_key_scale_skip_states",
+                                           "chunked_kernel_has_decay_key_scale_skip_fwd",
+                                           "chunked_kernel_has_decay_key_scale_ones_states",
+                                           "chunked_kernel_has_decay_key_scale_ones_fwd",
+                                           "_mx_recurrent_step"}
     for f in fits:
         where = f"{f['mixer']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]

@@ -196,6 +196,8 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
                 constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
                               "BK": min(max(16, _pow2(D)), cfg["block_k"]),
                               "BV": min(max(16, _pow2(DV)), cfg["block_v"]), "HAS_S0": True,
+                              # a key scale, a ones column, a skip term where they exist
+                              "SCALED": True, "ONES": True, "DIVIDE": True, "SKIP": True,
                               "PRECISION": precision, "IDX": tl.int32}
             else:
                 constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"],

@@ -6,6 +6,7 @@ copy of a bf16 q, k, v before a kernel that reads bf16 anyway)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from mixerc import ir
 from mixerc.codegen.torch.emit import axes_of
@@ -36,6 +37,26 @@ class TritonWriter(Writer):
 
     def environment(self):
         return _env("mixerc.codegen.triton")
+
+    def e_Map(self, node: ir.Map) -> str:
+        """M @ u + d * u where the plan found a skip term and M's kernel adds
+        it in its epilogue (terms/chunked.py): the application's output is
+        the sum."""
+        for mp in self.plan.matrices:
+            if mp.skip is not None and mp.skip[0] is node and terms.chunked.fuses_skip(mp):
+                return self.value(mp.applies[0])
+            if mp.divide is node and terms.chunked.fuses_divide(mp):
+                return self.value(mp.applies[0])  # (M @ v) / (M @ 1), divided in the kernel
+        return super().e_Map(node)
+
+    def split_outputs(self, mp, y, widths):
+        """A division in the kernel: y[..., :V] is the quotient, and nothing
+        reads the denominator's column."""
+        if mp.divide is not None and terms.chunked.fuses_divide(mp):
+            quotient = self.assign(f"{y}[..., :{self.size_expr(widths[0])}]", hint="y")
+            return super().split_outputs(replace(mp, applies=mp.applies[:1]), quotient,
+                                         widths[:1])
+        return super().split_outputs(mp, y, widths)
 
     def own_values(self, tp) -> bool:
         """Terms whose kernels read the values as given (no float32 copy)."""

@@ -46,9 +46,43 @@ def plan(program: ir.Program, result: analysis.Analysis | None = None) -> Module
                 where = term.loc or info.apply.loc
                 warnings.append((where, f"{where}: matrix {info.name}: this term runs through the "
                                  f"dense interpreter (O(T^2) time and memory): {why}"))
+            if tp.strategy == "chunked" and mp.normalizer:
+                tp.flags["normalizer"] = True  # the values end with M @ 1's ones
             mp.terms.append(tp)
         matrices.append(mp)
+    _find_skips(program, matrices)
     return ModulePlan(program, result, matrices, warnings)
+
+
+def _find_skips(program: ir.Program, matrices: list) -> None:
+    """Set MatrixPlan.skip where the program computes M @ u + d * u (d a
+    per-head param) and reads M @ u nowhere else, and MatrixPlan.divide where
+    it computes (M @ v) / (M @ 1) and reads neither anywhere else."""
+    readers: dict = {}
+    for n in program.nodes():
+        for c in n.children():
+            readers[id(c)] = readers.get(id(c), 0) + 1
+    for n in list(program.outs.values()) + list(program.lets.values()):
+        readers[id(n)] = readers.get(id(n), 0) + 1
+    for n in program.nodes():
+        if isinstance(n, ir.Map) and n.op == "div" and len(n.args) == 2:
+            mp = next((m for m in matrices if m.normalizer and len(m.applies) == 2 and
+                       tuple(m.applies) == tuple(n.args)), None)
+            if mp is not None and all(readers.get(id(a)) == 1 for a in n.args):
+                mp.divide = n
+        if not (isinstance(n, ir.Map) and n.op == "add" and len(n.args) == 2):
+            continue
+        for apply, other in (n.args, n.args[::-1]):
+            mp = next((m for m in matrices if len(m.applies) == 1 and m.applies[0] is apply),
+                      None)
+            if mp is None or readers.get(id(apply)) != 1 or mp.skip is not None:
+                continue
+            if not (isinstance(other, ir.Map) and other.op == "mul" and len(other.args) == 2):
+                continue
+            d, u = other.args if other.args[1] is apply.u else other.args[::-1]
+            if u is apply.u and d.type.kind == ir.STATIC and d.type.dims == tuple(mp.heads) \
+                    and n.type.dims == apply.type.dims:
+                mp.skip = (n, d)
 
 
 def _independent(matrices) -> list:
@@ -167,6 +201,14 @@ def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = No
     lines = [f"plan ({backend} backend):"]
     for mp in mplan.matrices:
         lines.append(f"  {mp.name}: {', '.join(mp.strategies)}")
+        if mp.skip is not None:
+            lines.append(f"    skip: {_node_text(mp.skip[1])} * the values, added to "
+                         f"{mp.name} @ u (a chunked kernel adds it in its epilogue)")
+        if mp.normalizer:
+            lines.append(f"    normalizer: {mp.name} @ 1 (the row sums of {mp.name}; a chunked "
+                         "kernel computes it from its score tiles and a state row"
+                         + (", and divides by it in its epilogue)" if mp.divide is not None
+                            else ")"))
         for tp in mp.terms:
             where = f" at {tp.loc}" if tp.loc else ""
             lines.append(f"    term {tp.index + 1}{where}: {_term_line(tp)}")

@@ -78,7 +78,12 @@ def match(parts, mp, program, index) -> TermPlan | None:
     else:
         return None
     operands["q"] = Operand("q", q, _drop(q, dim), (dim,))
+    scale = None
+    if strategy == "chunked" and features is None and not per_channel:
+        k, scale = split_key_scale(k, dim, mp.heads, g)
     operands["k"] = Operand("k", k, _drop(k, dim), (dim,))
+    if scale is not None:  # k_s = scale_s * k_s at fewer heads: scaled on load
+        operands["k_scale"] = Operand("k_scale", scale, _drop(scale, dim))
     if a is not None:
         operands["log_decay"] = Operand("log_decay", a, _drop(a, dim),
                                         (dim,) if per_channel else ())
@@ -117,6 +122,43 @@ def _form(parts, groups):
         # no low-rank factor at all (a mask, a decay: cumsum, EMA): rank one
         return ONE, ONE, "1", None, False
     return None
+
+
+def _mul_factors(node: ir.Node) -> list:
+    if isinstance(node, ir.Map) and node.op == "mul":
+        return [f for a in node.args for f in _mul_factors(a)]
+    return [node]
+
+
+def split_key_scale(k: ir.Node, dim: str, heads: tuple, groups: dict) -> tuple:
+    """(key, scale) with k = scale * key, where the scale is the product of
+    k's factors without the contracted dim (a value per token and head, as
+    SSD's delta in delta * B) and the key keeps fewer head dims than k (B at
+    its G groups): the key then stays at its groups and the kernel scales
+    the score columns (equivalently the values' rows) as it loads them.
+    (k, None) when nothing would be saved."""
+    factors = _mul_factors(k)
+    scales = [f for f in factors if dim not in f.type.dims]
+    keys = [f for f in factors if dim in f.type.dims]
+    if not scales or not keys or all(f.type.kind == STATIC for f in scales):
+        return k, None
+    key = scale = None
+    for f in keys:
+        key = mul(key, f, groups)
+    for f in scales:
+        scale = mul(scale, f, groups)
+    if not all(d in heads for d in scale.type.dims) or \
+            set(_drop(key, dim)) == set(_drop(k, dim)):
+        return k, None
+    return key, scale
+
+
+def full_key(tp, groups: dict) -> ir.Node:
+    """A chunked term's key with its column scale multiplied back in (for a
+    backend that reads k at the matrix's heads)."""
+    k = tp.operands["k"].node
+    scale = tp.operands.get("k_scale")
+    return k if scale is None else mul(scale.node, k, groups)
 
 
 def _drop(node: ir.Node, dim: str) -> tuple:

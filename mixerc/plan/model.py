@@ -132,6 +132,21 @@ class MatrixPlan:
     heads: tuple       # the matrix's free dims as its applications see them
     terms: list
     info: MatrixInfo
+    # (add node, d): the program adds d * u to this matrix's only application
+    # M @ u (SSD's skip D * x), and nothing else reads M @ u: a kernel may add
+    # it in its epilogue from the value tile it holds
+    skip: tuple | None = None
+    # the node (M @ v) / (M @ 1) when the program reads these two applications
+    # (M's only ones) there alone: a kernel may divide in its epilogue
+    divide: ir.Node | None = None
+
+    @property
+    def normalizer(self) -> bool:
+        """Whether the last application is M @ 1 (the row sums of M, as in
+        linear attention's (M @ v) / (M @ 1)): a kernel may compute it from
+        its score tiles and a state row instead of reading a ones column."""
+        last = self.applies[-1].u
+        return len(self.applies) > 1 and isinstance(last, ir.Const) and last.value == 1.0
 
     @property
     def strategies(self) -> list:

@@ -63,24 +63,49 @@ class ChunkedFn(torch.autograd.Function):
     H heads (the Triton backend reads SSD's B and C at their groups: head h
     reads group h // (H / Hx)); the adjoint runs then read them where they
     are and their per-head gradients are summed over each group. Half
-    inputs: the gradients are computed in float32."""
+    inputs: the gradients are computed in float32.
+
+    scale: None, or w [B, T, H] when the keys are w_s k_s with k at its
+    groups (SSD's delta * B; fwd then takes key_scale=w and scales on load).
+    The dq run scales its values (the forward's keys) by w, the dv run's
+    output rows take w, and the dk run gives the scaled key's gradient g:
+    dk = w g (folded over each group), dw = k . g.
+
+    ones: the values end with a ones column (a normalizer M @ 1) that the
+    forward adds itself (fwd takes ones_column=True; y and the states have
+    V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient.
+    skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
+    d_h dy_t, dd = sum dy . v per head. divide (with ones): y = [n / m, m]
+    (fwd takes divide=True): the backward turns dy into the gradient of
+    [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y."""
 
     @staticmethod
-    def forward(ctx, fwd, chunk, q, k, v, a, state):
-        y, final = fwd(q, k, v, a, state, chunk)
-        ctx.fwd, ctx.chunk = fwd, chunk
-        ctx.save_for_backward(q, k, v, a, state, final)
+    def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None,
+                divide=False):
+        extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}),
+                     **({"divide": True} if divide else {}))
+        y, final = fwd(q, k, v, a, state, chunk, **extra)
+        ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
+        ctx.save_for_backward(q, k, v, a, state, final, scale, skip, y if divide else None)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dS):
-        q, k, v, a, S0, final = ctx.saved_tensors
+        q, k, v, a, S0, final, w, d, quotient = ctx.saved_tensors
         fwd, C = ctx.fwd, ctx.chunk
-        need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:]
+        need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:7]
+        need_w = w is not None and ctx.needs_input_grad[7]
+        need_d = d is not None and ctx.needs_input_grad[9]
+        if ctx.ones:  # the adjoint runs read the ones column the forward added
+            v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         B, T, H = q.shape[0], q.shape[1], final.shape[1]
         if dy is None:
             dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
+        if quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
+            m = quotient[..., -1:]
+            g = dy[..., :-1] / m
+            dy = torch.cat([g, dy[..., -1:] - (g * quotient[..., :-1]).sum(-1, keepdim=True)], -1)
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.
@@ -89,28 +114,56 @@ class ChunkedFn(torch.autograd.Function):
         unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
         b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
         states = need_a and n > 1
-        dq = dk = dv = da = dS0 = None
+        dq = dk = dv = da = dS0 = dw = None
         if need_q or need_a:  # per-head gradients of q and k first (the decay reads them)
+            # w_s scales column s of the scores: here the keys' (v's) rows
             out = fwd(dy, v, k, a, None if S0 is None else S0.transpose(-1, -2), C,
-                      chunk_states=states)
+                      chunk_states=states, **_scaled(w))
             dq = out[0]
-        if need_k or need_a:
+        if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
             back = fwd(rev(v), rev(dy), rev(q), b, None if dS is None else dS.transpose(-1, -2),
                        C, chunk_states=states)
             dk = unrev(back[0])
         if need_v or need_S0:
             dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)[:2]
-            dv = chunk_fold_heads(unrev(dv), v)
+            # here w scales the queries' (k's) rows: the output's rows
+            dv = unrev(dv) if w is None else _wide(w)[..., None] * unrev(dv)
+            if d is not None:  # the skip term d_h v_t
+                dv = dv + d.to(dv.dtype)[:, None] * dy
+            dv = chunk_fold_heads(dv, v)
+            if ctx.ones:
+                dv = dv[..., :-1]
             if need_S0:
                 decay = None if a is None else torch.exp(a[:, 0].to(last.dtype))
                 dS0 = last if a is None else decay[..., None, None] * last
                 dS0 = dS0.to(S0.dtype)
+        k_heads = None if dk is None else _wide(chunk_heads(k, H))
         if need_a:
-            da = _decay_grad(_wide(chunk_heads(q, H)), _wide(chunk_heads(k, H)), _wide(a), dq,
+            scaled = k_heads if w is None else _wide(w)[..., None] * k_heads
+            da = _decay_grad(_wide(chunk_heads(q, H)), scaled, _wide(a), dq,
                              dk, dS, final, C, out[2] if states else None,
                              back[2] if states else None).to(a.dtype)
-        return (None, None, chunk_fold_heads(dq, q) if need_q else None,
-                chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0)
+        if w is not None:  # d(w k)/dw = k, d(w k)/dk = w
+            if need_w:
+                dw = (k_heads * dk).sum(-1).to(w.dtype)
+            if need_k:
+                dk = _wide(w)[..., None] * dk
+        grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
+                 chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
+                 dw, None, _wide(dy * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
+                 if need_d else None, None)
+        return grads[:len(ctx.needs_input_grad)]
+
+
+def _ones(ones: bool) -> dict:
+    """The ones column's keyword for a forward (none without one)."""
+    return {"ones_column": True} if ones else {}
+
+
+def _scaled(w) -> dict:
+    """The column scale's keyword for a forward (none without one: the torch
+    backend's forwards take no scale)."""
+    return {} if w is None else {"key_scale": w}
 
 
 def _wide(x):

@@ -8,7 +8,10 @@ entering each chunk out. The backward runs that same forward on the
 three adjoint problems (dq causal; dk and dv on reversed time) and sums the
 decay gradient in reverse: `ChunkedFn`, shared with the torch backend, which
 also takes q, k and v at a divisor of the H heads (B and C shared by a group
-of heads in SSD) and sums their per-head gradients over each group."""
+of heads in SSD) and sums their per-head gradients over each group. It also
+takes what the kernels compute on load (a key scale, a normalizer's ones
+column and its division, a skip term): see ChunkedFn; the paths without the
+output kernel (decode steps, float64) apply them in torch here."""
 
 import torch
 
@@ -63,16 +66,53 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
     return y[:, None], state
 
 
-def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config):
-    """run(q, k, v, a, state, chunk, *config, chunk_states=...) -> (y, final
-    state[, entering states]), with the adjoint backward when anything needs
-    a gradient."""
-    def fwd(q, k, v, a, state, chunk, chunk_states=False):
-        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states)
-    tensors = [x for x in (q, k, v, a, state) if x is not None]
+def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None,
+                          ones_column=False, skip=None, divide=False):
+    """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
+    -> (y, final state[, entering states]), with the adjoint backward when
+    anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
+    keys k [B, T, G, K] per token and head (scaled on load, never stored).
+    ones_column: the values are [v, 1] (a normalizer), the ones added by the
+    kernels (y and the states have V + 1 columns). skip: None, or d [H]: y
+    gets d_h v_t added (a skip term, added in the output kernel's epilogue)."""
+    scaled = {} if key_scale is None else {"key_scale": key_scale}
+    if ones_column:
+        scaled["ones_column"] = True
+    if divide:  # y[..., :V] / y[..., V], the normalizer kept in y[..., V]
+        scaled["divide"] = True
+    if skip is not None:
+        scaled["skip"] = skip
+
+    def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
+        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
+    tensors = [x for x in (q, k, v, a, state, key_scale, skip) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state)
+        return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column, skip,
+                               divide)
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
-               decode=not torch.compiler.is_compiling())
+               decode=not torch.compiler.is_compiling(), **scaled)
+
+
+def divided(out, divide):
+    """(y[..., :V] / y[..., V] beside y[..., V], *rest) for the paths that do
+    not run the output kernel, when it would divide."""
+    if not divide:
+        return out
+    y = out[0]
+    return (torch.cat([y[..., :-1] / y[..., -1:], y[..., -1:]], -1),) + tuple(out[1:])
+
+
+def with_skip(out, v, skip, H):
+    """(y + d_h v_t, *rest) for the paths that do not run the output kernel."""
+    if skip is None:
+        return out
+    y = out[0]
+    return (y + skip.to(y.dtype)[:, None] * chunk_heads(v, H).to(y.dtype),) + tuple(out[1:])
+
+
+def scaled_keys(k, key_scale, H):
+    """w_s k_s at the H heads (a decode step's few tokens, or float64 inputs
+    on the torch backend's chunks, read the keys per head)."""
+    return key_scale[..., None] * chunk_heads(k, H).to(key_scale.dtype)

@@ -13,12 +13,14 @@ that same forward on the adjoint problems. A per-channel decay differentiates
 by autograd through the chunked code.
 """
 
+from mixerc.plan.lowrank import full_key
+
 
 def emit(tp, mp, w, key, values):
     f = tp.flags
     dim = f["dim"]
     q = w.canon(tp.operands["q"].node, mp.heads, (dim,), hint="q")
-    k = w.canon(tp.operands["k"].node, mp.heads, (dim,), hint="k")
+    k = w.canon(full_key(tp, w.program.groups), mp.heads, (dim,), hint="k")
     if f["features"] is not None:
         poly = f["features"]
         c = w.coefficients(poly)

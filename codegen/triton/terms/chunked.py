@@ -8,6 +8,11 @@ gradients is one launch of the recurrence kernel (runtime/triton/recurrent.py,
 the state updated in place). q and k are read at their group heads (SSD's B and C shared by a
 group of heads).
 
+Computed in the kernels instead of read from HBM (the plan says where): a key
+scale per token and head (operand k_scale: SSD's delta, keys left at their
+groups), the ones column of a normalizer M @ 1 (MatrixPlan.normalizer; with
+MatrixPlan.divide the division too) and a skip term d * u (MatrixPlan.skip).
+
 A decay inside the contraction (GLA, Mamba-1, H3's modal kernel) goes to
 terms/scan.py (a scan or per_channel.py's chunks, per call); a polynomial of degree
 <= 2 without decay (Based) to terms/poly.py; other polynomial feature maps are the torch backend's
@@ -36,6 +41,27 @@ def handles(tp) -> bool:
         and f["hi"] == float("inf") and f["lo"] in (0, 1)
 
 
+def fuses_skip(mp) -> bool:
+    """Whether the kernel adds the matrix's skip term d * u (plan: MatrixPlan.skip)
+    in its epilogue: one term on these kernels, its values u as given (no
+    gates or wrappers between them and the kernel, nothing on its output)."""
+    if mp.skip is None or len(mp.terms) != 1:
+        return False
+    tp = mp.terms[0]
+    return handles(tp) and not tp.wrappers and not any(
+        n in tp.operands for n in ("in_scale", "out_scale"))
+
+
+def fuses_divide(mp) -> bool:
+    """Whether the kernel divides by the normalizer in its epilogue (plan:
+    MatrixPlan.divide): one term on these kernels, values as given."""
+    if mp.divide is None or len(mp.terms) != 1:
+        return False
+    tp = mp.terms[0]
+    return handles(tp) and not tp.wrappers and not any(
+        n in tp.operands for n in ("in_scale", "out_scale"))
+
+
 def _other(tp):
     """Who computes a chunked term these kernels do not: the per-channel decay's
     scan or chunked kernels (terms/scan.py chooses, per call) or the polynomial's
@@ -61,11 +87,14 @@ def emit(tp, mp, w, key, values):
     g = w.program.groups
     q = w.canon_mm(tp.operands["q"].node, _heads(tp.operands["q"], mp, g), (dim,), hint="q")
     k = w.canon_mm(tp.operands["k"].node, _heads(tp.operands["k"], mp, g), (dim,), hint="k")
+    ones = False
     if isinstance(values, str):  # built by the writer (gates or wrappers applied)
         v = w.assign(f"{values}.to(MM_DTYPE)", hint="values")
     else:  # the inputs as given, at the matrix's heads
         parts = []
-        for a in mp.applies:
+        # M @ 1 last (a normalizer): the kernels add the ones column themselves
+        ones = mp.normalizer
+        for a in mp.applies[:-1] if ones else mp.applies:
             vd = value_dims(a, mp.heads, g)
             x = w.canon_mm(a.u, mp.heads, vd, hint="x")
             parts.append(x if vd else f"{x}[..., None]")
@@ -74,10 +103,22 @@ def emit(tp, mp, w, key, values):
     a = "None"
     if f["has_decay"]:
         a = w.canon(tp.operands["log_decay"].node, mp.heads, (), hint="log_decay")
+    scale = ""
+    if "k_scale" in tp.operands:  # k = scale * key at fewer heads: scaled on load
+        ks = w.canon(tp.operands["k_scale"].node, mp.heads, (), hint="key_scale")
+        scale = f", key_scale={ks}"
+    if ones:
+        scale += ", ones_column=True"
+        if fuses_divide(mp):  # y[..., :V] / y[..., V] in the output kernel's epilogue
+            scale += ", divide=True"
+    skip = fuses_skip(mp) and not isinstance(values, str)
+    if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
+        scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
+                 key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
                  fallback=fallback,  # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
@@ -90,14 +131,19 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     read, write = w.state(key)
     w.line("# backward: the same kernel on the adjoint problems (runtime/triton/chunked.py)")
-    w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config})")
+    w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config}"
+           f"{scale})")
     return y
 
 
 def space(tp):
     if not handles(tp):
         return _other(tp).space(tp)
-    return {p: (CHOICES[p], DEFAULTS[p]) for p in DEFAULTS}
+    defaults = dict(DEFAULTS)
+    if tp.flags.get("normalizer") and tp.flags["has_decay"]:
+        # the normalizer's state row beside a decayed state: 4 warps spill on sm_80
+        defaults["num_warps"] = 8
+    return {p: (CHOICES[p], defaults[p]) for p in DEFAULTS}
 
 
 def constraints(tp, key):
