@@ -102,7 +102,8 @@ def test_other_chunked_cases_stay_off_these_kernels(name, compiled):
     if name == "based":
         assert "runs on: the quadratic form by Triton kernels" in text, text
     else:
-        assert "runs on: Triton kernels (forward: chunks and sub-chunks" in text, text
+        assert "runs on: Triton kernels (forward: a scan of the state in registers, or chunks" \
+            in text, text
     if name == "gla":
         d = compiled(name, "dense")
         args = args_of(m, T=21)
