@@ -170,7 +170,8 @@ def _scan_or_chunks(tp, plan) -> str:
     taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.lets) | set(p.outs)
     return ("the cost model's (elementwise FLOPs per head and token): "
             f"{cost.gpu_per_channel_rule(tp, mp, p.groups, taken)}; the config's `algorithm` "
-            "knob overrides it")
+            "knob overrides it; the scan runs with gradients too (its backward a reverse "
+            "scan)")
 
 
 class _Triton:

@@ -3,9 +3,10 @@ backend: per call, the cost model (mixerc/cost.py gpu_per_channel_choice)
 or the config's `algorithm` knob picks a scan
 (templates/triton_scan.py.jinja: the state in registers, no tensor cores;
 a small value dim per head) or the chunked kernels of terms/per_channel.py
-(tensor-core dots; GLA's K = V = 128). The scan runs without gradients;
-with them (or for float64) the chunked branch's code runs, which hands
-them to the torch backend.
+(tensor-core dots; GLA's K = V = 128). The scan runs with or without
+gradients (its backward: a reverse scan, runtime/triton/scan.py ScanFn);
+float64 runs the chunked branch's code, which hands it to the torch
+backend.
 
 The scan reads q and k at their own heads (Mamba's B and C: one head) and
 a log-decay that is a product of per-token factors without the contracted
@@ -14,6 +15,8 @@ dim and token-free factors with it (Mamba's delta [B, T, E] times
 [B, T, E, N] product is never materialized. Any other log-decay is read as
 a [B, T, H, K] tensor.
 """
+
+import hashlib
 
 from mixerc import cost, ir
 from mixerc.codegen.torch.emit import axes_of
@@ -121,7 +124,10 @@ def emit(tp, mp, w, key, values):
         a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls)
-    fn = w.function("triton_scan.py.jinja", base="per_channel_scan", **flags)
+    # the custom ops' name: a digest of what the kernels are rendered from
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    fn = w.function("triton_scan.py.jinja", base="per_channel_scan",
+                    op=f"mixerc::scan_{digest}", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
     scan_cost, chunks_cost = cost.gpu_per_channel_choice(tp, mp, g)
@@ -134,9 +140,9 @@ def emit(tp, mp, w, key, values):
            f"{cost.as_python(chunks_cost, chunk, w.dim)})")
     y = w.fresh("y")
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
-    w.line(f"if {algorithm} == 'scan' and kernel_forward({q}, {k}, {v}, {dt}, {a}, {read}):")
+    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {a}, {read}):")
     w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs})")
-    w.line("else:  # the chunked kernels, or the torch backend for gradients and float64")
+    w.line("else:  # the chunked kernels (the torch backend for their gradients), float64")
     # the chunked branch's values (the materialized log-decay) stay in it
     names, start = dict(w.names), len(w.lines)
     y_chunks = per_channel.emit(tp, mp, w, key, values)
