@@ -308,13 +308,14 @@ def test_gla_shape_runs_chunks_and_the_knob_overrides(compiled, monkeypatch, poi
     assert calls2 == ["chunks"]
 
 
-def test_gradients_leave_the_scan(compiled, monkeypatch):
+def test_gradients_take_the_scan(compiled, monkeypatch):
+    """With gradients the scan runs too (its backward: test_triton_scan_grad.py)."""
     m = compiled("mamba")
     calls = algorithms(m, monkeypatch)
     args = make_inputs("mamba", B=1, T=24, seed=9)
     dev = {n: x.float().to(DEVICE).requires_grad_(True) for n, x in args.items()}
     y = m(**dev)
-    assert calls == []  # the chunked branch's torch code: autograd
+    assert calls == ["scan"]
     assert rel_err(y.detach().cpu(), compiled("mamba", "dense")(**args)) < 1e-4
     y.square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in dev.values())

@@ -34,6 +34,14 @@ def scan_heads(block_h, block_k, num_warps):
     return max(1, min(block_h, SCAN_ENTRIES_PER_WARP * num_warps // block_k))
 
 
+def scan_one_qk(num_warps) -> bool:
+    """Whether the backward sums q's and k's gradients over the program's heads
+    before its atomic adds (q and k at one head: Mamba's B and C): at up to 4
+    warps. At 8 the cross-warp sum takes 16 bytes of stack on sm_80 (the
+    fitness table); per-entry atomic adds then."""
+    return num_warps <= 4
+
+
 # tokens between the forward's checkpoints of the state when a gradient is
 # needed: the backward recomputes each segment from its checkpoint into a
 # scratch of SCAN_SEGMENT states per program (BLOCK_H x BLOCK_K float32 each)
