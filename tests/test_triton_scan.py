@@ -342,9 +342,10 @@ FITNESS = textwrap.dedent("""
                     cfg = dict(zip(meta.knobs, values))
                     fit = fitness.KernelFit(name, name + "_fwd", cfg)
                     constexprs, warps, stages = meta(D, DV, cfg, "bf16")
+                    kernel = getattr(mod, name + "_fwd")  # the meta serves the backward too
+                    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
                     fitness.inspect(fitness.compile_kernel(
-                        getattr(mod, name + "_fwd"), constexprs, target, warps, stages),
-                        target, fit)
+                        kernel, constexprs, target, warps, stages), target, fit)
                     out.append(dict(target=target, kernel=fit.kernel, cfg=cfg,
                                     regs=fit.registers, spill=fit.spill_bytes,
                                     shared=fit.shared, limit=fit.shared_limit))
