@@ -28,7 +28,11 @@ from . import per_channel
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
 # sm_90a, 72 on sm_80; no config spills (runtime/triton/scan.py scan_heads
-# takes fewer heads where K is large: GLA's 128)
+# takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
+# 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
+# chunks) its 2- and 8-warp configs keep an 8-byte stack frame (one register
+# ptxas saves around the segment loop's atomic adds), which the tuner screens out
+# per shape
 DEFAULTS = {"algorithm": "auto", "scan_block_h": 32, "scan_warps": 4}
 CHOICES = {"algorithm": ["auto", "scan", "chunks"], "scan_block_h": [16, 32, 64],
            "scan_warps": [2, 4, 8]}
