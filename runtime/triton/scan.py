@@ -106,6 +106,7 @@ class ScanFn(torch.autograd.Function):
         return y, final
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels: no double backward
     def backward(ctx, dy, dfinal):
         q, k, v, dt, a, ck = ctx.saved_tensors
         if dy is None:
