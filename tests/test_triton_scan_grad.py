@@ -3,7 +3,8 @@ reverse scan from checkpoints; runtime/triton/scan.py ScanFn) against the
 dense interpreter's float64 autograd: the gradient of every input and param
 of Mamba-1 (x, dt, B, C, A_log, dt_bias, D), of grouped programs (q and k at
 groups, small value dims, the log-decay's factors: d delta and dA summed in
-the kernel) and of a strict program with a [B, T, H, K] log-decay; float32
+the kernel), strict programs with a [B, T, H, K] or a factored log-decay,
+and GLA with the scan forced (per-head q and k, value dim 3); float32
 (< 1e-4), float16 and bfloat16 (< 3e-2); initial and final states; T over
 several segments and a multiple of none; batch > 1; strong decays finite. A
 spy on the backward op proves the scan's backward ran (not the torch code);
@@ -250,3 +251,27 @@ def test_scan_backward_fits_sm90a_and_sm80():
         where = f"{f['target']} {f['kernel']} {f['cfg']} {f['err']}"
         print(where, f["regs"], f["spill"])
         assert not f["err"] and f["spill"] == 0 and f["shared"] <= f["limit"], where
+
+
+def test_gla_forced_scan_gradients(compiled, monkeypatch, poisoned):
+    """GLA (a log-decay per token and channel, not strict, q and k per head,
+    value dim > 1) with the `algorithm` knob forcing the scan."""
+    m = mixerc.compile("gla", backend="triton")
+    m._impl.pin_config(algorithm="scan")
+    g = torch.Generator().manual_seed(13)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    args = dict(q=r(2, 70, 2, 4), k=r(2, 70, 2, 4), v=r(2, 70, 2, 3),
+                g=torch.nn.functional.logsigmoid(r(2, 70, 2, 4) + 2))
+    cache = {("gla", "triton"): m, ("gla", "dense"): compiled("gla", "dense")}
+    check(lambda src, backend="triton": cache[src, backend], monkeypatch, "gla", args)
+
+
+STRICT_GROUPED = GROUPED.replace("grouped", "strict_grouped").replace(
+    "* (q @ k^T))", "* (q @ k^T) * (s < t))")
+
+
+def test_strict_factored_gradients(compiled, monkeypatch, poisoned):
+    """A strict mask with the factored log-decay and q, k at groups."""
+    assert STRICT_GROUPED != GROUPED
+    assert compiled(STRICT_GROUPED)._impl.plan.matrices[0].terms[0].flags["strict"]
+    check(compiled, monkeypatch, STRICT_GROUPED, grouped_inputs(B=2, T=66, seed=14))
