@@ -308,13 +308,14 @@ def test_gla_shape_runs_chunks_and_the_knob_overrides(compiled, monkeypatch, poi
     assert calls2 == ["chunks"]
 
 
-def test_gradients_leave_the_scan(compiled, monkeypatch):
+def test_gradients_take_the_scan(compiled, monkeypatch):
+    """With gradients the scan runs too (its backward: test_triton_scan_grad.py)."""
     m = compiled("mamba")
     calls = algorithms(m, monkeypatch)
     args = make_inputs("mamba", B=1, T=24, seed=9)
     dev = {n: x.float().to(DEVICE).requires_grad_(True) for n, x in args.items()}
     y = m(**dev)
-    assert calls == ["chunks"]  # the scan is forward-only: the chunked kernels' backward
+    assert calls == ["scan"]
     assert rel_err(y.detach().cpu(), compiled("mamba", "dense")(**args)) < 1e-4
     y.square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in dev.values())
@@ -341,9 +342,10 @@ FITNESS = textwrap.dedent("""
                     cfg = dict(zip(meta.knobs, values))
                     fit = fitness.KernelFit(name, name + "_fwd", cfg)
                     constexprs, warps, stages = meta(D, DV, cfg, "bf16")
+                    kernel = getattr(mod, name + "_fwd")  # the meta serves the backward too
+                    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
                     fitness.inspect(fitness.compile_kernel(
-                        getattr(mod, name + "_fwd"), constexprs, target, warps, stages),
-                        target, fit)
+                        kernel, constexprs, target, warps, stages), target, fit)
                     out.append(dict(target=target, kernel=fit.kernel, cfg=cfg,
                                     regs=fit.registers, spill=fit.spill_bytes,
                                     shared=fit.shared, limit=fit.shared_limit))

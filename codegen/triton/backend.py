@@ -145,8 +145,9 @@ def runs_on(tp, plan=None) -> str:
         algorithm = "" if plan is None else "; algorithm: " + _scan_or_chunks(tp, plan)
         return ("Triton kernels (forward: a scan of the state in registers, or chunks and "
                 "sub-chunks in log space with the state passed in registers; backward: the "
-                "chunks' adjoint state back over the chunks, then dq, dk and the log-decay's "
-                "gradient per chunk; a decode step without gradients updates the state in "
+                "scan in reverse from its checkpoints, or the chunks' adjoint state back over "
+                "the chunks, then dq, dk and the log-decay's gradient per chunk; a decode "
+                "step without gradients updates the state in "
                 "place); the torch backend for float64" + algorithm)
     if poly.handles(tp):
         return ("the quadratic form by Triton kernels (per query block the key blocks up to "
@@ -178,7 +179,8 @@ def _scan_or_chunks(tp, plan) -> str:
     taken = set(p.dims) | set(p.inputs) | set(p.params) | set(p.lets) | set(p.outs)
     return ("the cost model's (elementwise FLOPs per head and token): "
             f"{cost.gpu_per_channel_rule(tp, mp, p.groups, taken)}; the config's `algorithm` "
-            "knob overrides it")
+            "knob overrides it; the scan runs with gradients too (its backward a reverse "
+            "scan)")
 
 
 class _Triton:

@@ -161,7 +161,7 @@ def kernels_of(module) -> list:
     for name, obj in vars(module).items():
         if isinstance(obj, triton.runtime.jit.JITFunction) and \
                 obj.fn.__module__ == module.__name__:
-            function = re.sub(r"_(fwd|bwd_[a-z]+|decode_kernel|states|fwd_[a-z]+)$", "",
+            function = re.sub(r"_(fwd|bwd|bwd_[a-z]+|decode_kernel|states|fwd_[a-z]+)$", "",
                               name)
             out.append((function, name, obj))
     return out

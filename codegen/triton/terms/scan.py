@@ -3,9 +3,10 @@ backend: per call, the cost model (mixerc/cost.py gpu_per_channel_choice)
 or the config's `algorithm` knob picks a scan
 (templates/triton_scan.py.jinja: the state in registers, no tensor cores;
 a small value dim per head) or the chunked kernels of terms/per_channel.py
-(tensor-core dots; GLA's K = V = 128). The scan runs without gradients;
-with them (or for float64) the chunked branch's code runs, which hands
-them to the torch backend.
+(tensor-core dots; GLA's K = V = 128). The scan runs with or without
+gradients (its backward: a reverse scan, runtime/triton/scan.py ScanFn);
+float64 runs the chunked branch's code, which hands it to the torch
+backend.
 
 The scan reads q and k at their own heads (Mamba's B and C: one head) and
 a log-decay that is a product of per-token factors without the contracted
@@ -14,6 +15,8 @@ dim and token-free factors with it (Mamba's delta [B, T, E] times
 [B, T, E, N] product is never materialized. Any other log-decay is read as
 a [B, T, H, K] tensor.
 """
+
+import hashlib
 
 from mixerc import cost, ir
 from mixerc.codegen.torch.emit import axes_of
@@ -25,7 +28,11 @@ from . import per_channel
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
 # sm_90a, 72 on sm_80; no config spills (runtime/triton/scan.py scan_heads
-# takes fewer heads where K is large: GLA's 128)
+# takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
+# 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
+# chunks) its 2- and 8-warp configs keep an 8-byte stack frame (one register
+# ptxas saves around the segment loop's atomic adds), which the tuner screens out
+# per shape
 DEFAULTS = {"algorithm": "auto", "scan_block_h": 32, "scan_warps": 4}
 CHOICES = {"algorithm": ["auto", "scan", "chunks"], "scan_block_h": [16, 32, 64],
            "scan_warps": [2, 4, 8]}
@@ -121,7 +128,10 @@ def emit(tp, mp, w, key, values):
         a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls)
-    fn = w.function("triton_scan.py.jinja", base="per_channel_scan", **flags)
+    # the custom ops' name: a digest of what the kernels are rendered from
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    fn = w.function("triton_scan.py.jinja", base="per_channel_scan",
+                    op=f"mixerc::scan_{digest}", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
     scan_cost, chunks_cost = cost.gpu_per_channel_choice(tp, mp, g)
@@ -134,7 +144,7 @@ def emit(tp, mp, w, key, values):
            f"{cost.as_python(chunks_cost, chunk, w.dim)})")
     y = w.fresh("y")
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
-    w.line(f"if {algorithm} == 'scan' and scan_forward({q}, {k}, {v}, {dt}, {a}, {read}):")
+    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {a}, {read}):")
     w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs})")
     w.line("else:  # the chunked kernels (with their backward), or the torch backend for float64")
     # the chunked branch's values (the materialized log-decay) stay in it
