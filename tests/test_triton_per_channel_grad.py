@@ -279,7 +279,8 @@ def test_tuner_times_the_kernels_with_its_knobs(compiled, monkeypatch):
     calls = triton_only(m, monkeypatch)
     problem = m.tuning_problem({"B": 1, "T": 40, "H": 2, "K": 6, "V": 5})
     config = dict(problem.space.default(problem.shape))
-    config.update({"y.tri_chunk": 32, "y.tri_sub": 32, "y.bwd_block_k": 32})
+    config.update({"y.tri_chunk": 32, "y.tri_sub": 32, "y.bwd_block_k": 32,
+                   "y.algorithm": "chunks"})  # at these sizes the cost model picks the scan
     problem.runner(config)()
     assert calls == [(32, 32, 32, 8, 2, 32)]
 
