@@ -13,7 +13,7 @@ params and from token inputs (softplus / sigmoid / log), skip terms
 dense (float64 on the same rounded values):
 
   forward            fp32 < 1e-4, fp16 < 2e-2 relative to the output's norm
-  gradients          of every input and param (fp32), < 1e-3
+  gradients          of every input and param, fp32 < 1e-3, fp16 < 3e-2
   state              causal mixers: prefill, a block with initial_state,
                      then decode steps, each against dense on the whole input
   finite             outputs finite where dense is finite
@@ -52,7 +52,7 @@ f64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CLASSES = ("flash", "scalar", "per_channel", "poly", "sum")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
-GRAD_TOL = 1e-3
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 3e-2}
 
 
 # ============================================================== programs
@@ -304,7 +304,7 @@ def check_case(src: str, r: random.Random, seed: int, log, grads=True, states=Tr
         e = rel(gg, w)
         assert e < tol, f"forward rel err {e:.3g} (tol {tol})"
 
-    if grads and dtype == torch.float32 and T <= 129:
+    if grads and T <= (129 if dtype == torch.float32 else 65):
         leaves = {n: x.clone().requires_grad_(True) for n, x in dev.items()}
         dl = {n: x.clone().requires_grad_(True) for n, x in rounded.items()}
         try:
@@ -326,7 +326,20 @@ def check_case(src: str, r: random.Random, seed: int, log, grads=True, states=Tr
             # row(u)) is rounding noise: measured against a floor
             floor = 1e-3 * gd.numel() ** 0.5  # O(1) gradients: unit cotangents
             e = float((gt.double().cpu() - gd).norm() / max(float(gd.norm()), floor))
-            assert e < GRAD_TOL, f"gradient of {n}: rel err {e:.3g}"
+            assert e < GRAD_TOL[dtype], f"gradient of {n}: rel err {e:.3g}"
+
+    if states and dense.causal and tri.causal:  # decode from the first token on
+        step = lambda t: {n: (x[:, t] if n in tokens else x) for n, x in dev.items()}  # noqa
+        st = None
+        for t in range(min(T, 3)):
+            try:
+                yt, st = tri.step(st, **step(t))
+            except MixerError:
+                return "refused-state"
+            for gg, w in zip(outs(yt), want):
+                assert torch.isfinite(gg).all(), f"non-finite step {t} from no state"
+                err = rel(gg, w[:, t]) if w[:, t].norm() > 1e-3 else float((gg.cpu() - w[:, t]).norm())
+                assert err < tol * 3, f"step {t} from no state: rel err {err:.3g}"
 
     if states and dense.causal and T >= 3 and tri.causal:
         t1 = r.randint(1, T - 2)
@@ -352,6 +365,38 @@ def check_case(src: str, r: random.Random, seed: int, log, grads=True, states=Tr
                 assert torch.isfinite(a).all(), f"non-finite {what}"
                 err = float((a.double().cpu() - b).norm() / (b.norm() + scale * 1e-3))
                 assert err < tol * 3, f"{what} [{lo}:{hi}] rel err {err:.3g}"
+    if states and dense.causal and tri.causal and B >= 2 and T >= 4:
+        # sequences of different lengths in one batch: separate prefills, then
+        # one state (stack_states) and steps, each sequence at its own time
+        lens = [r.randint(1, T - 3) for _ in range(B)]
+        one = lambda b, lo, hi: {n: (x[b:b + 1, lo:hi] if n in tokens else x)  # noqa: E731
+                                 for n, x in dev.items()}
+        try:
+            st = tri.stack_states([tri(**one(b, 0, lens[b]), return_state=True)[1]
+                                   for b in range(B)])
+            for j in range(2):
+                tok = {n: (torch.stack([x[b, lens[b] + j] for b in range(B)]) if n in tokens
+                           else x) for n, x in dev.items()}
+                yt, st = tri.step(st, **tok)
+                for gg, w in zip(outs(yt), want):
+                    wt = torch.stack([w[b, lens[b] + j] for b in range(B)])
+                    assert torch.isfinite(gg).all(), "non-finite step after stack_states"
+                    err = float((gg.double().cpu() - wt).norm() / (wt.norm() + 1e-3))
+                    assert err < tol * 3, f"step {j} after stack_states {lens}: rel err {err:.3g}"
+        except MixerError:
+            return "refused-stack"
+
+    if T >= 4 and B == 1:  # packed sequences (cu_seqlens): each on its own
+        cut = r.randint(1, T - 1)
+        try:
+            got = outs(tri(**dev, cu_seqlens=torch.tensor([0, cut, T])))
+        except MixerError:
+            return "refused-varlen"
+        for lo, hi in ((0, cut), (cut, T)):
+            part = {n: (x[:, lo:hi] if n in tokens else x) for n, x in rounded.items()}
+            for gg, w in zip(got, outs(dense(**part))):
+                err = float((gg[:, lo:hi].double().cpu() - w).norm() / (w.norm() + 1e-3))
+                assert err < tol * 3, f"cu_seqlens piece [{lo}:{hi}]: rel err {err:.3g}"
     return "ok-dense-term" if fallback else "ok"
 
 
@@ -379,6 +424,10 @@ def run(seed: int, cases: int, classes=CLASSES, time_limit=120, verbose=False, g
             out = "refused-late"
             lines.append(f"  {type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001
+            if "Timeout()" in str(e):  # the alarm went off inside Triton's interpreter
+                counts[cls, "timeout"] += 1
+                print(f"[{seed}:{i}] {cls} timeout", flush=True)
+                continue
             out = "fail"
             fails.append((seed, i, cls, src, lines,
                           f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-4)}"))
