@@ -60,6 +60,32 @@ def test_block_lists_are_row_major():
             assert x.is_contiguous(), (bq, bk, x.stride())
 
 
+DENSE_TERM = """mixer f {
+  dims H, D, V
+  input q : [H, D]
+  input k : [H, D]
+  input v : [H, V]
+  input u : [H]
+  let z = q @ k^T
+  out y = (decay(-softplus(u)) * (1 + z) * (s <= t)) @ v
+}
+"""
+
+
+def test_stack_states_of_a_term_on_the_dense_interpreter_is_a_mixer_error():
+    """A term the planner leaves to the dense interpreter keeps its history as a
+    dict of tensors; stack_states read `.shape` of it (AttributeError) instead
+    of saying it cannot stack that state."""
+    m = mixerc.compile(DENSE_TERM, backend="triton")
+    g = torch.Generator().manual_seed(0)
+    a = dict(q=torch.randn(2, 5, 2, 3, generator=g), k=torch.randn(2, 5, 2, 3, generator=g),
+             v=torch.randn(2, 5, 2, 4, generator=g), u=torch.randn(2, 5, 2, generator=g))
+    states = [m(**{n: x[b:b + 1, :2 + b] for n, x in a.items()}, return_state=True)[1]
+              for b in range(2)]
+    with pytest.raises(mixerc.MixerError, match="dense interpreter"):
+        m.stack_states(states)
+
+
 # ------------------------------------------------------------ seeded fuzz cases
 def test_seeded_fuzz_cases():
     """One seed's first cases of each class (forward, gradients, prefill +
