@@ -109,7 +109,8 @@ class Gen:
                               "-softplus(f) * 0.5", "-exp(A2)"])
 
     def mask(self, strict_ok=True):
-        return self.r.choice(["(s <= t)", "(s < t)" if strict_ok else "(s <= t)", None])
+        return self.r.choice(["(s <= t)", "(s < t)" if strict_ok else "(s <= t)", None,
+                              f"(0 <= t - s < {self.r.randint(2, 40)})"])
 
     def gated(self, m):
         r = self.r
@@ -354,14 +355,17 @@ def check_case(src: str, r: random.Random, seed: int, log, grads=True, states=Tr
             for t in range(t2, min(T, t2 + 6)):
                 yt, st = tri.step(st, **step(t))
                 ys.append(tuple(y[:, None] for y in outs(yt)))
+            end = min(T, t2 + 6)
+            if end < T:  # a block after decode steps (a cache appended in place)
+                y2, st = tri(**block(end, T), initial_state=st, return_state=True)
+                ys.append(outs(y2))
         except MixerError:
             return "refused-state"
-        end = min(T, t2 + 6)
         for i, w in enumerate(want):
             gcat = torch.cat([y[i] for y in ys], 1)
             scale = w.norm() / (w.numel() ** 0.5)
             for lo, hi, what in ((0, t1, "prefill"), (t1, t2, "continued block"),
-                                 (t2, end, "decode steps")):
+                                 (t2, end, "decode steps"), (end, T, "block after steps")):
                 a, b = gcat[:, lo:hi], w[:, lo:hi]
                 assert torch.isfinite(a).all(), f"non-finite {what}"
                 err = float((a.double().cpu() - b).norm() / (b.norm() + scale * 1e-3))
