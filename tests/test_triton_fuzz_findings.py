@@ -88,12 +88,12 @@ def test_stack_states_of_a_term_on_the_dense_interpreter_is_a_mixer_error():
 
 # ------------------------------------------------------------ seeded fuzz cases
 def test_seeded_fuzz_cases():
-    """One seed's first cases of each class (forward, gradients, prefill +
+    """One seed's first case of each class (forward, gradients, prefill +
     continue + decode steps) against dense; see tests/fuzz_triton.py."""
     import fuzz_triton
-    counts, fails = fuzz_triton.run(seed=1234, cases=10, time_limit=60)
+    counts, fails = fuzz_triton.run(seed=1234, cases=5, time_limit=60)
     assert not fails, "\n\n".join(f"{f[3]}{chr(10).join(f[4])}\n=> {f[5]}" for f in fails)
-    assert sum(n for (_, out), n in counts.items() if out.startswith("ok")) >= 5, counts
+    assert sum(n for (_, out), n in counts.items() if out.startswith("ok")) >= 3, counts
 
 
 def test_generator_reaches_each_class():
