@@ -255,6 +255,8 @@ def make_args(m, r: random.Random, B, T, seed):
             args[name] *= 0.6
     for name, dims in p.params.items():
         args[name] = torch.randn(*(heads[d] for d in dims), generator=g, dtype=f64) * 0.5
+    if "a" in args:  # a log-rate (`a - 1`): growth (a > 1) overflows float32, not a decay
+        args["a"] = -args["a"].abs()
     if "cap" in args:
         args["cap"] = args["cap"].abs() * 3 + 1
     if "slope" in args:
