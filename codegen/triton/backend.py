@@ -95,7 +95,8 @@ def _state_kinds(plan) -> dict:
             elif has_kernels(tp):
                 kinds[key] = "fixed"
             else:
-                kinds[key] = f"its term {key} runs on the torch backend, whose decode state " \
+                where = "the dense interpreter" if tp.strategy == "dense" else "the torch backend"
+                kinds[key] = f"its term {key} runs on {where}, whose decode state " \
                              "assumes one length for the whole batch"
     return kinds
 
@@ -116,7 +117,12 @@ def stack_states(runner, states: list):
     owner = owner_of(runner.module)
     sizes = dict(states[0].sizes)
     for x in states:
-        check_state(x, owner, sizes, next(iter(x.tensors.values())).shape[0], "a stacked state")
+        # the batch from its first tensor: a term on the dense interpreter or the
+        # torch backend keeps a dict of tensors (its history) under one key
+        first = next(iter(x.tensors.values()), None)
+        while isinstance(first, dict):
+            first = next(iter(first.values()), None)
+        check_state(x, owner, sizes, 0 if first is None else first.shape[0], "a stacked state")
         if dict(x.sizes) != sizes:
             raise MixerValueError("states made at different dim sizes cannot be stacked")
         if set(x.tensors) != set(states[0].tensors):

@@ -40,7 +40,10 @@ def _pack(visit, partial):
     width = max(1, int(counts.max())) if visit.numel() else 1
     order = torch.argsort((~visit).to(torch.int8), dim=1, stable=True)[:, :width]
     kinds = partial.gather(1, order)
-    return order.to(torch.int32), kinds.to(torch.int32), counts.to(torch.int32)
+    # row-major, as the kernels index them (row * width + i): argsort and gather
+    # keep the strides of a transposed `visit` (the per-key-block lists), and
+    # .to() keeps those of a dense tensor
+    return tuple(x.to(torch.int32).contiguous() for x in (order, kinds, counts))
 
 
 def _as4(x):
