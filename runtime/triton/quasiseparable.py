@@ -1,0 +1,166 @@
+"""A quasiseparable matrix's two scalar-decay low-rank passes (Hydra: a
+lower one, its reversed twin over the same operand) and its diagonal in two
+launches in all, instead of two per pass plus torch flips and sums.
+
+Direction 0 is the lower pass, direction 1 the upper (reversed) pass; both
+read their inputs in real time order: the reversed pass walks the chunks
+from the last and sums log-decays from each chunk's end (a suffix sum,
+total - L + a from the prefix sum L), so no tensor is ever flipped. The
+states launch runs both directions (the direction folded into the grid's
+batch-head axis); the output launch owns one chunk's [BT, BV] tile of y and
+adds both directions' contributions and d_t v_t there, writing y once.
+
+A direction's mode: 0 non-strict (s <= t), 1 strict (s < t), 2 shifted by
+one (shift(M): row t is the unshifted row t - 1, i.e. q read one row earlier
+in that direction's time, the decay exclusive of a_t, the mask strict).
+
+Forward only: the gradient goes through the per-pass adjoint path
+(ChunkedFn) today."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mx_qs_states(K, V, A, W, SC, T, H, rk, n_chunks, B,
+                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr):
+    # the state entering each chunk in its direction's order, SC [2, B, H, n, DK, DV]
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid = tl.program_id(2)
+    d = pid // (B * H)
+    b = ((pid % (B * H)) // H).to(tl.int64)
+    h = pid % H
+    Hk = H // rk
+    offs_t = tl.arange(0, BT)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    # the two directions' keys, decays and scales are stacked along a leading axis
+    k_base = K + ((d * B + b) * T * Hk + h // rk) * DK
+    a_base = A + (d * B + b) * T * H + h
+    w_base = W + (d * B + b) * T * H + h
+    v_base = V + (b * T * H + h) * DV
+    s_offs = offs_k[:, None] * DV + offs_v[None, :]
+    s_mask = k_ok[:, None] & v_ok[None, :]
+    sc_base = SC + ((d * B + b) * H + h) * n_chunks * DK * DV
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(0, n_chunks):
+        c = tl.where(d == 0, j, n_chunks - 1 - j)  # the reversed pass starts at the end
+        tl.store(sc_base + c * DK * DV + s_offs, state, mask=s_mask)
+        t = c * BT + offs_t
+        t_ok = t < T
+        k = tl.load(k_base + t[:, None] * (Hk * DK) + offs_k[None, :],
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        v = tl.load(v_base + t[:, None] * (H * DV) + offs_v[None, :],
+                    mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        if SCALED:
+            w = tl.load(w_base + t * H, mask=t_ok, other=0.0)
+        else:
+            w = tl.full([BT], 1.0, tl.float32)
+        a = tl.load(a_base + t * H, mask=t_ok, other=0.0)  # padding decays nothing
+        cs = tl.cumsum(a, 0)
+        total = tl.sum(a, 0)
+        # the decay from row s to the chunk's far end: lower pass total - L_s,
+        # upper pass L_s - a_s (the rows before s in real time)
+        rows = tl.exp(tl.where(d == 0, total - cs, cs - a)) * w
+        v = (v * rows[:, None]).to(k.dtype)
+        state = tl.dot(tl.trans(k), v, state * tl.exp(total), input_precision=PRECISION)
+
+
+@triton.jit
+def _mx_qs_output(Q, K, V, A, W, D, SC, Y, T, H, rq, rk, n_chunks, B,
+                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+                  MODE_F: tl.constexpr, MODE_B: tl.constexpr, HAS_D: tl.constexpr):
+    # one chunk's [BT, BV] tile of y: both directions and the diagonal, written once
+    pid_v = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    Hq, Hk = H // rq, H // rk
+    offs_t = tl.arange(0, BT)
+    offs_kb = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DV
+    t = c * BT + offs_t
+    t_ok = t < T
+    v = tl.load(V + (b * T * H + h) * DV + t[:, None] * (H * DV) + offs_v[None, :],
+                mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    y = tl.zeros([BT, BV], dtype=tl.float32)
+    if HAS_D:
+        dg = tl.load(D + (b * T + t) * H + h, mask=t_ok, other=0.0)
+        y = dg[:, None] * v.to(tl.float32)
+    for dd in tl.static_range(2):
+        mode = MODE_F if dd == 0 else MODE_B
+        # a shifted pass reads q one row earlier in its own time
+        tq = t - (1 if dd == 0 else -1) * (1 if mode == 2 else 0)
+        q_ok = (tq >= 0) & (tq < T)
+        q_base = Q + ((dd * B + b) * T * Hq + h // rq) * DK + tq[:, None] * (Hq * DK)
+        k_base = K + ((dd * B + b) * T * Hk + h // rk) * DK + t[:, None] * (Hk * DK)
+        s_base = SC + (((dd * B + b) * H + h) * n_chunks + c) * DK * DV + offs_v[None, :]
+        s = tl.zeros([BT, BT], dtype=tl.float32)
+        yd = tl.zeros([BT, BV], dtype=tl.float32)
+        for k0 in range(0, DK, BK):
+            offs_k = k0 + offs_kb
+            k_ok = offs_k < DK
+            q = tl.load(q_base + offs_k[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0)
+            k = tl.load(k_base + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            state = tl.load(s_base + offs_k[:, None] * DV, mask=k_ok[:, None] & v_ok[None, :],
+                            other=0.0)
+            s = tl.dot(q, tl.trans(k), s, input_precision=PRECISION)
+            yd = tl.dot(q, state.to(q.dtype), yd, input_precision=PRECISION)
+        if SCALED:
+            w = tl.load(W + (dd * B + b) * T * H + t * H + h, mask=t_ok, other=0.0)
+        else:
+            w = tl.full([BT], 1.0, tl.float32)
+        a = tl.load(A + (dd * B + b) * T * H + t * H + h, mask=t_ok, other=0.0)
+        cs = tl.cumsum(a, 0)
+        if dd == 0:
+            kc = cs  # the log-decay from the chunk's start through row s
+            pairs = offs_t[:, None] >= offs_t[None, :] + (1 if mode >= 1 else 0)
+        else:
+            kc = tl.sum(a, 0) - cs + a  # from the chunk's end back through row s
+            pairs = offs_t[None, :] >= offs_t[:, None] + (1 if mode >= 1 else 0)
+        qc = kc - a if mode == 2 else kc  # shifted: exclusive of the row's own step
+        # masked to -inf before exp: the other triangle's exponents (> 0) never exist
+        s = s * (w[None, :] * tl.exp(tl.where(pairs, qc[:, None] - kc[None, :], float("-inf"))))
+        y += yd * tl.exp(qc)[:, None]
+        y = tl.dot(s.to(v.dtype), v, y, input_precision=PRECISION)
+    tl.store(Y + (b * T * H + h) * DV + t[:, None] * (H * DV) + offs_v[None, :], y,
+             mask=t_ok[:, None] & v_ok[None, :])
+
+
+def quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, block_k=64, block_v=64,
+                          num_warps=4, num_stages=2):
+    """y [B, T, H, V] float32 = lower pass + upper pass + diag v, in one states
+    launch and one output launch. q, k: [2, B, T, G, DK] (direction 0 lower,
+    1 upper, both in real time order, at a divisor G of H); v [B, T, H, DV];
+    a, w: [2, B, T, H] log-decays and key scales (w may be None); diag:
+    [B, T, H] or None; modes: (lower, upper) each 0, 1 or 2 (module doc)."""
+    _, B, T, _, DK = q.shape
+    H, DV = v.shape[2], v.shape[3]
+    n = -(-T // chunk)
+    dtype = v.dtype
+    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
+    a = a.float().contiguous()
+    y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
+    entering = torch.empty(2, B, H, n, DK, DV, dtype=torch.float32, device=v.device)
+    meta = dict(DK=DK, DV=DV, BT=chunk, BK=min(max(16, triton.next_power_of_2(DK)), block_k),
+                BV=min(max(16, triton.next_power_of_2(DV)), block_v),
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", SCALED=w is not None)
+    w = a if w is None else w.float().contiguous()
+    rq, rk = H // q.shape[3], H // k.shape[3]
+    _mx_qs_states[(triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]), 2 * B * H)](
+        k, v, a, w, entering, T, H, rk, n, B, **meta, num_warps=num_warps,
+        num_stages=num_stages)
+    diag_ = y if diag is None else diag.float().contiguous()
+    _mx_qs_output[(triton.cdiv(DV, meta["BV"]), n, B * H)](
+        q, k, v, a, w, diag_, entering, y, T, H, rq, rk, n, B, **meta,
+        MODE_F=modes[0], MODE_B=modes[1], HAS_D=diag is not None, num_warps=num_warps,
+        num_stages=num_stages)
+    return y
