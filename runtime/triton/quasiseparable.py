@@ -23,7 +23,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _mx_qs_states(K, V, A, W, SC, T, H, rk, n_chunks, B,
+def _mx_qs_states(K, V, A, KS, SC, T, H, rk, n_chunks, B,
                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr):
     # the state entering each chunk in its direction's order, SC [2, B, H, n, DK, DV]
@@ -42,7 +42,7 @@ def _mx_qs_states(K, V, A, W, SC, T, H, rk, n_chunks, B,
     # the two directions' keys, decays and scales are stacked along a leading axis
     k_base = K + ((d * B + b) * T * Hk + h // rk) * DK
     a_base = A + (d * B + b) * T * H + h
-    w_base = W + (d * B + b) * T * H + h
+    w_base = KS + (d * B + b) * T * H + h
     v_base = V + (b * T * H + h) * DV
     s_offs = offs_k[:, None] * DV + offs_v[None, :]
     s_mask = k_ok[:, None] & v_ok[None, :]
@@ -72,7 +72,7 @@ def _mx_qs_states(K, V, A, W, SC, T, H, rk, n_chunks, B,
 
 
 @triton.jit
-def _mx_qs_output(Q, K, V, A, W, D, SC, Y, T, H, rq, rk, n_chunks, B,
+def _mx_qs_output(Q, K, V, A, KS, D, SC, Y, T, H, rq, rk, n_chunks, B,
                   DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
                   MODE_F: tl.constexpr, MODE_B: tl.constexpr, HAS_D: tl.constexpr):
@@ -89,16 +89,13 @@ def _mx_qs_output(Q, K, V, A, W, D, SC, Y, T, H, rq, rk, n_chunks, B,
     v_ok = offs_v < DV
     t = c * BT + offs_t
     t_ok = t < T
-    v = tl.load(V + (b * T * H + h) * DV + t[:, None] * (H * DV) + offs_v[None, :],
-                mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    v_ptrs = V + (b * T * H + h) * DV + t[:, None] * (H * DV) + offs_v[None, :]
     y = tl.zeros([BT, BV], dtype=tl.float32)
-    if HAS_D:
-        dg = tl.load(D + (b * T + t) * H + h, mask=t_ok, other=0.0)
-        y = dg[:, None] * v.to(tl.float32)
-    for dd in tl.static_range(2):
-        mode = MODE_F if dd == 0 else MODE_B
+    # a runtime loop, not unrolled: both passes' tiles live at once spill on sm_80
+    for dd in range(2):
+        mode = tl.where(dd == 0, MODE_F, MODE_B)
         # a shifted pass reads q one row earlier in its own time
-        tq = t - (1 if dd == 0 else -1) * (1 if mode == 2 else 0)
+        tq = t - (1 - 2 * dd) * (mode == 2).to(tl.int32)
         q_ok = (tq >= 0) & (tq < T)
         q_base = Q + ((dd * B + b) * T * Hq + h // rq) * DK + tq[:, None] * (Hq * DK)
         k_base = K + ((dd * B + b) * T * Hk + h // rk) * DK + t[:, None] * (Hk * DK)
@@ -115,33 +112,40 @@ def _mx_qs_output(Q, K, V, A, W, D, SC, Y, T, H, rq, rk, n_chunks, B,
             s = tl.dot(q, tl.trans(k), s, input_precision=PRECISION)
             yd = tl.dot(q, state.to(q.dtype), yd, input_precision=PRECISION)
         if SCALED:
-            w = tl.load(W + (dd * B + b) * T * H + t * H + h, mask=t_ok, other=0.0)
+            w = tl.load(KS + (dd * B + b) * T * H + t * H + h, mask=t_ok, other=0.0)
         else:
             w = tl.full([BT], 1.0, tl.float32)
         a = tl.load(A + (dd * B + b) * T * H + t * H + h, mask=t_ok, other=0.0)
         cs = tl.cumsum(a, 0)
-        if dd == 0:
-            kc = cs  # the log-decay from the chunk's start through row s
-            pairs = offs_t[:, None] >= offs_t[None, :] + (1 if mode >= 1 else 0)
-        else:
-            kc = tl.sum(a, 0) - cs + a  # from the chunk's end back through row s
-            pairs = offs_t[None, :] >= offs_t[:, None] + (1 if mode >= 1 else 0)
-        qc = kc - a if mode == 2 else kc  # shifted: exclusive of the row's own step
+        # the log-decay from the chunk's start through row s (lower pass), or
+        # from the chunk's end back through it (upper pass)
+        kc = tl.where(dd == 0, cs, tl.sum(a, 0) - cs + a)
+        st = (mode >= 1).to(tl.int32)
+        pairs = tl.where(dd == 0, offs_t[:, None] >= offs_t[None, :] + st,
+                         offs_t[None, :] >= offs_t[:, None] + st)
+        qc = kc - tl.where(mode == 2, a, 0.0)  # shifted: exclusive of the row's own step
         # masked to -inf before exp: the other triangle's exponents (> 0) never exist
         s = s * (w[None, :] * tl.exp(tl.where(pairs, qc[:, None] - kc[None, :], float("-inf"))))
         y += yd * tl.exp(qc)[:, None]
+        v = tl.load(v_ptrs, mask=t_ok[:, None] & v_ok[None, :], other=0.0)
         y = tl.dot(s.to(v.dtype), v, y, input_precision=PRECISION)
+    if HAS_D:
+        dg = tl.load(D + (b * T + t) * H + h, mask=t_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        y += dg[:, None] * v.to(tl.float32)
     tl.store(Y + (b * T * H + h) * DV + t[:, None] * (H * DV) + offs_v[None, :], y,
              mask=t_ok[:, None] & v_ok[None, :])
 
 
 def quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, block_k=64, block_v=64,
-                          num_warps=4, num_stages=2):
+                          num_warps=4, num_stages=2, output_warps=8):
     """y [B, T, H, V] float32 = lower pass + upper pass + diag v, in one states
     launch and one output launch. q, k: [2, B, T, G, DK] (direction 0 lower,
     1 upper, both in real time order, at a divisor G of H); v [B, T, H, DV];
     a, w: [2, B, T, H] log-decays and key scales (w may be None); diag:
-    [B, T, H] or None; modes: (lower, upper) each 0, 1 or 2 (module doc)."""
+    [B, T, H] or None; modes: (lower, upper) each 0, 1 or 2 (module doc).
+    output_warps: the output kernel's (static fitness at chunk = blocks = 64,
+    bf16: 4 warps spill on sm_90a and sm_80, 8 fit both)."""
     _, B, T, _, DK = q.shape
     H, DV = v.shape[2], v.shape[3]
     n = -(-T // chunk)
@@ -161,6 +165,6 @@ def quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, block_k=64, block_v
     diag_ = y if diag is None else diag.float().contiguous()
     _mx_qs_output[(triton.cdiv(DV, meta["BV"]), n, B * H)](
         q, k, v, a, w, diag_, entering, y, T, H, rq, rk, n, B, **meta,
-        MODE_F=modes[0], MODE_B=modes[1], HAS_D=diag is not None, num_warps=num_warps,
+        MODE_F=modes[0], MODE_B=modes[1], HAS_D=diag is not None, num_warps=output_warps,
         num_stages=num_stages)
     return y
