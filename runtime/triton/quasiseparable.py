@@ -14,12 +14,18 @@ A direction's mode: 0 non-strict (s <= t), 1 strict (s < t), 2 shifted by
 one (shift(M): row t is the unshifted row t - 1, i.e. q read one row earlier
 in that direction's time, the decay exclusive of a_t, the mask strict).
 
-Forward only: the gradient goes through the per-pass adjoint path
-(ChunkedFn) today."""
+`quasiseparable_apply` is what a generated module calls: the two launches
+when no gradient is needed; with one, today's separate passes (each the
+chunked kernels' adjoint backward, runtime/triton/chunked.py, on flipped
+copies for the upper pass) recompute the forward under autograd, so the
+gradient is theirs; float64 and empty inputs take the separate passes."""
 
 import torch
 import triton
 import triton.language as tl
+
+from mixerc.runtime.torch.tokens import shift_tokens
+from mixerc.runtime.triton.chunked import chunked_kernels_apply
 
 
 @triton.jit
@@ -168,3 +174,57 @@ def quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, block_k=64, block_v
         MODE_F=modes[0], MODE_B=modes[1], HAS_D=diag is not None, num_warps=output_warps,
         num_stages=num_stages)
     return y
+
+
+def _separate(runs, q, k, v, a, w, diag, modes, chunk, config):
+    """The passes one by one (the chunked kernels, torch flips and sums): the
+    path with a gradient, and float64's."""
+    y = None
+    for d in range(2):
+        rev = (lambda x: x.flip(1)) if d else (lambda x: x)  # noqa: E731
+        scale = {} if w is None else {"key_scale": rev(w[d])}
+        yd, _ = chunked_kernels_apply(runs[d], rev(q[d]), rev(k[d]), rev(v), rev(a[d]), None,
+                                      chunk, *config, **scale)
+        if modes[d] == 2:
+            yd, _ = shift_tokens(yd, 1, None)
+        yd = rev(yd)
+        y = yd if y is None else y + yd
+    return y if diag is None else y + diag[..., None] * v
+
+
+class _QuasiseparableFn(torch.autograd.Function):
+    """The two launches forward; the backward recomputes the separate passes
+    under autograd and takes their gradient (no adjoint of the fused
+    launches yet)."""
+
+    @staticmethod
+    def forward(ctx, runs, modes, chunk, config, q, k, v, a, w, diag):
+        ctx.save_for_backward(q, k, v, a, w, diag)
+        ctx.args = runs, modes, chunk, config
+        return quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, *config)
+
+    @staticmethod
+    def backward(ctx, dy):
+        runs, modes, chunk, config = ctx.args
+        saved = [None if x is None else x.detach().requires_grad_(x.requires_grad)
+                 for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            y = _separate(runs, *saved, modes, chunk, config)
+            wanted = [x for x in saved if x is not None and x.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, dy.to(y.dtype), allow_unused=True))
+        return (None,) * 4 + tuple(None if x is None or not x.requires_grad else next(grads)
+                                   for x in saved)
+
+
+def quasiseparable_apply(runs, q, k, v, a, w, diag, modes, chunk, *config):
+    """y [B, T, H, V] of a quasiseparable matrix's lower pass, its reversed
+    twin and its diagonal (quasiseparable_launch's arguments; runs: each
+    pass's chunked kernel function, for the separate passes). No decode
+    state: a matrix that reads the future has none."""
+    _, B, T = q.shape[:3]
+    if any(x.dtype == torch.float64 for x in (q, k, v)) or B == 0 or T == 0:
+        return _separate(runs, q, k, v, a, w, diag, modes, chunk, config)
+    tensors = [x for x in (q, k, v, a, w, diag) if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _QuasiseparableFn.apply(runs, modes, chunk, config, q, k, v, a, w, diag)
+    return quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, *config)
