@@ -162,7 +162,8 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
         assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9
 
 
-@pytest.mark.parametrize("src", PROGRAMS, ids=IDS)
+# the strict pair's gradient is the separate strict passes' (tests/test_triton_chunked.py)
+@pytest.mark.parametrize("src", [PROGRAMS[0], GROUPED, MIXED], ids=["hydra", "grouped", "mixed"])
 def test_gradients_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, T=21, seed=2)
@@ -193,3 +194,31 @@ def test_decode_is_refused(compiled):
     m = compiled("hydra")
     with pytest.raises(mixerc.MixerError):
         m(**on_device(args_of(m, T=8), torch.float32), return_state=True)
+
+
+FITNESS = """
+import json, mixerc
+from mixerc.codegen.triton import fitness
+m = mixerc.compile("hydra", backend="triton")
+out = []
+for target in ("sm_90a", "sm_80"):
+    for f in fitness.check(m._impl, {"H": 16, "N": 64, "P": 64}, target):
+        out.append(dict(target=target, kernel=f.kernel, spill=f.spill_bytes, mma=f.mma,
+                        kind=f.mma_kind, fits=f.fits, error=f.error))
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernels_fit_sm90a_and_sm80():
+    """Static fitness (no GPU: compiled for the targets) of the two launches
+    at Hydra's default config, N = P = 64, bf16: no spills, within shared
+    memory, HGMMA on sm_90a."""
+    from conftest import run_without_interpreter
+    fits = [f for f in run_without_interpreter(FITNESS, timeout=600)
+            if f["kernel"].startswith("_mx_qs_")]
+    assert {(f["target"], f["kernel"]) for f in fits} == {
+        (t, k) for t in ("sm_90a", "sm_80") for k in ("_mx_qs_states", "_mx_qs_output")}, fits
+    for f in fits:
+        assert f["fits"] and not f["error"] and f["spill"] == 0 and f["mma"] > 0, f
+        if f["target"] == "sm_90a":
+            assert f["kind"] == "HGMMA", f

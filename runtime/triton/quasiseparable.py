@@ -55,7 +55,7 @@ def _mx_qs_states(K, V, A, KS, SC, T, H, rk, n_chunks, B,
     sc_base = SC + ((d * B + b) * H + h) * n_chunks * DK * DV
     state = tl.zeros([BK, BV], dtype=tl.float32)
     for j in range(0, n_chunks):
-        c = tl.where(d == 0, j, n_chunks - 1 - j)  # the reversed pass starts at the end
+        c = j + d * (n_chunks - 1 - 2 * j)  # the reversed pass starts at the end
         tl.store(sc_base + c * DK * DV + s_offs, state, mask=s_mask)
         t = c * BT + offs_t
         t_ok = t < T
@@ -143,15 +143,18 @@ def _mx_qs_output(Q, K, V, A, KS, D, SC, Y, T, H, rq, rk, n_chunks, B,
              mask=t_ok[:, None] & v_ok[None, :])
 
 
+# the output kernel's warps (static fitness at chunk = blocks = 64, bf16: 4
+# warps spill on sm_90a and sm_80, 8 fit both); the states kernel takes the config's
+OUTPUT_WARPS = 8
+
+
 def quasiseparable_launch(q, k, v, a, w, diag, modes, chunk, block_k=64, block_v=64,
-                          num_warps=4, num_stages=2, output_warps=8):
+                          num_warps=4, num_stages=2, output_warps=OUTPUT_WARPS):
     """y [B, T, H, V] float32 = lower pass + upper pass + diag v, in one states
     launch and one output launch. q, k: [2, B, T, G, DK] (direction 0 lower,
     1 upper, both in real time order, at a divisor G of H); v [B, T, H, DV];
     a, w: [2, B, T, H] log-decays and key scales (w may be None); diag:
-    [B, T, H] or None; modes: (lower, upper) each 0, 1 or 2 (module doc).
-    output_warps: the output kernel's (static fitness at chunk = blocks = 64,
-    bf16: 4 warps spill on sm_90a and sm_80, 8 fit both)."""
+    [B, T, H] or None; modes: (lower, upper) each 0, 1 or 2 (module doc)."""
     _, B, T, _, DK = q.shape
     H, DV = v.shape[2], v.shape[3]
     n = -(-T // chunk)
