@@ -15,6 +15,7 @@ from mixerc.plan import value_dims
 from mixerc.plan.model import ModulePlan
 
 from . import terms
+from .terms import quasiseparable
 
 
 class TritonWriter(Writer):
@@ -53,11 +54,11 @@ class TritonWriter(Writer):
     def emit_matrix(self, mp):
         """A quasiseparable pair (a term, its reversed twin, a diagonal) in one
         pair of launches (terms/quasiseparable.py); anything else term by term."""
-        pair = terms.quasiseparable.pair(mp)
+        pair = quasiseparable.pair(mp)
         if pair is None:
             return super().emit_matrix(mp)
         self.line(f"# {mp.name}: {mp.info.cls}, both passes and the diagonal fused")
-        y = terms.quasiseparable.emit(mp, self, *pair)
+        y = quasiseparable.emit(mp, self, *pair)
         self.split_outputs(mp, y, [value_dims(a, mp.heads, self.groups) for a in mp.applies])
 
     def split_outputs(self, mp, y, widths):

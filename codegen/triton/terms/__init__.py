@@ -4,7 +4,7 @@ the torch backend's (codegen/torch/terms)."""
 
 from mixerc.codegen.torch import terms as torch_terms
 
-from . import chunked, flash, per_channel, poly, quasiseparable
+from . import chunked, flash, per_channel, poly
 
 BY_STRATEGY = {**torch_terms.BY_STRATEGY, "flash": flash, "chunked": chunked}
 KERNELS = frozenset({"flash", "chunked"})  # strategies with Triton kernels for some terms
