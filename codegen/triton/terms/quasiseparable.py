@@ -76,7 +76,11 @@ def emit(mp, w, lo, up, diag):
         hd = heads.get(role, mp.heads)
         if role in ("q", "k") and chunked._heads(up.operands[role], mp, g) != hd:
             hd = tuple(mp.heads)  # the passes read different groups: both at the heads
-        if role in ("q", "k"):
+        if role in ("q", "k") and not lo.operands[role].heads and not up.operands[role].heads:
+            # per token only (Hydra's B and C): [B, T, 1, K], one group that all the
+            # kernels' heads read, never a copy per head
+            read = lambda n, tail=tail, role=role: w.canon_mm(n, (), tail, hint=role)  # noqa: E731,E501
+        elif role in ("q", "k"):
             read = lambda n, hd=hd, tail=tail, role=role: w.canon_mm(n, hd, tail, hint=role)  # noqa: E731,E501
         else:
             read = lambda n, role=role: w.canon(n, mp.heads, (), hint=role)  # noqa: E731
