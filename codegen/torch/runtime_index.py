@@ -15,7 +15,7 @@ from importlib import resources
 CALL_LAYER = ("bind", "state", "call")
 TORCH_HELPERS = ("scalars", "chunks", "tokens", "attention", "tiles", "conv", "autograd")
 TRITON_HELPERS = ("flash", "cache", "recurrent", "chunked", "per_channel", "scan", "ops",
-                  "poly")
+                  "poly", "quasiseparable")
 FILES = [("mixerc.runtime", m) for m in CALL_LAYER] + \
         [("mixerc.runtime.torch", m) for m in TORCH_HELPERS] + \
         [("mixerc.runtime.triton", m) for m in TRITON_HELPERS]

@@ -12,7 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
-from .terms import has_kernels, per_channel, poly
+from .terms import has_kernels, per_channel, poly, quasiseparable
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -147,6 +147,14 @@ def stack_states(runner, states: list):
 
 
 def runs_on(tp, plan=None) -> str:
+    mp = None if plan is None else next((m for m in plan.matrices
+                                         if any(t is tp for t in m.terms)), None)
+    if mp is not None and quasiseparable.fused(tp, mp):
+        return ("Triton kernels shared with the matrix's other pass (and its diagonal): "
+                "both passes and the diagonal: one states and one output launch (the "
+                "reversed pass read in real time by index, y written once); with a "
+                "gradient the separate chunked passes recompute it and take their adjoint "
+                "backward; the torch backend's chunks for float64")
     if per_channel.handles(tp):
         algorithm = "" if plan is None else "; algorithm: " + _scan_or_chunks(tp, plan)
         return ("Triton kernels (forward: a scan of the state in registers, or chunks and "

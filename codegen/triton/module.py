@@ -11,9 +11,11 @@ from dataclasses import replace
 from mixerc import ir
 from mixerc.codegen.torch.emit import axes_of
 from mixerc.codegen.torch.module import Writer, _env
+from mixerc.plan import value_dims
 from mixerc.plan.model import ModulePlan
 
 from . import terms
+from .terms import quasiseparable
 
 
 class TritonWriter(Writer):
@@ -48,6 +50,16 @@ class TritonWriter(Writer):
             if mp.divide is node and terms.chunked.fuses_divide(mp):
                 return self.value(mp.applies[0])  # (M @ v) / (M @ 1), divided in the kernel
         return super().e_Map(node)
+
+    def emit_matrix(self, mp):
+        """A quasiseparable pair (a term, its reversed twin, a diagonal) in one
+        pair of launches (terms/quasiseparable.py); anything else term by term."""
+        pair = quasiseparable.pair(mp)
+        if pair is None:
+            return super().emit_matrix(mp)
+        self.line(f"# {mp.name}: {mp.info.cls}, both passes and the diagonal fused")
+        y = quasiseparable.emit(mp, self, *pair)
+        self.split_outputs(mp, y, [value_dims(a, mp.heads, self.groups) for a in mp.applies])
 
     def split_outputs(self, mp, y, widths):
         """A division in the kernel: y[..., :V] is the quotient, and nothing

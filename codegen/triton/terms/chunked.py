@@ -114,16 +114,7 @@ def emit(tp, mp, w, key, values):
     skip = fuses_skip(mp) and not isinstance(values, str)
     if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
         scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
-    # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
-    fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
-                          strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
-    flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
-                 key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
-                 fallback=fallback,  # `what`: who a decode error names, as a literal
-                 what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
-    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
-    fn = w.function("triton_chunked.py.jinja", base="chunked_kernel",
-                    op=f"mixerc::chunked_{digest}", **flags)
+    fn = kernel_function(tp, mp, w, ones=ones, skip=skip)
     # the kernels' dims, for compiling them without tensors (fitness.py)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(a_, mp.heads, g) for a_ in mp.applies])
     config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
@@ -134,6 +125,21 @@ def emit(tp, mp, w, key, values):
     w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config}"
            f"{scale})")
     return y
+
+
+def kernel_function(tp, mp, w, key=None, ones=False, skip=False) -> str:
+    """The rendered host function of the term's kernels (the name)."""
+    f = tp.flags
+    # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
+    fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
+                          strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
+    flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
+                 key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
+                 fallback=fallback,  # `what`: who a decode error names, as a literal
+                 what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    return w.function("triton_chunked.py.jinja", base="chunked_kernel",
+                      op=f"mixerc::chunked_{digest}", **flags)
 
 
 def space(tp):
