@@ -5,6 +5,19 @@ differentiable through torch.library's autograd registration."""
 import torch
 
 _OPS = {}  # op name -> (forward op, backward op): a module loaded twice reuses them
+_LAUNCH_OPS = {}  # op name -> op
+
+
+def launch_op(name, launch, launch_fake):
+    """The custom op `name` ("mixerc::<family>_<digest>": a digest of what
+    the kernel is rendered from) around a forward-only kernel launch, with
+    its fake (shapes only) implementation; no autograd."""
+    if name in _LAUNCH_OPS:
+        return _LAUNCH_OPS[name]
+    op = torch.library.custom_op(name, launch, mutates_args=())
+    op.register_fake(launch_fake)
+    _LAUNCH_OPS[name] = op
+    return op
 
 
 def attention_ops(name, forward, forward_fake, backward, backward_fake):

@@ -15,6 +15,8 @@ dim and token-free factors with it (Mamba's delta [B, T, E] times
 a [B, T, H, K] tensor.
 """
 
+import hashlib
+
 from mixerc import cost, ir
 from mixerc.codegen.torch.emit import axes_of
 from mixerc.codegen.torch.terms import chunked as torch_chunked
@@ -121,7 +123,10 @@ def emit(tp, mp, w, key, values):
         a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls)
-    fn = w.function("triton_scan.py.jinja", base="per_channel_scan", **flags)
+    # the custom op's name: a digest of what the kernel is rendered from
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    fn = w.function("triton_scan.py.jinja", base="per_channel_scan",
+                    op=f"mixerc::scan_{digest}", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
     scan_cost, chunks_cost = cost.gpu_per_channel_choice(tp, mp, g)
