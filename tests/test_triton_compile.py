@@ -115,3 +115,34 @@ def test_compiled_module_equals_eager_and_dense(name):
     else:
         assert ops[1] and all(op.startswith("mixerc." + short_ops) for op in ops[1]), ops
     assert rel_err(got, want) < 1e-5
+
+
+def test_per_channel_and_scan_ops_pass_opcheck():
+    """The fake implementations give the real launches' shapes, dtypes and
+    strides; the per-channel op's autograd registration is what the
+    backward op computes (torch.library.opcheck)."""
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, T, H, K, V = 1, 20, 1, 16, 16
+    # the hosts' ops: the chunked kernels' (gla's scan beside them is not called here)
+    fwd = mixerc.compile("gla", backend="triton")._impl.module.per_channel_op
+    bwd = getattr(torch.ops.mixerc, fwd._name.replace("_fwd", "_bwd"))  # its name sans "mixerc::"
+    config = (16, 16, 16, 4, 1, 16)  # chunk, sub, block_v, warps, stages, bwd_block_k
+    for state in (None, r(B, H, K, V).requires_grad_()):
+        q, k, v = (r(B, T, H, d).requires_grad_() for d in (K, K, V))
+        a = (-torch.rand(B, T, H, K, generator=g) * 0.2).requires_grad_()
+        # the autograd registration once, with a state (the module test above
+        # runs the op's autograd under AOT)
+        torch.library.opcheck(fwd, (q, k, v, a, state) + config, test_utils=(
+            "test_schema", "test_faketensor") + (() if state is None else (
+                "test_autograd_registration",)))
+        dy, d_final = r(B, T, H, V), r(B, H, K, V)
+        torch.library.opcheck(bwd, (q, k, v, a, state, dy, d_final) + config,
+                              test_utils=("test_schema", "test_faketensor"))
+    # mamba's scan multiplies its log-decay's factors (dt [B, T, H], a [H, K]) on load
+    scan = mixerc.compile("mamba", backend="triton")._impl.module.per_channel_scan_factored_op
+    q, k, v = r(B, T, 1, K), r(B, T, 1, K), r(B, T, H, 3)
+    dt, a = torch.rand(B, T, H, generator=g), -torch.rand(H, K, generator=g)
+    for state in (None, r(B, H, K, 3)):
+        torch.library.opcheck(scan, (q, k, v, dt, a, state, 16, 4),
+                              test_utils=("test_schema", "test_faketensor"))
