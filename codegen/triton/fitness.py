@@ -176,36 +176,20 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
     if target not in TARGETS:
         from mixerc.errors import MixerValueError
         raise MixerValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    import triton.language as tl
     mod = runner.module
     shapes = runner.kernel_shapes(sizes)  # host function -> (config key prefix, D, DV)
     out = []
     for function, name, kernel in kernels_of(mod):
         key, D, DV = shapes[function]
-        # a kernel (or its family) that says its own constexprs and knobs
+        # the kernel (or its family) says its own constexprs and knobs
         meta = getattr(mod, f"{name}_compile_meta", None) or \
             getattr(mod, f"{function}_compile_meta", None)
-        if meta is not None:
-            out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
-                                   target, mm_dtype, keep_asm))
+        if meta is None:
+            out.append(KernelFit(function, name, {}, error=f"no {name}_compile_meta or "
+                                 f"{function}_compile_meta in the module"))
             continue
-        chunked = "BT" in kernel.arg_names  # the chunked kernels' (states, output)
-        for cfg in _configs(mod, key, name, configs, chunked):
-            precision = "ieee" if mm_dtype == "fp32" else "tf32"
-            if chunked:  # templates/triton_chunked.py.jinja (with an initial state)
-                constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
-                              "BK": min(max(16, _pow2(D)), cfg["block_k"]),
-                              "BV": min(max(16, _pow2(DV)), cfg["block_v"]), "HAS_S0": True,
-                              # a key scale, a ones column, a skip term where they exist
-                              "SCALED": True, "ONES": True, "DIVIDE": True, "SKIP": True,
-                              "PRECISION": precision, "IDX": tl.int32}
-            else:
-                constexprs = {"D": D, "DV": DV, "BLOCK_M": cfg["block_q"],
-                              "BLOCK_N": cfg["block_k"], "BLOCK_D": max(16, _pow2(D)),
-                              "BLOCK_DV": max(16, _pow2(DV)), "PRECISION": precision,
-                              "IDX": tl.int32}
-            out.append(_fit(kernel, function, name, cfg, target, mm_dtype, keep_asm,
-                            lambda: (constexprs, cfg["num_warps"], cfg["num_stages"])))
+        out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
+                               target, mm_dtype, keep_asm))
     out += _runtime_kernels(mod, shapes, target, mm_dtype, keep_asm)
     return out
 
@@ -251,7 +235,8 @@ def _quasiseparable_kernels(mod, shapes, target, mm_dtype, keep_asm) -> list:
     for fn, (key, D, DV) in shapes.items():
         if not fn.startswith("chunked"):
             continue
-        cfg = {k: mod.DEFAULT_CONFIG[f"{key}.{k}"] for k in KNOBS["chunked"]}
+        knobs = getattr(mod, f"{fn}_compile_meta").knobs
+        cfg = {k: mod.DEFAULT_CONFIG[f"{key}.{k}"] for k in knobs}
         constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
                       "BK": min(max(16, _pow2(D)), cfg["block_k"]),
                       "BV": min(max(16, _pow2(DV)), cfg["block_v"]),
@@ -267,9 +252,10 @@ def _quasiseparable_kernels(mod, shapes, target, mm_dtype, keep_asm) -> list:
 
 def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm_dtype,
                 keep_asm) -> list:
-    """KernelFit per config of a kernel whose host code has `<function>_compile_meta(D,
-    DV, cfg, mm_dtype) -> (constexprs, num_warps, num_stages)`, with its knobs
-    (config key suffixes) in `.knobs`."""
+    """KernelFit per config of a kernel whose module has `<kernel>_compile_meta`
+    or `<function>_compile_meta`: meta(D, DV, cfg, mm_dtype) -> (constexprs,
+    num_warps, num_stages), its knobs (config key suffixes) in `.knobs`, and
+    optionally `.shown(cfg)`: the config as the table names it."""
     import itertools
     if isinstance(which, dict):
         cfgs = [{k: which[f"{key}.{k}"] for k in meta.knobs}]
@@ -278,9 +264,10 @@ def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm
     else:
         choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in meta.knobs]
         cfgs = [dict(zip(meta.knobs, c)) for c in itertools.product(*choices)]
+    shown = getattr(meta, "shown", dict)  # the config as the table shows it
     out = []
     for cfg in cfgs:
-        out.append(_fit(kernel, function, name, cfg, target, mm_dtype, keep_asm,
+        out.append(_fit(kernel, function, name, shown(cfg), target, mm_dtype, keep_asm,
                         lambda: meta(D, DV, cfg, mm_dtype)))
     return out
 
@@ -303,31 +290,6 @@ def _fit(kernel, function: str, name: str, cfg: dict, target: str, mm_dtype: str
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-KNOBS = {"fwd": ("block_q", "block_k", "num_warps", "num_stages"),
-         "bwd": ("bwd_block_q", "bwd_block_k", "bwd_warps", "bwd_stages"),
-         "chunked": ("chunk", "block_k", "block_v", "num_warps", "num_stages"),
-         "runtime": ("block_k", "block_v", "num_warps", "num_stages")}
-
-
-def _configs(mod, key: str, kernel: str, which: str, chunked: bool = False) -> list:
-    """The kernel's configs as (block_q, block_k, num_warps, num_stages)
-    dicts (the backward kernels read the bwd_* knobs), or (chunk, block_k,
-    block_v, num_warps, num_stages) for a chunked kernel."""
-    if kernel.endswith("_decode_kernel"):  # one token of up to 16 query heads per key head
-        fwd = _configs(mod, key, kernel.replace("_decode_kernel", "_fwd"), which)
-        out = [dict(c, block_q=16, num_warps=4, num_stages=2) for c in fwd]
-        return [dict(t) for t in dict.fromkeys(tuple(c.items()) for c in out)]
-    knobs = KNOBS["chunked" if chunked else "bwd" if "_bwd_" in kernel else "fwd"]
-    names = knobs if chunked else KNOBS["fwd"]
-    if isinstance(which, dict):  # one config of the module
-        return [{n: which[f"{key}.{k}"] for n, k in zip(names, knobs)}]
-    if which == "default":
-        return [{n: mod.DEFAULT_CONFIG[f"{key}.{k}"] for n, k in zip(names, knobs)}]
-    import itertools
-    choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in knobs]
-    return [dict(zip(names, c)) for c in itertools.product(*choices)]
 
 
 def roofline(runner, sizes: dict, batch: int, time: int, target: str,

@@ -2,8 +2,8 @@
 modal kernel: a log-decay per token and channel of the contracted dim,
 inside the sum over it): which path a call takes, the chunk-local
 cumulative log-decays the kernels read at any row (their exact pairwise
-decays on the diagonal sub-blocks gather them), and the autograd function
-that joins the rendered forward and backward
+decays on the diagonal sub-blocks gather them), and the custom ops whose
+autograd joins the rendered forward and backward
 (codegen/triton/templates/triton_per_channel*.py.jinja)."""
 
 import torch
@@ -26,53 +26,59 @@ def per_channel_kernels(*tensors) -> bool:
     return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
 
 
-def per_channel_apply(run, backward, q, k, v, a, state, config, bwd_block_k):
-    """run(q, k, v, a, state, *config, decode=...) -> (y, final state), with
-    backward(q, k, v, a, state, dy, d_final, *config, bwd_block_k) -> (dq,
-    dk, dv, da, d_state) as its gradient when anything needs one. Without
-    one, a few tokens may take the in-place decode kernel (run decides)."""
+def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k):
+    """run(q, k, v, a, state, *config, bwd_block_k, decode=...) -> (y, final
+    state): the rendered host, whose custom op carries the backward's
+    kernels as its gradient. Without a gradient, a few tokens may take the
+    in-place decode kernel (run decides), except while torch.compile traces
+    (it sees through the custom op only)."""
     tensors = [x for x in (q, k, v, a, state) if x is not None]
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        return run(q, k, v, a, state, *config)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
         B, _, H, K = q.shape
         y = torch.zeros(B, 0, H, v.shape[-1], dtype=torch.float32, device=q.device)
         if state is None:
             return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
         return y, state.to(torch.float32)
-    return PerChannelFn.apply(run, backward, (config, bwd_block_k), q, k, v, a,
-                              torch_state(state))
+    return run(q, k, v, a, torch_state(state) if grad else state, *config, bwd_block_k,
+               decode=not grad and not torch.compiler.is_compiling())
 
 
-class PerChannelFn(torch.autograd.Function):
-    """The rendered kernels' forward and backward. The forward keeps only its
-    inputs (the backward recomputes the chunk states); gradients come in
-    float32 and go out in each input's dtype. The backward is made of
-    kernels, so there is no double backward."""
+_PER_CHANNEL_OPS = {}  # op name -> forward op: a module loaded twice reuses it
 
-    @staticmethod
-    def forward(ctx, run, backward, configs, q, k, v, a, state):
-        y, final = run(q, k, v, a, state, *configs[0], decode=False)
-        ctx.backward_fn, ctx.configs = backward, configs
+
+def per_channel_ops(name, forward, forward_fake, backward, backward_fake):
+    """Custom ops `name`_fwd / `name`_bwd ("mixerc::per_channel_<digest>": a
+    digest of what the kernels are rendered from) with autograd:
+    forward(q, k, v, a, state, *config) -> (y, final state); backward(q, k,
+    v, a, state, dy, d_final, *the same config) -> [dq, dk, dv, da, d_state].
+    The forward keeps only its inputs (the backward recomputes the chunk
+    states). The backward is made of kernels: no double backward."""
+    if name in _PER_CHANNEL_OPS:
+        return _PER_CHANNEL_OPS[name]
+    fwd = torch.library.custom_op(name + "_fwd", forward, mutates_args=())
+    fwd.register_fake(forward_fake)
+    bwd = torch.library.custom_op(name + "_bwd", backward, mutates_args=())
+    bwd.register_fake(backward_fake)
+
+    def save(ctx, inputs, output):
+        q, k, v, a, state, *config = inputs
         ctx.save_for_backward(q, k, v, a, state)
-        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
-        return y, final
+        ctx.config = config
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, d_final):
+    def grads(ctx, dy, d_final):
         q, k, v, a, state = ctx.saved_tensors
-        config, bwd_block_k = ctx.configs
-        dq, dk, dv, da, d_state = ctx.backward_fn(q, k, v, a, state, dy, d_final, *config,
-                                                  bwd_block_k)
-        d_state = None if state is None else d_state.to(state.dtype)
-        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                da.to(a.dtype), d_state)
+        dq, dk, dv, da, d_state = bwd(q, k, v, a, state, dy, d_final, *ctx.config)
+        return (dq, dk, dv, da, None if state is None else d_state) + (None,) * len(ctx.config)
+
+    fwd.register_autograd(grads, setup_context=save)
+    _PER_CHANNEL_OPS[name] = fwd
+    return fwd
 
 
 def torch_state(state):
     """A decode state an autograd graph may keep (the torch backend's code,
-    or PerChannelFn's saved inputs): a copy when it is one the decode step
+    or the custom op's saved inputs): a copy when it is one the decode step
     updates in place, which a later step would change under the graph."""
     if state is not None and hasattr(state, "_mixerc_newest"):
         return state.clone()

@@ -51,6 +51,8 @@ def poly_coefficients(coeffs, device):
     made once per coefficients and device (read-only for the kernels): a
     repeated call copies nothing to the device."""
     padded = tuple(float(c) for c in list(coeffs) + [0.0, 0.0])[:3]
+    if torch.compiler.is_compiling():  # a constant of the traced graph (no cache to consult)
+        return torch.tensor(padded, dtype=torch.float32, device=device)
     return _coefficients(padded, torch.device(device))
 
 

@@ -5,12 +5,14 @@ space, sub-chunks with exact pairwise decays on the diagonal sub-blocks and
 rebased tensor-core dots below them, the state passed between chunks in
 registers; initial state in, final state out. Its backward
 (triton_per_channel_bwd.py.jinja) runs the adjoint state back over the
-chunks, then dq, dk and the log-decay's gradient per chunk; autograd joins
-them (runtime/triton/per_channel.py). Without gradients a call of a few
+chunks, then dq, dk and the log-decay's gradient per chunk; a custom op's
+autograd joins them (runtime/triton/per_channel.py), opaque to torch.compile. Without gradients a call of a few
 tokens is a decode step on runtime/triton/recurrent.py (state updated in
 place). float64 inputs run the torch backend's chunked code
 (codegen/torch/terms/chunked.py), which autograd differentiates.
 """
+
+import hashlib
 
 from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.plan import value_dims
@@ -54,7 +56,10 @@ def emit(tp, mp, w, key, values):
                     hint="values_mm")
     what = torch_chunked._term_name(w, mp, key)
     flags = dict(strict=f["strict"], what=what, title=mp.info.cls)
-    fn = w.function("triton_per_channel.py.jinja", base="per_channel", **flags)
+    # the custom ops' name: a digest of what the kernels are rendered from
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
+    fn = w.function("triton_per_channel.py.jinja", base="per_channel",
+                    op=f"mixerc::per_channel_{digest}", **flags)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(app, mp.heads, g) for app in mp.applies])
     read, write = w.state(key)
     knobs = ", ".join(w.config_key(key, p, tp) for p in FORWARD)
@@ -67,8 +72,7 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     w.line(f"if per_channel_kernels({q}, {k}, {vals}, {a}, {read}):  # Triton kernels")
     w.line(f"    {y}, {write} = per_channel_apply(")
-    w.line(f"        {fn}, {fn}_backward, {q}, {k}, {vals}, {a}, {read},")
-    w.line(f"        ({knobs}), {bwd_k})")
+    w.line(f"        {fn}, {q}, {k}, {vals}, {a}, {read}, ({knobs}), {bwd_k})")
     w.line("else:  # float64: the torch backend's chunked code, autograd")
     s_in = w.fresh("state_in")
     w.line(f"    {s_in} = torch_state({read})")
