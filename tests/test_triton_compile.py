@@ -32,8 +32,8 @@ FAMILIES = {
     "retnet": (dict(H=2, K=16, V=16), dict(chunk=16), "chunked_", "chunked_", "aot_eager"),
     "gla": (dict(H=2, K=16, V=16), dict(tri_chunk=32), "per_channel_", "per_channel_",
             "inductor"),
-    # the scan is forward-only: gradients run the per-channel chunks
-    "mamba": (dict(E=2, N=4), dict(tri_chunk=32, algorithm="scan"), "per_channel_", "scan_",
+    # the scan's forward and reverse-scan backward ops
+    "mamba": (dict(E=2, N=4), dict(tri_chunk=32, algorithm="scan"), "scan_", "scan_",
               "aot_eager"),
     "based": (dict(H=2, K=4, V=16), dict(block_m=16, block_n=16), "poly_", None, "aot_eager"),
 }
@@ -140,9 +140,9 @@ def test_per_channel_and_scan_ops_pass_opcheck():
         torch.library.opcheck(bwd, (q, k, v, a, state, dy, d_final) + config,
                               test_utils=("test_schema", "test_faketensor"))
     # mamba's scan multiplies its log-decay's factors (dt [B, T, H], a [H, K]) on load
-    scan = mixerc.compile("mamba", backend="triton")._impl.module.per_channel_scan_factored_op
+    scan, _ = mixerc.compile("mamba", backend="triton")._impl.module.per_channel_scan_factored_ops
     q, k, v = r(B, T, 1, K), r(B, T, 1, K), r(B, T, H, 3)
     dt, a = torch.rand(B, T, H, generator=g), -torch.rand(H, K, generator=g)
-    for state in (None, r(B, H, K, 3)):
-        torch.library.opcheck(scan, (q, k, v, dt, a, state, 16, 4),
+    for state, seg in ((None, 0), (r(B, H, K, 3), 8)):  # seg: checkpoints for a backward
+        torch.library.opcheck(scan, (q, k, v, dt, a, state, 16, 4, seg),
                               test_utils=("test_schema", "test_faketensor"))
