@@ -93,6 +93,22 @@ def bf16_dots(monkeypatch):
     monkeypatch.setattr(*bf16_dots_patch())
 
 
+def compiled_mixers(**pin):
+    """get(src, backend="triton"): each mixer compiled once (a module-scoped
+    fixture returns one getter), the Triton ones with the config knobs `pin`
+    (e.g. small blocks: several tiles on short inputs)."""
+    cache = {}
+
+    def get(src, backend="triton"):
+        if (src, backend) not in cache:
+            m = mixerc.compile(src, backend=backend)
+            if backend == "triton" and pin:
+                m._impl.pin_config(**pin)
+            cache[src, backend] = m
+        return cache[src, backend]
+    return get
+
+
 def run_without_interpreter(script: str, timeout: int):
     """Run `script` in a fresh Python without TRITON_INTERPRET (so its kernels
     compile for a GPU target, no GPU needed) and return the JSON it prints last."""

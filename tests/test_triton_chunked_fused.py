@@ -15,9 +15,8 @@ import re
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compiled_mixers, rel_err
 
-import mixerc
 from mixerc.inputs import random_inputs
 
 pytest.importorskip("triton")
@@ -122,16 +121,7 @@ ALL_CASES, ALL_IDS = CASES + NORM_CASES + SKIP_CASES, IDS + NORM_IDS + SKIP_IDS
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            m = mixerc.compile(src, backend=backend)
-            if backend == "triton":
-                m._impl.pin_config(**SMALL)
-            cache[src, backend] = m
-        return cache[src, backend]
-    return get
+    return compiled_mixers(**SMALL)
 
 
 def args_of(m, G, B=2, T=29, seed=1):

@@ -9,7 +9,7 @@ sequences of different lengths in one batch."""
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compiled_mixers, rel_err
 
 import mixerc
 from mixerc.inputs import random_inputs
@@ -28,16 +28,8 @@ CAUSAL = [p for p in FIXED[:4] + instances(softmax_program, 8, 11)
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            m = mixerc.compile(src, backend=backend)
-            if backend == "triton":  # several key blocks, hence splits, on short caches
-                m._impl.pin_config(block_k=16)
-            cache[src, backend] = m
-        return cache[src, backend]
-    return get
+    # several key blocks, hence splits, on short caches
+    return compiled_mixers(block_k=16)
 
 
 def split(m, x):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compiled_mixers, rel_err
 
 import mixerc
 from test_plan_classes import FIXED, HEAD, inputs, instances, softmax_program
@@ -28,16 +28,7 @@ SMALL = {"block_q": 32, "block_k": 16, "bwd_block_q": 16, "bwd_block_k": 32}
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            m = mixerc.compile(src, backend=backend)
-            if backend == "triton":
-                m._impl.pin_config(**SMALL)
-            cache[src, backend] = m
-        return cache[src, backend]
-    return get
+    return compiled_mixers(**SMALL)
 
 
 def on_device(args, dtype=None, mm_dtype=None):

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err, run_without_interpreter
+from conftest import compiled_mixers, rel_err, run_without_interpreter
 from reference import make_inputs
 
 import mixerc
@@ -38,15 +38,8 @@ mixer gla_strict {
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            cache[src, backend] = mixerc.compile(src, backend=backend)
-            if backend == "triton":  # these small shapes would scan (tests/test_triton_scan.py)
-                cache[src, backend]._impl.pin_config(algorithm="chunks")
-        return cache[src, backend]
-    return get
+    # these small shapes would scan (tests/test_triton_scan.py has the scan)
+    return compiled_mixers(algorithm="chunks")
 
 
 def kernel_calls(m, monkeypatch):

@@ -12,7 +12,7 @@ fails. Without a GPU the kernels run in Triton's interpreter."""
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compiled_mixers, rel_err
 
 import mixerc
 from mixerc.inputs import random_inputs
@@ -82,16 +82,7 @@ IDS = ["hydra", "grouped", "strict", "mixed"]
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            m = mixerc.compile(src, backend=backend)
-            if backend == "triton":
-                m._impl.pin_config(**SMALL)
-            cache[src, backend] = m
-        return cache[src, backend]
-    return get
+    return compiled_mixers(**SMALL)
 
 
 def args_of(m, B=2, T=37, seed=1):

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err, run_without_interpreter
+from conftest import compiled_mixers, rel_err, run_without_interpreter
 from reference import make_inputs
 
 import mixerc
@@ -59,13 +59,7 @@ mixer strict_small {
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            cache[src, backend] = mixerc.compile(src, backend=backend)
-        return cache[src, backend]
-    return get
+    return compiled_mixers()
 
 
 class Calls(list):

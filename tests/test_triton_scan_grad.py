@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import rel_err, run_without_interpreter
+from conftest import compiled_mixers, rel_err, run_without_interpreter
 from reference import make_inputs
 from test_triton_scan import GROUPED, STRICT, grouped_inputs, strict_inputs
 
@@ -30,13 +30,7 @@ f64 = torch.float64
 
 @pytest.fixture(scope="module")
 def compiled():
-    cache = {}
-
-    def get(src, backend="triton"):
-        if (src, backend) not in cache:
-            cache[src, backend] = mixerc.compile(src, backend=backend)
-        return cache[src, backend]
-    return get
+    return compiled_mixers()
 
 
 def spy_backward(m, monkeypatch) -> list:
