@@ -288,8 +288,12 @@ def test_custom_op_opcheck(compiled):
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
         args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1)
+                scale, S0, H, 16, 16, 16, 4, 1, r(H), [], False)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
+    args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
+            16, 16, 16, 4, 1, r(H), [r(H), r(B, T, H), r(H)], True)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward(compiled):

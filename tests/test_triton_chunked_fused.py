@@ -183,13 +183,18 @@ def test_generated_code_adds_the_skip_in_the_kernel(src, G, compiled):
 @pytest.mark.parametrize("src,G", CASES, ids=IDS)
 def test_generated_code_keeps_keys_at_their_groups(src, G, compiled):
     """The keys reach the kernels as given (no repeat_interleave, no scale
-    multiplied in): the scale goes to the kernel as key_scale=."""
+    multiplied in): the scale goes to the kernel as key_scale=, or the
+    kernels compute it on load from its leaves (leaves=, prologue.py)."""
     m = compiled(src)
     forward = m.source().split("\ndef forward(")[1]
     assert "repeat_interleave" not in forward, forward
     call = next(line for line in forward.splitlines() if "chunked_kernels_apply(" in line)
-    assert "key_scale=" in call, call
     kernels = m.source()
+    if "leaves=" in call:
+        assert "key_scale=" not in call, call
+        assert "w = tl.where(t_ok, " in kernels
+    else:
+        assert "key_scale=" in call, call
     assert "w = tl.load(KS + " in kernels and "w[None, :]" in kernels
 
 
@@ -268,7 +273,7 @@ def test_kernel_scale_gradient_with_initial_and_final_state(compiled):
     from mixerc.runtime.triton.chunked import chunked_kernels_apply
     mod = compiled("ssd")._impl.module
     fn = next(getattr(mod, n) for n in vars(mod)
-              if n.startswith("chunked_kernel") and n.endswith("_key_scale_skip"))
+              if n.startswith("chunked_kernel") and "_key_scale_" in n and n.endswith("_skip"))
     g = torch.Generator().manual_seed(7)
     B, T, H, K, V = 2, 35, 4, 20, 20
     r = lambda *s: torch.randn(*s, dtype=f64, generator=g)  # noqa: E731
@@ -290,14 +295,17 @@ def test_kernel_scale_gradient_with_initial_and_final_state(compiled):
 
 
 def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
-    """SSD at G = 2: q and k reach the kernels' op at 2 heads, the scale at 4."""
+    """SSD at G = 2: q and k reach the kernels' op at 2 heads; the scale is
+    computed on load from dt at 4 heads (no key_scale tensor)."""
     m = compiled("ssd")
     mod = m._impl.module
     op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        seen.append((q.shape[2], k.shape[2], v.shape[2], key_scale.shape[2]))
+        leaves, mapped = rest[-2:]
+        assert key_scale is None and a is None and mapped
+        seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)
     m(**on_device(args_of(m, 2, T=40), torch.float32))

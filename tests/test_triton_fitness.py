@@ -94,15 +94,15 @@ def test_chunked_kernels_fit_sm90a_and_sm80(report):
     tensor cores."""
     fits = report["chunked"]
     assert len(fits) == 4 * 2 * 3  # mixers x targets x (states, output, decode step)
-    # linear attention's normalizer, SSD's key scale and skip term computed in the kernels
-    assert {f["kernel"] for f in fits} == {"chunked_kernel_ones_states", "chunked_kernel_ones_fwd",
-                                           "chunked_kernel_has_decay_states",
-                                           "chunked_kernel_has_decay_fwd",
-                                           "chunked_kernel_has_decay_key_scale_skip_states",
-                                           "chunked_kernel_has_decay_key_scale_skip_fwd",
-                                           "chunked_kernel_has_decay_key_scale_ones_states",
-                                           "chunked_kernel_has_decay_key_scale_ones_fwd",
-                                           "_mx_recurrent_step"}
+    # linear attention's normalizer, SSD's key scale and skip term computed in
+    # the kernels, and the maps before them (feature maps, decays, scales: MAP)
+    assert {f["kernel"] for f in fits} == {
+        "chunked_kernel_maps_ones_states", "chunked_kernel_maps_ones_fwd",
+        "chunked_kernel_has_decay_maps_states", "chunked_kernel_has_decay_maps_fwd",
+        "chunked_kernel_has_decay_key_scale_maps_skip_states",
+        "chunked_kernel_has_decay_key_scale_maps_skip_fwd",
+        "chunked_kernel_has_decay_key_scale_maps_ones_states",
+        "chunked_kernel_has_decay_key_scale_maps_ones_fwd", "_mx_recurrent_step"}
     for f in fits:
         where = f"{f['mixer']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]

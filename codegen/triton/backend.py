@@ -12,6 +12,7 @@ from mixerc import plan as planner
 from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
+from . import prologue
 from .terms import has_kernels, per_channel, poly, quasiseparable
 
 DTYPES = {**TORCH_DTYPES,
@@ -171,11 +172,15 @@ def runs_on(tp, plan=None) -> str:
                 "backend's chunked feature map; decode steps: the torch backend's "
                 "feature-state recurrence")
     if has_kernels(tp) and tp.strategy == "chunked":
+        pro = None if mp is None else prologue.of(tp, mp.heads)
+        maps = "" if pro is None or not pro.any else (
+            "; computed by the kernels as they load (never written to HBM; the backward "
+            "recomputes them): " + pro.describe())
         return ("two Triton kernels (the chunk states in order, then every chunk's output in "
                 "parallel; backward: three more runs on the adjoint problems; prefill through "
                 "them; a decode step (up to 16 tokens, no gradient) one recurrence kernel that "
                 "updates the state in place); q, k, v in the inputs' dtype into tensor-core "
-                "dots, decays, states and output in float32")
+                "dots, decays, states and output in float32" + maps)
     if has_kernels(tp):
         return ("Triton kernels (forward; backward dQ and dK/dV; a split-K decode step that "
                 "appends to the KV cache in place)")

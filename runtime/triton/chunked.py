@@ -13,6 +13,8 @@ takes what the kernels compute on load (a key scale, a normalizer's ones
 column and its division, a skip term): see ChunkedFn; the paths without the
 output kernel (decode steps, float64) apply them in torch here."""
 
+from types import SimpleNamespace
+
 import torch
 
 from mixerc.runtime.torch.autograd import ChunkedFn, chunk_heads
@@ -67,14 +69,17 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
 
 
 def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None,
-                          ones_column=False, skip=None, divide=False):
+                          ones_column=False, skip=None, divide=False, leaves=None):
     """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
     -> (y, final state[, entering states]), with the adjoint backward when
     anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
     keys k [B, T, G, K] per token and head (scaled on load, never stored).
     ones_column: the values are [v, 1] (a normalizer), the ones added by the
     kernels (y and the states have V + 1 columns). skip: None, or d [H]: y
-    gets d_h v_t added (a skip term, added in the output kernel's epilogue)."""
+    gets d_h v_t added (a skip term, added in the output kernel's epilogue).
+    leaves: None, or the inputs of the maps the kernels compute on load
+    (run.prologue, codegen/triton/prologue.py); q and k are then the maps'
+    inputs, and a or key_scale None where a map computes them."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
     if ones_column:
         scaled["ones_column"] = True
@@ -85,14 +90,74 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
 
     def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
-    tensors = [x for x in (q, k, v, a, state, key_scale, skip) if x is not None]
+    tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
+               if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        if leaves is not None:
+            if not torch.compiler.is_compiling():
+                return MappedChunkedFn.apply(fwd, run.prologue, chunk, ones_column, divide, q, k,
+                                             v, a, state, key_scale, skip, *leaves)
+            # traced: the maps as torch ops before the kernels (inductor fuses them)
+            q, k, a, key_scale = run.prologue(q, k, a, key_scale, leaves, _heads(v, leaves))
         return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column, skip,
                                divide)
+    if leaves is not None:
+        scaled["leaves"] = leaves
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
                decode=not torch.compiler.is_compiling(), **scaled)
+
+
+def _heads(v, leaves):
+    """The matrix's heads H: the values' or the maps' leaves' (v may sit at groups)."""
+    return max([v.shape[2]] + [x.shape[-1] for x in leaves])
+
+
+class MappedChunkedFn(torch.autograd.Function):
+    """ChunkedFn for kernels that compute maps on load (feature maps of q and
+    k, the log-decay and the key scale from their leaves): the forward runs
+    them on the maps' inputs and stores nothing mapped; the backward
+    recomputes the maps by torch ops (`prologue`), runs ChunkedFn's adjoint
+    backward on the mapped tensors and takes the maps' gradients by autograd."""
+
+    @staticmethod
+    def forward(ctx, fwd, prologue, chunk, ones, divide, q, k, v, a, state, w, d, *leaves):
+        extra = dict(leaves=list(leaves), **({} if w is None else {"key_scale": w}),
+                     **({"ones_column": True} if ones else {}),
+                     **({} if d is None else {"skip": d}), **({"divide": True} if divide else {}))
+        y, final = fwd(q, k, v, a, state, chunk, **extra)
+        ctx.fwd, ctx.prologue, ctx.chunk, ctx.ones = fwd, prologue, chunk, ones
+        ctx.save_for_backward(q, k, v, a, state, w, d, final, y if divide else None, *leaves)
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dS):
+        q, k, v, a, S0, w, d, final, quotient, *leaves = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        raw = [q, k, a, w, *leaves]
+        raw_needs = [needs[5], needs[6], needs[8], needs[10], *needs[12:]]
+        with torch.enable_grad():
+            inputs = [None if x is None else x.detach().requires_grad_(n)
+                      for x, n in zip(raw, raw_needs)]
+            mapped = ctx.prologue(*inputs[:4], inputs[4:], final.shape[1])
+        need = [m is not None and m.requires_grad for m in mapped]
+        plain = [None if m is None else m.detach() for m in mapped]
+        inner = SimpleNamespace(  # ChunkedFn's context, on the mapped tensors
+            saved_tensors=(plain[0], plain[1], v, plain[2], S0, final, plain[3], d, quotient),
+            fwd=ctx.fwd, chunk=ctx.chunk, ones=ctx.ones,
+            needs_input_grad=(False, False, need[0], need[1], needs[7], need[2], needs[9],
+                              need[3], False, needs[11], False))
+        g = ChunkedFn.backward(inner, dy, dS)
+        outs = [(m, gm) for m, gm, n in zip(mapped, (g[2], g[3], g[5], g[7]), need)
+                if n and gm is not None]
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        found = torch.autograd.grad([m for m, _ in outs], wanted, [gm for _, gm in outs],
+                                    allow_unused=True) if outs and wanted else [None] * len(wanted)
+        by_input = dict(zip(map(id, wanted), found))
+        gq, gk, ga, gw, *gleaves = (None if x is None else by_input.get(id(x)) for x in inputs)
+        return (None,) * 5 + (gq, gk, g[4], ga, g[6], gw, g[9]) + tuple(gleaves)
 
 
 def divided(out, divide):

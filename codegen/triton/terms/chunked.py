@@ -11,7 +11,9 @@ group of heads).
 Computed in the kernels instead of read from HBM (the plan says where): a key
 scale per token and head (operand k_scale: SSD's delta, keys left at their
 groups), the ones column of a normalizer M @ 1 (MatrixPlan.normalizer; with
-MatrixPlan.divide the division too) and a skip term d * u (MatrixPlan.skip).
+MatrixPlan.divide the division too), a skip term d * u (MatrixPlan.skip), and
+the elementwise maps before them (prologue.py: feature maps of q and k, the
+log-decay and the key scale from their per-token and per-head leaves).
 
 A decay inside the contraction (GLA, Mamba-1, H3's modal kernel) goes to
 terms/scan.py (a scan or per_channel.py's chunks, per call); a polynomial of degree
@@ -21,6 +23,7 @@ terms/scan.py (a scan or per_channel.py's chunks, per call); a polynomial of deg
 import hashlib
 
 from mixerc.codegen.torch.terms import chunked as torch_chunked
+from mixerc.codegen.triton import prologue
 from mixerc.codegen.triton.terms import poly, scan
 from mixerc.plan import value_dims
 
@@ -85,8 +88,12 @@ def emit(tp, mp, w, key, values):
     f = tp.flags
     dim = f["dim"]
     g = w.program.groups
-    q = w.canon_mm(tp.operands["q"].node, _heads(tp.operands["q"], mp, g), (dim,), hint="q")
-    k = w.canon_mm(tp.operands["k"].node, _heads(tp.operands["k"], mp, g), (dim,), hint="k")
+    pro = prologue.of(tp, mp.heads)  # what the kernels compute on load
+    # a feature-mapped q or k: the kernels read the map's input
+    qn = pro.q.leaves[0] if pro.q else tp.operands["q"].node
+    kn = pro.k.leaves[0] if pro.k else tp.operands["k"].node
+    q = w.canon_mm(qn, _heads(tp.operands["q"], mp, g), (dim,), hint="q")
+    k = w.canon_mm(kn, _heads(tp.operands["k"], mp, g), (dim,), hint="k")
     ones = False
     if isinstance(values, str):  # built by the writer (gates or wrappers applied)
         v = w.assign(f"{values}.to(MM_DTYPE)", hint="values")
@@ -101,12 +108,16 @@ def emit(tp, mp, w, key, values):
         v = w.assign(parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], -1)",
                      hint="values")
     a = "None"
-    if f["has_decay"]:
+    if f["has_decay"] and not pro.a:
         a = w.canon(tp.operands["log_decay"].node, mp.heads, (), hint="log_decay")
     scale = ""
-    if "k_scale" in tp.operands:  # k = scale * key at fewer heads: scaled on load
+    if "k_scale" in tp.operands and not pro.w:  # k = scale * key at fewer heads: scaled on load
         ks = w.canon(tp.operands["k_scale"].node, mp.heads, (), hint="key_scale")
         scale = f", key_scale={ks}"
+    if pro.any:  # the maps' leaves: per token [b, t, H], per head [H]
+        leaves = [w.canon(x, mp.heads, (), hint=x.name) if kind == "token" else
+                  w.per_head(x, mp.heads, hint=x.name) for x, kind in zip(pro.leaves, pro.kinds)]
+        scale += f", leaves=[{', '.join(leaves)}]"
     if ones:
         scale += ", ones_column=True"
         if fuses_divide(mp):  # y[..., :V] / y[..., V] in the output kernel's epilogue
@@ -114,7 +125,7 @@ def emit(tp, mp, w, key, values):
     skip = fuses_skip(mp) and not isinstance(values, str)
     if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
         scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
-    fn = kernel_function(tp, mp, w, ones=ones, skip=skip)
+    fn = kernel_function(tp, mp, w, ones=ones, skip=skip, pro=pro)
     # the kernels' dims, for compiling them without tensors (fitness.py)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(a_, mp.heads, g) for a_ in mp.applies])
     config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
@@ -127,15 +138,18 @@ def emit(tp, mp, w, key, values):
     return y
 
 
-def kernel_function(tp, mp, w, key=None, ones=False, skip=False) -> str:
-    """The rendered host function of the term's kernels (the name)."""
+def kernel_function(tp, mp, w, key=None, ones=False, skip=False, pro=None) -> str:
+    """The rendered host function of the term's kernels (the name); pro:
+    the maps they compute on load (none by default)."""
+    pro = pro or prologue.Prologue()
     f = tp.flags
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
     fallback = w.function("chunked.py.jinja", base="chunked", per_channel=False,
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
                  key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
-                 fallback=fallback,  # `what`: who a decode error names, as a literal
+                 fallback=fallback, maps=pro.any, **pro.flags(),
+                 # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     return w.function("triton_chunked.py.jinja", base="chunked_kernel",

@@ -1,0 +1,171 @@
+"""The elementwise math a chunked kernel computes on load (the plan's
+prologues): a feature map of q or k (linear attention's elu(q) + 1), and
+the log-decay and key scale from per-token and per-head values (SSD's
+-exp(A_log) * softplus(dt + dt_bias) and softplus(dt + dt_bias), RetNet's
+per-head log_gamma), so none of them is written to HBM before the kernels.
+
+Each map is rendered twice from the same IR: as a Triton expression for the
+kernels and as a torch expression for the paths that run without them (a
+decode step, float64, the backward's recomputation). What is not a map of
+this shape stays the torch backend's code before the kernel.
+
+Leaves inside the kernels' expressions: `x` (the q or k tile in float32) for
+a feature map; `l0`, `l1`, ... (per-token [BT] or per-head scalars, float32)
+for the log-decay and the key scale."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from mixerc import ir
+from mixerc.codegen.torch.emit import BINARY as TORCH_BINARY
+from mixerc.codegen.torch.emit import UNARY as TORCH_UNARY
+from mixerc.codegen.names import literal
+from mixerc.codegen.torch.emit import axes_of, fold, number_kind
+from mixerc.codegen.triton.tiles import BINARY, UNARY, triton_literal
+
+# the ops a map may use: smooth elementwise math (no comparisons or masks)
+OPS = {"neg", "exp", "log", "sqrt", "softplus", "sigmoid", "silu", "elu", "relu", "tanh",
+       "abs", "logsigmoid", "add", "sub", "mul", "div"}
+
+
+@dataclass
+class Map:
+    """One operand as an expression of leaves: `triton` and `torch` source
+    over the names of `leaves` (ir nodes, in order)."""
+
+    triton: str
+    torch: str
+    leaves: list = field(default_factory=list)
+
+
+@dataclass
+class Prologue:
+    """The maps of one chunked term (None: the operand is read as given)."""
+
+    q: Map | None = None
+    k: Map | None = None
+    a: Map | None = None        # the log-decay per token and head
+    w: Map | None = None        # the keys' scale per token and head
+    leaves: list = field(default_factory=list)  # the scalar maps' leaves (l0, l1, ...)
+    kinds: list = field(default_factory=list)   # per leaf: "token" [B, T, H] or "head" [H]
+
+    @property
+    def any(self) -> bool:
+        return any(m is not None for m in (self.q, self.k, self.a, self.w))
+
+    def describe(self) -> str:
+        """The maps in words, for explain: `q = F.elu(q) + 1.0`, ..."""
+        names = {f"l{i}": x.name for i, x in enumerate(self.leaves)}
+        out = []
+        for role, label in (("q", "q"), ("k", "k"), ("a", "log_decay"), ("w", "k_scale")):
+            m = getattr(self, role)
+            if m is not None:
+                leaf = {"x": m.leaves[0].name} if role in "qk" else names
+                text = re.sub(r"\b(x|l\d+)\b", lambda g: leaf.get(g[1], g[1]), m.torch)
+                out.append(f"{label} = {text}")
+        return "; ".join(out)
+
+    def flags(self) -> dict:
+        """What the kernels' template renders from."""
+        out = {}
+        for role in ("q", "k", "a", "w"):
+            m = getattr(self, role)
+            out[f"{role}_map"] = None if m is None else (m.triton, m.torch)
+        out["leaf_kinds"] = tuple(self.kinds)
+        out["leaf_names"] = tuple(x.name for x in self.leaves)
+        return out
+
+
+def of(tp, heads: tuple) -> Prologue:
+    """The maps of a chunked term at the matrix's `heads` (one head dim)."""
+    pro = Prologue()
+    memo: dict = {}
+    for role in ("q", "k"):
+        op = tp.operands.get(role)
+        if op is not None and not isinstance(op.node, ir.Input):
+            leaf = _single_leaf(op.node, memo)
+            if leaf is not None and axes_of(leaf) == axes_of(op.node):
+                m = _render(op.node, lambda n, leaf=leaf: "x" if n is leaf else None, memo)
+                if m is not None:
+                    setattr(pro, role, Map(*m, [leaf]))
+    if len(heads) != 1:
+        return pro
+    for role, operand in (("a", "log_decay"), ("w", "k_scale")):
+        op = tp.operands.get(operand)
+        if op is None or isinstance(op.node, ir.Input):  # a token input is read as given
+            continue
+        found = _scalar_leaves(op.node, heads, memo)
+        if found is None:
+            continue
+        for leaf, kind in found:
+            if all(leaf is not x for x in pro.leaves):
+                pro.leaves.append(leaf)
+                pro.kinds.append(kind)
+        names = {id(x): f"l{i}" for i, x in enumerate(pro.leaves)}
+        m = _render(op.node, lambda n: names.get(id(n)), memo)
+        if m is not None:
+            setattr(pro, role, Map(*m, [x for x, _ in found]))
+    return pro
+
+
+def _single_leaf(node, memo):
+    """The one token input an elementwise expression reads (constants aside)."""
+    leaves = [n for n in _leaves(node, memo)]
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], ir.Input) else None
+
+
+def _scalar_leaves(node, heads, memo) -> list | None:
+    """[(leaf, kind)] of an expression of per-token values at exactly the
+    heads ("token") and per-head statics ("head"), else None."""
+    out = []
+    for n in _leaves(node, memo):
+        if not isinstance(n, (ir.Input, ir.Param)):
+            return None
+        axes = axes_of(n)
+        if axes == ("b", "t") + tuple(heads):
+            out.append((n, "token"))
+        elif axes == tuple(heads):
+            out.append((n, "head"))
+        else:
+            return None
+    return out
+
+
+def _leaves(node, memo) -> list:
+    """The non-constant leaves below the elementwise maps, each once; a
+    non-map inner node is a leaf too (the renderers then refuse it)."""
+    out, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or number_kind(n, memo) == "const":
+            continue
+        seen.add(id(n))
+        if isinstance(n, ir.Map):
+            stack.extend(reversed(n.args))
+        else:
+            out.append(n)
+    return out
+
+
+def _render(node, leaf_name, memo) -> tuple | None:
+    """(triton, torch) source of an elementwise expression, or None where it
+    uses an op or a leaf a kernel cannot compute on load."""
+    def go(n):
+        if number_kind(n, memo) == "const":
+            v = fold(n)
+            return None if isinstance(v, bool) else (triton_literal(v), literal(v))
+        name = leaf_name(n)
+        if name is not None:
+            return name, name
+        if not isinstance(n, ir.Map) or n.op not in OPS or n.type.boolean:
+            return None
+        args = [go(a) for a in n.args]
+        if None in args:
+            return None
+        if len(args) == 1:
+            return UNARY[n.op].format(x=args[0][0]), TORCH_UNARY[n.op].format(x=args[0][1])
+        (ta, pa), (tb, pb) = args
+        return BINARY[n.op].format(a=ta, b=tb), TORCH_BINARY[n.op].format(a=pa, b=pb)
+    return go(node)
