@@ -1,6 +1,7 @@
 """Quasiseparable matrices (Hydra: a lower semiseparable pass, its reversed
 twin, a diagonal) on the Triton backend in one states launch and one output
-launch (codegen/triton/terms/quasiseparable.py, runtime/triton/quasiseparable.py)
+launch (codegen/triton/terms/quasiseparable.py rendering
+templates/triton_quasiseparable.py.jinja; runtime/triton/quasiseparable.py)
 against the dense interpreter: Hydra and hand-written pairs (different
 decays per direction, q and k at group heads or shared, with and without the
 diagonal, strict, non-strict and shifted passes), forward in float32
@@ -123,7 +124,8 @@ def test_one_launch_per_kernel_kind_for_both_passes(src, compiled, monkeypatch):
     launches = Launches(monkeypatch)
     with torch.no_grad():
         m(**on_device(args_of(m, T=40), torch.float32))
-    assert sorted(launches.seen) == ["_mx_qs_output", "_mx_qs_states"], launches.seen
+    assert sorted(launches.seen) == ["quasiseparable_kernel_fwd",
+                                     "quasiseparable_kernel_states"], launches.seen
 
 
 def test_other_pairs_keep_one_call_per_pass(compiled):
@@ -206,9 +208,10 @@ def test_fused_kernels_fit_sm90a_and_sm80():
     memory, HGMMA on sm_90a."""
     from conftest import run_without_interpreter
     fits = [f for f in run_without_interpreter(FITNESS, timeout=600)
-            if f["kernel"].startswith("_mx_qs_")]
+            if f["kernel"].startswith("quasiseparable_kernel_")]
     assert {(f["target"], f["kernel"]) for f in fits} == {
-        (t, k) for t in ("sm_90a", "sm_80") for k in ("_mx_qs_states", "_mx_qs_output")}, fits
+        (t, f"quasiseparable_kernel_{k}") for t in ("sm_90a", "sm_80")
+        for k in ("states", "fwd")}, fits
     for f in fits:
         assert f["fits"] and not f["error"] and f["spill"] == 0 and f["mma"] > 0, f
         if f["target"] == "sm_90a":

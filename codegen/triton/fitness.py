@@ -221,32 +221,6 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
             constexprs = {"BLOCK_M": 16, "DV": cfg["block_v"]}
         out.append(_fit(kernel, host, kernel.fn.__name__, cfg, target, mm_dtype, keep_asm,
                         lambda: (constexprs, cfg["num_warps"], 1)))
-    if "quasiseparable_apply" in vars(mod):
-        out += _quasiseparable_kernels(mod, shapes, target, mm_dtype, keep_asm)
-    return out
-
-
-def _quasiseparable_kernels(mod, shapes, target, mm_dtype, keep_asm) -> list:
-    """A quasiseparable pair's two launches (runtime/triton/quasiseparable.py)
-    at the first pass's chunked config, shifted passes, a key scale and a
-    diagonal (the most each kernel computes)."""
-    from mixerc.runtime.triton import quasiseparable as qs
-    out = []
-    for fn, (key, D, DV) in shapes.items():
-        if not fn.startswith("chunked"):
-            continue
-        knobs = getattr(mod, f"{fn}_compile_meta").knobs
-        cfg = {k: mod.DEFAULT_CONFIG[f"{key}.{k}"] for k in knobs}
-        constexprs = {"DK": D, "DV": DV, "BT": cfg["chunk"],
-                      "BK": min(max(16, _pow2(D)), cfg["block_k"]),
-                      "BV": min(max(16, _pow2(DV)), cfg["block_v"]),
-                      "PRECISION": "ieee" if mm_dtype == "fp32" else "tf32", "SCALED": True,
-                      "MODE_F": 2, "MODE_B": 2, "HAS_D": True}
-        for kernel, warps in ((qs._mx_qs_states, cfg["num_warps"]),
-                              (qs._mx_qs_output, qs.OUTPUT_WARPS)):
-            out.append(_fit(kernel, "quasiseparable_apply", kernel.fn.__name__, cfg, target,
-                            mm_dtype, keep_asm,
-                            lambda warps=warps: (constexprs, warps, cfg["num_stages"])))
     return out
 
 

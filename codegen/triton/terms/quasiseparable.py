@@ -1,12 +1,14 @@
-"""A quasiseparable matrix as one pair of launches (runtime/triton/quasiseparable.py):
-a chunked scalar-decay term, its reversed twin over the same matrix and
-application (rev(...) outermost), and at most one diagonal term, computed
-together: one states launch for both directions and one output launch that
-adds both passes and d * u and writes y once. Recognized by the terms'
-shapes, never a mixer's name; anything else keeps one chunked call per term
+"""A quasiseparable matrix as one pair of launches
+(templates/triton_quasiseparable.py.jinja, called through
+runtime/triton/quasiseparable.py's quasiseparable_apply): a chunked
+scalar-decay term, its reversed twin over the same matrix and application
+(rev(...) outermost), and at most one diagonal term, computed together: one
+states launch for both directions and one output launch that adds both
+passes and d * u and writes y once. Recognized by the terms' shapes, never a
+mixer's name; anything else keeps one chunked call per term
 (terms/chunked.py) with torch flips and sums.
 
-A pass's mode (the runtime's): 0 non-strict, 1 strict, 2 shifted by one
+A pass's mode (the template's): 0 non-strict, 1 strict, 2 shifted by one
 (shift(M), non-strict inside). Both passes take the first term's config."""
 
 from mixerc import ir
@@ -96,16 +98,19 @@ def emit(mp, w, lo, up, diag):
         d = w.assign(f"torch.broadcast_to({dn}, (batch, time, {w.size_expr(mp.heads)}))",
                      hint="diag")
     runs = [chunked.kernel_function(tp, mp, w, key=None) for tp in (lo, up)]
+    fn = w.function("triton_quasiseparable.py.jinja", base="quasiseparable_kernel")
     key = f"{mp.key}.term{lo.index}"
-    w.kernel_dims[runs[0]] = (key, (dim,), [vd])
+    # the kernels' dims, for compiling them without tensors (fitness.py)
+    for name in (runs[0], fn):
+        w.kernel_dims[name] = (key, (dim,), [vd])
     config = ", ".join(w.config_key(key, p, lo) for p in ("chunk", "block_k", "block_v",
                                                           "num_warps", "num_stages"))
     w.constraints.extend(chunked.constraints(lo, key))
     modes = (_mode(lo, False), _mode(up, True))
     y = w.fresh("y")
-    w.line("# both passes and the diagonal: one states and one output launch "
-           "(runtime/triton/quasiseparable.py)")
-    w.line(f"{y} = quasiseparable_apply(({runs[0]}, {runs[1]}), {stacked['q']}, "
+    w.line(f"# both passes and the diagonal: one states and one output launch ({fn}; "
+           "with a gradient the separate passes)")
+    w.line(f"{y} = quasiseparable_apply({fn}, ({runs[0]}, {runs[1]}), {stacked['q']}, "
            f"{stacked['k']}, {v}, {stacked['log_decay']}, {stacked.get('k_scale', 'None')}, "
            f"{d}, {modes}, {config})")
     return y
