@@ -1,6 +1,6 @@
 """The per-channel decay kernels' backward (GLA, Mamba-1, H3's modal kernel:
 templates/triton_per_channel_bwd.py.jinja, joined by runtime/triton/
-per_channel.py: per_channel_ops) against the dense interpreter in float64:
+per_channel.py: per_channel_op_grads) against the dense interpreter in float64:
 gradients of every input and param (the prologue's params through torch
 autograd around the kernels) in float32 (< 1e-4 relative), float16 and
 bfloat16 (looser; bf16 through the test-only dot patch); T not a multiple

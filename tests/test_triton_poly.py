@@ -111,14 +111,14 @@ def kernel_launches(m, monkeypatch):
     """The poly kernels' launches (names, in order) while the test runs: the
     kernels are patched in the module whose functions the custom op calls."""
     launches = []
-    op = next(n for n in vars(m._impl.module) if n.endswith("_op") and n.startswith("poly"))
-    for name, (_, forward, _) in poly_runtime._POLY_OPS.items():
-        g = forward.__globals__
-        if g.get(op) is not vars(m._impl.module)[op]:
-            continue
-        for kernel in (n for n in list(g) if n.startswith("poly_kernel") and
-                       n.endswith(("_fwd", "_bwd_dq", "_bwd_dkv"))):
-            monkeypatch.setitem(g, kernel, _Spy(g[kernel], kernel, launches))
+    op = next(v for n, v in vars(m._impl.module).items()
+              if n.endswith("_op") and n.startswith("poly"))
+    # the forward the op was registered with (a module loaded twice reuses the
+    # first one's op: runtime/triton/ops.py), and the module it reads its kernels from
+    g = op._init_fn.__globals__
+    for kernel in (n for n in list(g) if n.startswith("poly_kernel") and
+                   n.endswith(("_fwd", "_bwd_dq", "_bwd_dkv"))):
+        monkeypatch.setitem(g, kernel, _Spy(g[kernel], kernel, launches))
     return launches
 
 

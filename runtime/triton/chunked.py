@@ -1,6 +1,7 @@
-"""Chunked scalar-decay kernels' helpers: the custom op registration, the
-torch step that decodes one token, and the apply that differentiates
-through runtime/torch/autograd.py's adjoint backward.
+"""Chunked scalar-decay kernels' helpers: the torch step that decodes one
+token, and the apply that differentiates the kernels' custom op (no
+autograd of its own, runtime/triton/ops.py custom_op) through
+runtime/torch/autograd.py's adjoint backward.
 
 The rendered kernels (codegen/triton/templates/triton_chunked.py.jinja) are
 a forward with an initial state in and the final state and the state
@@ -18,21 +19,6 @@ from types import SimpleNamespace
 import torch
 
 from mixerc.runtime.torch.autograd import ChunkedFn, chunk_heads
-
-_CHUNKED_OPS = {}  # op name -> op: a module loaded twice reuses it
-
-
-def chunked_op(name, launch, launch_fake):
-    """The custom op `name` ("mixerc::chunked_<digest>") around a kernel
-    launch, with its fake (shapes only) implementation. No autograd of its
-    own: `chunked_kernels_apply` differentiates through more launches."""
-    if name in _CHUNKED_OPS:
-        return _CHUNKED_OPS[name]
-    op = torch.library.custom_op(name, launch, mutates_args=())
-    op.register_fake(launch_fake)
-    _CHUNKED_OPS[name] = op
-    return op
-
 
 def chunk_dots_dtype(*xs):
     """The dots' operand dtype: the narrowest of the operands' (a float32

@@ -1,5 +1,7 @@
 """Softmax (flash) kernels' helpers: the device functions the rendered score
-modifications call, and the block lists that drive block skipping.
+modifications call, the block lists that drive block skipping, and how the
+forward op's autograd calls the backward op (attention_op_grads, registered
+by runtime/triton/ops.py custom_op_pair).
 
 Block lists: for every query block, the key blocks its kernel visits and, per
 block, whether the mask must be evaluated pair by pair (partial: the block
@@ -125,3 +127,10 @@ def _mx_tile(ptrs, row_ok, offs_col, n_cols: tl.constexpr, BLOCK_COLS: tl.conste
     else:
         return tl.load(ptrs, mask=row_ok[:, None] & (offs_col[None, :] < n_cols), other=0.0)
 
+
+def attention_op_grads(bwd, inputs, outputs, do, dlse):
+    """The six input gradients of forward(q, k, v, rows, cols, heads, *ints
+    and floats) -> (o, lse), kept outputs included: backward(do, q, k, v, o,
+    lse, rows, cols, heads, *the same)."""
+    q, k, v, rows, cols, heads, *args = inputs
+    return bwd(do, q, k, v, *outputs, rows, cols, heads, *args)

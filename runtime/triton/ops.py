@@ -1,36 +1,52 @@
 """Registering generated kernels as torch custom ops: opaque to
 torch.compile (no graph break, shapes from the fake implementations) and
-differentiable through torch.library's autograd registration."""
+differentiable through torch.library's autograd registration. Every Triton
+family registers its launches here; what differs per family is only how its
+backward op is called (attention_op_grads, poly_op_grads and
+per_channel_op_grads beside each family's helpers). The chunked kernels'
+single op and the scan's pair have no autograd of their own: their callers
+differentiate through more launches (ChunkedFn, ScanFn)."""
 
 import torch
 
-_OPS = {}  # op name -> (forward op, backward op): a module loaded twice reuses them
+_OPS = {}  # op name -> op: a module loaded twice reuses them
 
 
-def attention_ops(name, forward, forward_fake, backward, backward_fake):
-    """Custom ops `name`_fwd / `name`_bwd for a softmax's kernels.
+def custom_op(name, fn, fake):
+    """The torch custom op `name` running fn, fake (the same arguments) its
+    shapes-only implementation. `name` ("mixerc::<family>_<digest>") names
+    the rendered code, so an op registered by an identical earlier module is
+    the same code."""
+    if name not in _OPS:
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        _OPS[name] = op
+    return _OPS[name]
 
-    forward(q, k, v, rows, cols, heads, *ints and floats) -> (o, lse);
-    backward(do, q, k, v, o, lse, rows, cols, heads, *the same) -> the six
-    input gradients. `name` ("mixerc::flash_<digest>") names the rendered
-    code, so an op registered by an identical earlier module is the same code."""
-    if name in _OPS:
-        return _OPS[name][0]
-    fwd = torch.library.custom_op(name + "_fwd", forward, mutates_args=())
-    fwd.register_fake(forward_fake)
-    bwd = torch.library.custom_op(name + "_bwd", backward, mutates_args=())
-    bwd.register_fake(backward_fake)
+
+def custom_op_pair(name, forward, forward_fake, backward, backward_fake, grads=None,
+                   keep_outputs=False):
+    """(forward op, backward op): custom ops `name`_fwd and `name`_bwd. With
+    grads, the forward op is differentiable: its inputs are tensors (None for
+    an absent one) then numbers (the config); it saves the tensors (and its
+    outputs, with keep_outputs), and grads(backward op, inputs, outputs,
+    *output gradients) gives the gradients of the leading inputs (the rest
+    get None)."""
+    new = name + "_fwd" not in _OPS
+    fwd = custom_op(name + "_fwd", forward, forward_fake)
+    bwd = custom_op(name + "_bwd", backward, backward_fake)
 
     def save(ctx, inputs, output):
-        q, k, v, rows, cols, heads, *args = inputs
-        ctx.save_for_backward(q, k, v, rows, cols, heads, *output)
-        ctx.args = args
+        ctx.tensors = sum(1 for x in inputs if x is None or torch.is_tensor(x))
+        ctx.save_for_backward(*inputs[:ctx.tensors], *(output if keep_outputs else ()))
+        ctx.numbers = inputs[ctx.tensors:]
 
-    def grads(ctx, do, dlse):
-        q, k, v, rows, cols, heads, o, lse = ctx.saved_tensors
-        out = bwd(do, q, k, v, o, lse, rows, cols, heads, *ctx.args)
-        return tuple(out) + (None,) * len(ctx.args)
+    def input_grads(ctx, *output_grads):
+        saved = ctx.saved_tensors
+        inputs = (*saved[:ctx.tensors], *ctx.numbers)
+        out = tuple(grads(bwd, inputs, saved[ctx.tensors:], *output_grads))
+        return out + (None,) * (len(inputs) - len(out))
 
-    fwd.register_autograd(grads, setup_context=save)
-    _OPS[name] = (fwd, bwd)
-    return fwd
+    if new and grads is not None:
+        fwd.register_autograd(input_grads, setup_context=save)
+    return fwd, bwd

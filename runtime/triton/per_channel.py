@@ -2,7 +2,7 @@
 modal kernel: a log-decay per token and channel of the contracted dim,
 inside the sum over it): which path a call takes, the chunk-local
 cumulative log-decays the kernels read at any row (their exact pairwise
-decays on the diagonal sub-blocks gather them), and the custom ops whose
+decays on the diagonal sub-blocks gather them), and how the custom ops'
 autograd joins the rendered forward and backward
 (codegen/triton/templates/triton_per_channel*.py.jinja)."""
 
@@ -44,36 +44,16 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k):
                decode=not grad and not torch.compiler.is_compiling())
 
 
-_PER_CHANNEL_OPS = {}  # op name -> forward op: a module loaded twice reuses it
-
-
-def per_channel_ops(name, forward, forward_fake, backward, backward_fake):
-    """Custom ops `name`_fwd / `name`_bwd ("mixerc::per_channel_<digest>": a
-    digest of what the kernels are rendered from) with autograd:
-    forward(q, k, v, a, state, *config) -> (y, final state); backward(q, k,
-    v, a, state, dy, d_final, *the same config) -> [dq, dk, dv, da, d_state].
-    The forward keeps only its inputs (the backward recomputes the chunk
-    states). The backward is made of kernels: no double backward."""
-    if name in _PER_CHANNEL_OPS:
-        return _PER_CHANNEL_OPS[name]
-    fwd = torch.library.custom_op(name + "_fwd", forward, mutates_args=())
-    fwd.register_fake(forward_fake)
-    bwd = torch.library.custom_op(name + "_bwd", backward, mutates_args=())
-    bwd.register_fake(backward_fake)
-
-    def save(ctx, inputs, output):
-        q, k, v, a, state, *config = inputs
-        ctx.save_for_backward(q, k, v, a, state)
-        ctx.config = config
-
-    def grads(ctx, dy, d_final):
-        q, k, v, a, state = ctx.saved_tensors
-        dq, dk, dv, da, d_state = bwd(q, k, v, a, state, dy, d_final, *ctx.config)
-        return (dq, dk, dv, da, None if state is None else d_state) + (None,) * len(ctx.config)
-
-    fwd.register_autograd(grads, setup_context=save)
-    _PER_CHANNEL_OPS[name] = fwd
-    return fwd
+def per_channel_op_grads(bwd, inputs, outputs, dy, d_final):
+    """[dq, dk, dv, da, d_state] of forward(q, k, v, a, state, *config) ->
+    (y, final state) by backward(q, k, v, a, state, dy, d_final, *the same
+    config): the custom ops' autograd (registered by runtime/triton/ops.py
+    custom_op_pair). The forward keeps only its inputs (the backward
+    recomputes the chunk states). The backward is made of kernels: no double
+    backward."""
+    q, k, v, a, state, *config = inputs
+    *grads, d_state = bwd(q, k, v, a, state, dy, d_final, *config)
+    return (*grads, None if state is None else d_state)
 
 
 def torch_state(state):

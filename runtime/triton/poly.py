@@ -1,9 +1,10 @@
 """Host-side helpers of the polynomial kernels' quadratic form (Based:
 y_t = sum_{s <= t} f(q_t . k_s) v_s with f of degree <= 2, rendered from
-codegen/triton/templates/triton_poly.py.jinja): the custom ops with their
-autograd, the value columns with the normalizer's column of ones put back
-(for the torch code that computes the decode state), and the feature-map
-state around a quadratic-form call (initial state in, final state out)."""
+codegen/triton/templates/triton_poly.py.jinja): how the custom ops'
+autograd calls the backward op, the value columns with the normalizer's
+column of ones put back (for the torch code that computes the decode
+state), and the feature-map state around a quadratic-form call (initial
+state in, final state out)."""
 
 import functools
 
@@ -15,35 +16,12 @@ from mixerc.runtime.torch.tokens import poly_features
 # torch backend's feature-state recurrence (codegen/torch/templates/poly_quadratic)
 POLY_DECODE_TOKENS = 16
 
-# op name -> (forward op, forward, backward): a module loaded twice reuses them
-_POLY_OPS = {}
-
-
-def poly_ops(name, forward, forward_fake, backward, backward_fake):
-    """Custom ops `name`_fwd / `name`_bwd ("mixerc::poly_<digest>": a digest of
-    the rendered code) with autograd: forward(q, k, v, coef, *ints) -> y;
-    backward(dy, q, k, v, coef, *the same ints) -> [dq, dk, dv]. The
-    coefficients are numbers of the program (no gradient)."""
-    if name in _POLY_OPS:
-        return _POLY_OPS[name][0]
-    fwd = torch.library.custom_op(name + "_fwd", forward, mutates_args=())
-    fwd.register_fake(forward_fake)
-    bwd = torch.library.custom_op(name + "_bwd", backward, mutates_args=())
-    bwd.register_fake(backward_fake)
-
-    def save(ctx, inputs, output):
-        q, k, v, coef, *args = inputs
-        ctx.save_for_backward(q, k, v, coef)
-        ctx.args = args
-
-    def grads(ctx, dy):
-        q, k, v, coef = ctx.saved_tensors
-        dq, dk, dv = bwd(dy.contiguous(), q, k, v, coef, *ctx.args)
-        return (dq, dk, dv, None) + (None,) * len(ctx.args)
-
-    fwd.register_autograd(grads, setup_context=save)
-    _POLY_OPS[name] = (fwd, forward, backward)
-    return fwd
+def poly_op_grads(bwd, inputs, outputs, dy):
+    """[dq, dk, dv] of forward(q, k, v, coef, *ints) -> y by backward(dy, q,
+    k, v, coef, *the same ints): the custom ops' autograd (registered by
+    runtime/triton/ops.py custom_op_pair). The coefficients are numbers of
+    the program (no gradient)."""
+    return bwd(dy.contiguous(), *inputs)
 
 
 def poly_coefficients(coeffs, device):

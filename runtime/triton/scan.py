@@ -1,7 +1,10 @@
 """Host-side helpers of the per-channel decay scan kernel
 (codegen/triton/templates/triton_scan.py.jinja): the combine step of its
-time scan, and which algorithm a call runs (the scan or the chunked
-kernels) from the config's choice and the cost model's two estimates."""
+time scan, which algorithm a call runs (the scan or the chunked kernels)
+from the config's choice and the cost model's two estimates, and ScanFn,
+which differentiates its forward and backward custom ops (registered by
+runtime/triton/ops.py custom_op_pair without autograd: the forward's
+checkpoints are saved beside the inputs)."""
 
 import torch
 import triton
@@ -46,22 +49,6 @@ def scan_one_qk(num_warps) -> bool:
 # needed: the backward recomputes each segment from its checkpoint into a
 # scratch of SCAN_SEGMENT states per program (BLOCK_H x BLOCK_K float32 each)
 SCAN_SEGMENT = 64
-
-_SCAN_OPS = {}  # op name -> (forward op, backward op): a module loaded twice reuses them
-
-
-def scan_ops(name, launch, launch_fake, grad_launch, grad_launch_fake):
-    """Torch custom ops `name`_fwd and `name`_bwd ("mixerc::scan_<digest>":
-    the digest of what the kernels are rendered from) around the scan's
-    forward and backward launches, with their fake (shapes only)
-    implementations: opaque to torch.compile. Differentiated by ScanFn."""
-    if name not in _SCAN_OPS:
-        fwd = torch.library.custom_op(name + "_fwd", launch, mutates_args=())
-        fwd.register_fake(launch_fake)
-        bwd = torch.library.custom_op(name + "_bwd", grad_launch, mutates_args=())
-        bwd.register_fake(grad_launch_fake)
-        _SCAN_OPS[name] = (fwd, bwd)
-    return _SCAN_OPS[name]
 
 
 def scan_runs(*tensors) -> bool:
