@@ -29,6 +29,55 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_device(args: dict, dtype) -> dict:
+    """Every tensor of `args` on the test device in `dtype`."""
+    return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
+
+
+def flat_outputs(y):
+    """One tensor of a mixer's outputs (several outs come as a tuple)."""
+    return torch.cat([o.flatten() for o in y]) if isinstance(y, tuple) else y
+
+
+def assert_gradients_equal_dense(m, d, base: dict, wrt=None, tol: float = 1e-4):
+    """The gradients of sum(w * outputs) (w random) with respect to `wrt` (every
+    name of `base` by default): mixer `m` on float32 copies on the test device
+    against the dense mixer `d` in float64. Where dense is zero (or unused),
+    m's must be too."""
+    wrt = list(base) if wrt is None else list(wrt)
+    ref = {n: x.clone().requires_grad_(n in wrt) for n, x in base.items()}
+    got = {n: x.clone().float().to(DEVICE).requires_grad_(n in wrt) for n, x in base.items()}
+    out = flat_outputs(d(**ref))
+    weight = torch.randn(out.shape, dtype=torch.float64)
+    want = torch.autograd.grad((out * weight).sum(), [ref[n] for n in wrt], allow_unused=True)
+    have = torch.autograd.grad((flat_outputs(m(**got)) * weight.float().to(DEVICE)).sum(),
+                               [got[n] for n in wrt], allow_unused=True)
+    for n, g, r in zip(wrt, have, want):
+        if r is None or float(r.abs().max()) == 0:
+            assert g is None or float(g.abs().max()) == 0, n
+            continue
+        assert g is not None and rel_err(g.cpu(), r) < tol, n
+
+
+def assert_prefill_then_decode(m, x: dict, want, first: int, second: int, tol: float = 1e-4):
+    """m on tokens [0, first), then [first, second) from that state (a nonzero
+    initial state through its kernels), then token by token to the end
+    (decode steps): each equal to `want`, the dense output on all of x."""
+    tokens = set(m.program.inputs)
+
+    def part(a, b):
+        return {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}
+    y1, state = m(**part(0, first), return_state=True)
+    y2, state = m(**part(first, second), initial_state=state, return_state=True)
+    assert rel_err(torch.cat([y1, y2], 1).cpu(), want[:, :second]) < tol
+    for i in range(second, want.shape[1]):
+        yt, state = m.step(state, **{n: (v[:, i] if n in tokens else v) for n, v in x.items()})
+        assert rel_err(yt.cpu(), want[:, i]) < tol, i
+
+
 @pytest.fixture
 def stdlib():
     return STDLIB

@@ -13,14 +13,13 @@ the kernels. Without a GPU the kernels run in Triton's interpreter
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import DEVICE, assert_gradients_equal_dense, compiled_mixers, rel_err, to_device
 
 import mixerc
 from mixerc.inputs import random_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 
 # small chunks, K and value blocks: several of each at T = 37, K = V = 20
@@ -70,10 +69,6 @@ def args_of(m, B=2, T=37, seed=1):
     return random_inputs(m.program, SIZES, B, T, seed=seed, dtype=f64)
 
 
-def on_device(args, dtype):
-    return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
-
-
 def test_scalar_decay_terms_run_on_the_kernel(compiled):
     for src in PROGRAMS:
         m = compiled(src)
@@ -98,7 +93,7 @@ def test_other_chunked_cases_stay_off_these_kernels(name, compiled):
     if name == "gla":
         d = compiled(name, "dense")
         args = args_of(m, T=21)
-        assert rel_err(m(**on_device(args, torch.float32)).cpu(), d(**args)) < 1e-4
+        assert rel_err(m(**to_device(args, torch.float32)).cpu(), d(**args)) < 1e-4
 
 
 # Hydra's forward and reversed passes are chunked terms too (its diagonal is not)
@@ -110,30 +105,20 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, T=21 if src == "hydra" else 37)  # hydra: two passes, fewer steps
     want = d(**args)
-    y = m(**on_device(args, torch.float32))
+    y = m(**to_device(args, torch.float32))
     assert y.dtype == torch.float32 and rel_err(y.cpu(), want) < 1e-4
     for half in (torch.float16, torch.bfloat16):
-        y = m(**on_device(args, half))
+        y = m(**to_device(args, half))
         assert y.dtype == half and rel_err(y.cpu(), want) < 2e-2, half
     # float64 inputs run the torch backend's chunks (the kernel takes float32 and halves)
-    assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9
+    assert rel_err(m(**to_device(args, f64)).cpu(), want) < 1e-9
 
 
 @pytest.mark.parametrize("src", NUMERIC, ids=NUMERIC_IDS)
 def test_gradients_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, T=21 if src == "hydra" else 35, seed=2)
-    ref = {n: x.clone().requires_grad_() for n, x in base.items()}
-    got = {n: x.clone().float().to(DEVICE).requires_grad_() for n, x in base.items()}
-    weight = torch.randn(d(**ref).shape, dtype=f64)
-    want = torch.autograd.grad((d(**ref) * weight).sum(), list(ref.values()), allow_unused=True)
-    have = torch.autograd.grad((m(**got) * weight.float().to(DEVICE)).sum(), list(got.values()),
-                               allow_unused=True)
-    for n, g, r in zip(got, have, want):
-        if r is None or float(r.abs().max()) == 0:
-            assert g is None or float(g.abs().max()) == 0, n
-            continue
-        assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
+    assert_gradients_equal_dense(m, d, base)
 
 
 @pytest.mark.parametrize("src", PROGRAMS[:4], ids=IDS[:4])
@@ -144,11 +129,11 @@ def test_prefill_state_and_decode(src, compiled):
     m, d, t = compiled(src), compiled(src, "dense"), compiled(src, "torch")
     args = args_of(m, T=37, seed=3)
     want = d(**args)
-    x = on_device(args, torch.float32)
+    x = to_device(args, torch.float32)
     tokens = set(m.program.inputs)
     part = lambda a, b, x=x: {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}  # noqa
     y1, state = m(**part(0, 20), return_state=True)
-    x64 = on_device(args, f64)
+    x64 = to_device(args, f64)
     _, ref_state = t(**{n: (v[:, :20] if n in tokens else v) for n, v in x64.items()},
                      return_state=True)
     assert state.tensors.keys() == ref_state.tensors.keys()
@@ -215,7 +200,7 @@ def test_groups_are_read_at_their_heads(compiled, monkeypatch):
         seen.append((q.shape[2], k.shape[2], v.shape[2]))
         return real(q, k, v, *rest)
     monkeypatch.setattr(mod, op, spy)
-    m(**on_device(args_of(m, T=40), torch.float32))  # past 16 tokens: the chunk kernels, not the decode kernel
+    m(**to_device(args_of(m, T=40), torch.float32))  # past 16 tokens: the chunk kernels, not the decode kernel
     assert seen == [(2, 2, 4)], seen
 
 
@@ -262,7 +247,7 @@ def test_strong_decay_over_long_inputs_stays_finite():
     y.sum().backward()
     for n, x in got.items():
         assert torch.isfinite(x.grad).all(), n
-    y16 = m(**on_device(args, torch.float16))
+    y16 = m(**to_device(args, torch.float16))
     assert torch.isfinite(y16).all() and rel_err(y16.cpu(), want) < 2e-2
 
 
@@ -270,7 +255,7 @@ def test_varlen_equals_dense_per_sequence(compiled):
     m, d = compiled("ssd"), compiled("ssd", "dense")
     args = args_of(m, B=1, T=50, seed=4)
     offsets = [0, 7, 30, 50]
-    y = m(**on_device(args, torch.float32),
+    y = m(**to_device(args, torch.float32),
           cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=DEVICE))
     tokens = set(m.program.inputs)
     for a, b in zip(offsets, offsets[1:]):
@@ -299,7 +284,7 @@ def test_custom_op_opcheck(compiled):
 def test_torch_compile_fullgraph_forward_and_backward(compiled):
     m = compiled("ssd")
     layer = m.module(H=4, P=20, N=20, G=2, device=DEVICE)
-    x = on_device(args_of(m, T=21, seed=6), torch.float32)
+    x = to_device(args_of(m, T=21, seed=6), torch.float32)
     x = {n: t for n, t in x.items() if n in dict(m.signature.inputs)}
     eager = {n: t.clone().requires_grad_() for n, t in x.items()}
     want = layer(**eager)
@@ -336,7 +321,7 @@ def test_decode_kernel_in_place_and_reused_states(src, compiled, monkeypatch):
     monkeypatch.setattr(mod, "recurrent_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = args_of(m, T=30, seed=8)
     want = d(**args)
-    x = on_device(args, torch.float32)
+    x = to_device(args, torch.float32)
     tokens = set(m.program.inputs)
     step = lambda i: {n: (v[:, i] if n in tokens else v) for n, v in x.items()}  # noqa: E731
     _, state = m(**{n: (v[:, :20] if n in tokens else v) for n, v in x.items()},

@@ -15,13 +15,12 @@ import re
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import DEVICE, assert_gradients_equal_dense, compiled_mixers, flat_outputs, rel_err, to_device
 
 from mixerc.inputs import random_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 SMALL = {"chunk": 16, "block_k": 16, "block_v": 16}
 SIZES = {"H": 4, "D": 20, "K": 20, "N": 20, "V": 20, "P": 20}
@@ -128,15 +127,6 @@ def args_of(m, G, B=2, T=29, seed=1):
     return random_inputs(m.program, dict(SIZES, G=G), B, T, seed=seed, dtype=f64)
 
 
-def on_device(args, dtype):
-    return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
-
-
-def flat(y):
-    """One tensor of a mixer's outputs (several outs come as a tuple)."""
-    return torch.cat([o.flatten() for o in y]) if isinstance(y, tuple) else y
-
-
 def test_random_programs_have_a_key_scale(compiled):
     """Every random program is planned with the scale split off its keys (else
     the tests below would not test the fusion)."""
@@ -202,31 +192,20 @@ def test_generated_code_keeps_keys_at_their_groups(src, G, compiled):
 def test_forward_equals_dense(src, G, compiled, bf16_dots, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, G)
-    want = flat(d(**args))
-    y = flat(m(**on_device(args, torch.float32)))
+    want = flat_outputs(d(**args))
+    y = flat_outputs(m(**to_device(args, torch.float32)))
     assert not y.isnan().any() and rel_err(y.cpu(), want) < 1e-4
     for half in (torch.float16, torch.bfloat16):
-        y = flat(m(**on_device(args, half)))
+        y = flat_outputs(m(**to_device(args, half)))
         assert y.dtype == half and rel_err(y.float().cpu(), want) < 2e-2, half
-    assert rel_err(flat(m(**on_device(args, f64))).cpu(), want) < 1e-9  # the torch chunks
+    assert rel_err(flat_outputs(m(**to_device(args, f64))).cpu(), want) < 1e-9  # the torch chunks
 
 
 @pytest.mark.parametrize("src,G", ALL_CASES, ids=ALL_IDS)
 def test_gradients_equal_dense(src, G, compiled, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, G, T=27, seed=2)
-    ref = {n: x.clone().requires_grad_() for n, x in base.items()}
-    got = {n: x.clone().float().to(DEVICE).requires_grad_() for n, x in base.items()}
-    weight = torch.randn(flat(d(**ref)).shape, dtype=f64)
-    want = torch.autograd.grad((flat(d(**ref)) * weight).sum(), list(ref.values()),
-                               allow_unused=True)
-    have = torch.autograd.grad((flat(m(**got)) * weight.float().to(DEVICE)).sum(),
-                               list(got.values()), allow_unused=True)
-    for n, g, r in zip(got, have, want):
-        if r is None or float(r.abs().max()) == 0:
-            assert g is None or float(g.abs().max()) == 0, n
-            continue
-        assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
+    assert_gradients_equal_dense(m, d, base)
 
 
 @pytest.mark.parametrize("src,G", CASES[:3] + NORM_CASES[1:3] + SKIP_CASES[:2],
@@ -238,7 +217,7 @@ def test_prefill_then_decode_equal_dense(src, G, compiled):
     m, d, t = compiled(src), compiled(src, "dense"), compiled(src, "torch")
     args = args_of(m, G, T=40, seed=3)
     want = d(**args)
-    x = on_device(args, torch.float32)
+    x = to_device(args, torch.float32)
     tokens = set(m.program.inputs)
     part = lambda a, b, x=x: {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}  # noqa
     y1, state = m(**part(0, 18), return_state=True)
@@ -308,5 +287,5 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
         seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)
-    m(**on_device(args_of(m, 2, T=40), torch.float32))
+    m(**to_device(args_of(m, 2, T=40), torch.float32))
     assert seen == [(2, 2, 4, 4)], seen

@@ -11,14 +11,14 @@ import math
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import (DEVICE, assert_gradients_equal_dense, assert_prefill_then_decode,
+                      compiled_mixers, rel_err)
 
 import mixerc
 from test_plan_classes import FIXED, HEAD, inputs, instances, softmax_program
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 
 SOFTMAX = FIXED[:4] + instances(softmax_program, 8, 11)
@@ -64,19 +64,7 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
 def test_gradients_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     base = inputs(m, T=21, seed=2)
-    wrt = [n for n in base if n != "doc"]
-    ref = {n: x.clone().requires_grad_(n in wrt) for n, x in base.items()}
-    got = {n: x.clone().float().to(DEVICE).requires_grad_(n in wrt) for n, x in base.items()}
-    weight = torch.randn(d(**ref).shape, dtype=f64)
-    want = torch.autograd.grad((d(**ref) * weight).sum(), [ref[n] for n in wrt],
-                               allow_unused=True)
-    have = torch.autograd.grad((m(**got) * weight.float().to(DEVICE)).sum(),
-                               [got[n] for n in wrt], allow_unused=True)
-    for n, g, r in zip(wrt, have, want):
-        if r is None or float(r.abs().max()) == 0:
-            assert g is None or float(g.abs().max()) == 0, n
-            continue
-        assert rel_err(g.cpu(), r) < 1e-4, n
+    assert_gradients_equal_dense(m, d, base, wrt=[n for n in base if n != "doc"])
 
 
 @pytest.mark.parametrize("src", SOFTMAX[:6], ids=range(6))
@@ -86,15 +74,7 @@ def test_prefill_and_decode_equal_dense(src, compiled):
         return
     args = inputs(m, T=37, seed=3)
     want = d(**args)
-    x = on_device(args, torch.float32)
-    tokens = set(m.program.inputs)
-    part = lambda a, b: {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}  # noqa
-    y1, state = m(**part(0, 20), return_state=True)
-    y2, state = m(**part(20, 33), initial_state=state, return_state=True)
-    assert rel_err(torch.cat([y1, y2], 1).cpu(), want[:, :33]) < 1e-4
-    for t in range(33, 37):
-        yt, state = m.step(state, **{n: (v[:, t] if n in tokens else v) for n, v in x.items()})
-        assert rel_err(yt.cpu(), want[:, t]) < 1e-4, t
+    assert_prefill_then_decode(m, on_device(args, torch.float32), want, 20, 33)
 
 
 @pytest.mark.parametrize("name", ["attention", "sliding_window"])

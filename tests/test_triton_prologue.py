@@ -15,13 +15,13 @@ import re
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import (assert_gradients_equal_dense, assert_prefill_then_decode, compiled_mixers,
+                      rel_err, to_device)
 
 from mixerc.inputs import random_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 SMALL = {"chunk": 16, "block_k": 16, "block_v": 16}
 SIZES = {"H": 4, "G": 2, "D": 20, "K": 20, "N": 20, "V": 20, "P": 20}
@@ -64,10 +64,6 @@ def args_of(m, B=2, T=29, seed=1):
     return random_inputs(m.program, SIZES, B, T, seed=seed, dtype=f64)
 
 
-def on_device(args, dtype):
-    return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
-
-
 def forward_source(m) -> str:
     return m.source().split("\ndef forward(")[1].split("\ndef ")[0]
 
@@ -97,11 +93,11 @@ def test_forward_equals_dense(src, compiled, bf16_dots, poisoned):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m)
     want = d(**args)
-    y = m(**on_device(args, torch.float32))
+    y = m(**to_device(args, torch.float32))
     assert not y.isnan().any() and rel_err(y.cpu(), want) < 1e-4
-    y = m(**on_device(args, torch.bfloat16))
+    y = m(**to_device(args, torch.bfloat16))
     assert y.dtype == torch.bfloat16 and rel_err(y.float().cpu(), want) < 2e-2
-    assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9  # the torch chunks
+    assert rel_err(m(**to_device(args, f64)).cpu(), want) < 1e-9  # the torch chunks
 
 
 @pytest.mark.parametrize("src", CASES, ids=IDS)
@@ -118,7 +114,7 @@ def test_the_op_receives_what_the_user_passed(src, compiled, monkeypatch):
         seen.append((q, k, a, key_scale, mapped))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)
-    args = on_device(args_of(m, T=40), torch.float32)
+    args = to_device(args_of(m, T=40), torch.float32)
     m(**args)
     assert len(seen) == 1 and seen[0][-1] is True
     q, k, a, key_scale, _ = seen[0]
@@ -145,18 +141,8 @@ def test_gradients_equal_dense(src, compiled, poisoned, monkeypatch):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, T=27, seed=2)  # the params too
     assert set(m.program.params) <= set(base)
-    ref = {n: x.clone().requires_grad_() for n, x in base.items()}
-    got = {n: x.clone().float().to(DEVICE).requires_grad_() for n, x in base.items()}
-    weight = torch.randn(d(**ref).shape, dtype=f64)
-    want = torch.autograd.grad((d(**ref) * weight).sum(), list(ref.values()), allow_unused=True)
-    have = torch.autograd.grad((m(**got) * weight.float().to(DEVICE)).sum(), list(got.values()),
-                               allow_unused=True)
+    assert_gradients_equal_dense(m, d, base)
     assert calls, "the backward did not go through MappedChunkedFn"
-    for n, g, r in zip(got, have, want):
-        if r is None or float(r.abs().max()) == 0:
-            assert g is None or float(g.abs().max()) == 0, n
-            continue
-        assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
 
 
 @pytest.mark.parametrize("src", CASES[1:2] + CASES[3:5], ids=IDS[1:2] + IDS[3:5])
@@ -166,15 +152,7 @@ def test_prefill_then_decode_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, T=40, seed=3)
     want = d(**args)
-    x = on_device(args, torch.float32)
-    tokens = set(m.program.inputs)
-    part = lambda a, b: {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}  # noqa
-    y1, state = m(**part(0, 18), return_state=True)
-    y2, state = m(**part(18, 36), initial_state=state, return_state=True)
-    assert rel_err(torch.cat([y1, y2], 1).cpu(), want[:, :36]) < 1e-4
-    for i in range(36, 40):
-        yt, state = m.step(state, **{n: (v[:, i] if n in tokens else v) for n, v in x.items()})
-        assert rel_err(yt.cpu(), want[:, i]) < 1e-4, i
+    assert_prefill_then_decode(m, to_device(args, torch.float32), want, 18, 36)
 
 
 def test_strong_decay_from_maps_stays_finite(compiled):
@@ -186,5 +164,5 @@ def test_strong_decay_from_maps_stays_finite(compiled):
     args["dt_bias"] = torch.zeros_like(args["dt_bias"])
     args["A_log"] = torch.full_like(args["A_log"], 0.5)  # -exp(0.5) * softplus(3) ~ -5
     want = d(**args)
-    y = m(**on_device(args, torch.float32))
+    y = m(**to_device(args, torch.float32))
     assert torch.isfinite(y).all() and rel_err(y.cpu(), want) < 1e-4

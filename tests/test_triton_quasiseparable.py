@@ -13,14 +13,13 @@ fails. Without a GPU the kernels run in Triton's interpreter."""
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import assert_gradients_equal_dense, compiled_mixers, rel_err, to_device
 
 import mixerc
 from mixerc.inputs import random_inputs
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f64 = torch.float64
 SMALL = {"chunk": 16, "block_k": 16, "block_v": 16}
 SIZES = {"H": 4, "G": 2, "D": 20, "V": 20, "N": 20, "P": 20}
@@ -90,10 +89,6 @@ def args_of(m, B=2, T=37, seed=1):
     return random_inputs(m.program, SIZES, B, T, seed=seed, dtype=f64)
 
 
-def on_device(args, dtype):
-    return {n: x.to(device=DEVICE, dtype=dtype) for n, x in args.items()}
-
-
 class Launches:
     """Kernel launches by name (the interpreter's or a GPU's JIT functions)."""
 
@@ -123,7 +118,7 @@ def test_one_launch_per_kernel_kind_for_both_passes(src, compiled, monkeypatch):
         assert ".flip(" not in body, body
     launches = Launches(monkeypatch)
     with torch.no_grad():
-        m(**on_device(args_of(m, T=40), torch.float32))
+        m(**to_device(args_of(m, T=40), torch.float32))
     assert sorted(launches.seen) == ["quasiseparable_kernel_fwd",
                                      "quasiseparable_kernel_states"], launches.seen
 
@@ -132,7 +127,7 @@ def test_other_pairs_keep_one_call_per_pass(compiled):
     m, d = compiled(OTHER), compiled(OTHER, "dense")
     assert "quasiseparable_apply(" not in m.source()
     args = args_of(m, T=21)
-    assert rel_err(m(**on_device(args, torch.float32)).cpu(), d(**args)) < 1e-4
+    assert rel_err(m(**to_device(args, torch.float32)).cpu(), d(**args)) < 1e-4
 
 
 # Hydra in both half dtypes and float64 (the separate passes); the others in
@@ -146,13 +141,13 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, T=37, seed=3)
     want = d(**args)
-    y = m(**on_device(args, torch.float32))
+    y = m(**to_device(args, torch.float32))
     assert y.dtype == torch.float32 and rel_err(y.cpu(), want) < 1e-4
     for half in HALVES[IDS[PROGRAMS.index(src)]]:
-        y = m(**on_device(args, half))
+        y = m(**to_device(args, half))
         assert y.dtype == half and rel_err(y.cpu(), want) < 2e-2, half
     if src == "hydra":
-        assert rel_err(m(**on_device(args, f64)).cpu(), want) < 1e-9
+        assert rel_err(m(**to_device(args, f64)).cpu(), want) < 1e-9
 
 
 # the strict pair's gradient is the separate strict passes' (tests/test_triton_chunked.py)
@@ -160,17 +155,7 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
 def test_gradients_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, T=21, seed=2)
-    ref = {n: x.clone().requires_grad_() for n, x in base.items()}
-    got = {n: x.clone().float().to(DEVICE).requires_grad_() for n, x in base.items()}
-    weight = torch.randn(d(**ref).shape, dtype=f64)
-    want = torch.autograd.grad((d(**ref) * weight).sum(), list(ref.values()), allow_unused=True)
-    have = torch.autograd.grad((m(**got) * weight.float().to(DEVICE)).sum(), list(got.values()),
-                               allow_unused=True)
-    for n, g, r in zip(got, have, want):
-        if r is None or float(r.abs().max()) == 0:
-            assert g is None or float(g.abs().max()) == 0, n
-            continue
-        assert g is not None and rel_err(g.cpu(), r) < 1e-4, n
+    assert_gradients_equal_dense(m, d, base)
 
 
 def test_every_output_element_is_written(compiled, poisoned):
@@ -179,14 +164,14 @@ def test_every_output_element_is_written(compiled, poisoned):
     m, d = compiled("hydra"), compiled("hydra", "dense")
     args = args_of(m, B=3, T=29, seed=5)
     with torch.no_grad():
-        y = m(**on_device(args, torch.float32))
+        y = m(**to_device(args, torch.float32))
     assert not y.isnan().any() and rel_err(y.cpu(), d(**args)) < 1e-4
 
 
 def test_decode_is_refused(compiled):
     m = compiled("hydra")
     with pytest.raises(mixerc.MixerError):
-        m(**on_device(args_of(m, T=8), torch.float32), return_state=True)
+        m(**to_device(args_of(m, T=8), torch.float32), return_state=True)
 
 
 FITNESS = """
