@@ -50,9 +50,17 @@ def mapped_program(seed: int) -> str:
 }}"""
 
 
+# a constant decay: a map with no leaves at all (the fuzzer's seed 31, case 8)
+CONST_DECAY = """mixer const_decay {
+  dims H, D, V
+  input q : [H, D]
+  input k : [H, D]
+  input v : [H, V]
+  out y = (decay(-0.1) * (k @ q^T) * (s < t)) @ v
+}"""
 SEEDS = [1, 2, 5, 8]
-CASES = ["linear_attention", "ssd", "retnet"] + [mapped_program(s) for s in SEEDS]
-IDS = ["linear_attention", "ssd", "retnet"] + [f"mapped{s}" for s in SEEDS]
+CASES = ["linear_attention", "ssd", "retnet"] + [mapped_program(s) for s in SEEDS] + [CONST_DECAY]
+IDS = ["linear_attention", "ssd", "retnet"] + [f"mapped{s}" for s in SEEDS] + ["const_decay"]
 
 
 @pytest.fixture(scope="module")
