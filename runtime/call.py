@@ -55,9 +55,9 @@ def run(mod, bound, initial_state=None, return_state=False, config=None):
                 for _, dims in sig.outs]
         new = state
     elif bound.batch == 0:
-        outs, new = _run_empty_batch(mod, bound, cfg, state, args)
-    else:
-        outs, new = mod.forward(bound.sizes, cfg, state, *args)
+        outs, new = _run_empty_batch(mod, bound, cfg, state, args, return_state)
+    else:  # the module computes the final state only when it is kept
+        outs, new = mod.forward(bound.sizes, cfg, state, *args, want_state=return_state)
     length = (0 if initial_state is None else initial_state.length) + time
     outs = [o.to(bound.dtype) for o in outs]
     if not return_state:
@@ -65,14 +65,14 @@ def run(mod, bound, initial_state=None, return_state=False, config=None):
     return outs, MixerState(new, length, owner_of(mod), tuple(sorted(bound.sizes.items())))
 
 
-def _run_empty_batch(mod, bound, cfg, state, args):
+def _run_empty_batch(mod, bound, cfg, state, args, want_state):
     """Generated code may reshape with -1, which an empty batch makes ambiguous:
     run a batch of one (zeros) and keep none of it."""
     n = len(mod.SIGNATURE.inputs)
     one = [x.new_zeros((1,) + x.shape[1:]) for x in args[:n]] + args[n:]
     start = {k: map_tensors(v, lambda t: t.new_zeros((1,) + t.shape[1:]))
              for k, v in state.items()}
-    outs, new = mod.forward(bound.sizes, cfg, start, *one)
+    outs, new = mod.forward(bound.sizes, cfg, start, *one, want_state=want_state)
     return [o[:0] for o in outs], {k: map_tensors(v, lambda t: t[:0]) for k, v in new.items()}
 
 

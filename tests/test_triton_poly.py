@@ -2,20 +2,24 @@
 degree <= 2 (Based; codegen/triton/terms/poly.py) against the dense
 interpreter: forward in float32 (< 1e-4), float16 and bfloat16 (< 2e-2;
 bf16 through the test-only dot patch), gradients of q, k, v (the
-normalizer's included), Based and other polynomials (other coefficients,
-strict masks, the normalizer first, last or absent), T not a multiple of
-the blocks, batch > 1, K and V not powers of 2, an initial state and
-prefill then decode; outputs poisoned before the kernels write, and a spy
-on the kernels proving which path ran. The knob `form` and the cost model
-choose the quadratic form or the feature map; degrees 1 and 3 and a decay
-are planned elsewhere and still equal dense. Static fitness: the three
-kernels compile for sm_90a and sm_80 with no spills (HGMMA on sm_90a)."""
+normalizer's included; Based's quotient divided in the forward kernel's
+epilogue, its backward through the kept [n / m, m]; a quotient plus one
+divided after it), Based and other polynomials (other coefficients, strict
+masks, the normalizer first, last or absent), T not a multiple of the
+blocks, batch > 1, K and V not powers of 2, an initial state and prefill
+then decode; outputs poisoned before the kernels write, and a spy on the
+kernels proving which path ran; a call that keeps no state computes none.
+The knob `form` and the cost model choose the quadratic form or the
+feature map; degrees 1 and 3 and a decay are planned elsewhere and still
+equal dense. Static fitness: the three kernels compile for sm_90a and
+sm_80 with no spills (HGMMA on sm_90a)."""
 
 import textwrap
+from importlib import resources
 
 import pytest
 import torch
-from conftest import rel_err, run_without_interpreter
+from conftest import assert_gradients_equal_dense, rel_err, run_without_interpreter
 
 import mixerc
 from mixerc.codegen.triton.terms import poly as poly_terms
@@ -88,8 +92,11 @@ mixer poly_noncausal {
   out y = (1 + z + z^2 / 2) @ v
 }
 """
+# Based but not a plain quotient (M @ v) / (M @ 1): divided by torch ops after the kernel
+SHIFTED = (resources.files("mixerc.examples").joinpath("based.mx").read_text()
+           .replace("(M @ v) / (M @ 1)", "(M @ v) / (M @ 1 + 1)"))
 SOURCES = {"based": "based", "strict": STRICT, "square": SQUARE, "linear": LINEAR,
-           "cubic": CUBIC, "decayed": DECAYED, "noncausal": NONCAUSAL}
+           "cubic": CUBIC, "decayed": DECAYED, "noncausal": NONCAUSAL, "shifted": SHIFTED}
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +298,8 @@ def test_kernels_fit_sm90a_and_sm80():
     config): no spills, shared memory within the limit, the dots on HGMMA
     (sm_90a, no warp-level HMMA fallback) / HMMA (sm_80)."""
     fits = run_without_interpreter(FITNESS, timeout=600)
-    assert {f["kernel"] for f in fits} == {"poly_kernel_fwd", "poly_kernel_bwd_dq",
-                                           "poly_kernel_bwd_dkv"}
+    assert {f["kernel"] for f in fits} == {"poly_kernel_divide_fwd", "poly_kernel_divide_bwd_dq",
+                                           "poly_kernel_divide_bwd_dkv"}
     assert len(fits) == 2 * 3 * 3  # targets x shapes x kernels
     for f in fits:
         where = f"{f['target']} K={f['K']} V={f['V']} {f['kernel']}"
@@ -379,3 +386,109 @@ def test_gradients_at_the_default_blocks_match_dense(compiled, poisoned, name):
     assert rel_err(y, want) < 1e-4
     for n in x:
         assert rel_err(xs[n].grad, xd[n].grad) < 1e-4, n
+
+
+def forward_after_kernel(m, kernel):
+    """The generated forward's lines after the quadratic-form kernel's call."""
+    src = m._impl.generate()[0]
+    body = src[src.index("\ndef forward("):].split("\n\n\n")[0].splitlines()
+    at = next(i for i, line in enumerate(body) if f"= {kernel}(" in line)
+    return body[at], body[at + 1:]
+
+
+def test_based_divides_in_the_kernel_epilogue(compiled):
+    """Based's (M @ v) / (M @ 1) is the plan's divide: the kernel's host function
+    divides (no torch division after it; the torch forms divide by `divided`);
+    (M @ v) / (M @ 1 + 1) is not a plain quotient: its kernel does not divide,
+    and the forward divides after it."""
+    call, after = forward_after_kernel(compiled("based"), "poly_kernel_divide")
+    assert "want_state=want_state" in call
+    assert not any(" / " in line for line in after), after
+    src = compiled("based")._impl.generate()[0]
+    assert src.count("divided(") >= 2 + 1  # history and feature forms, the decode fallback
+    assert "DIVIDE=True" in src  # fitness compiles the dividing kernel
+    call, after = forward_after_kernel(compiled("shifted"), "poly_kernel")
+    assert any(" / " in line for line in after), after
+    assert "poly_kernel_divide" not in compiled("shifted")._impl.generate()[0]
+
+
+def test_the_forward_kernel_divides(compiled, poisoned):
+    """The op itself: y = [n / m, m] with divide, [n, m] without (the same
+    kernel, DIVIDE off): a kernel that stopped dividing fails here."""
+    m = compiled("based")
+    g = vars(m._impl.module)
+    op = next(v for n, v in g.items() if n.endswith("_op") and n.startswith("poly"))
+    x = on_device(inputs(2, 29, seed=20))
+    coef = poly_runtime.poly_coefficients([1.0, 0.5, 0.125], x["q"].device)
+    V = x["v"].shape[-1]
+    args = lambda divide: (x["q"], x["k"], x["v"], coef, 0, V, V + 1, divide,  # noqa: E731
+                           16, 16, 16, 4, 1, 16, 16, 16, 4, 1)
+    plain, divided = op(*args(False)), op(*args(True))
+    assert torch.isfinite(divided).all()
+    assert torch.equal(plain[..., V], divided[..., V])
+    assert rel_err(divided[..., :V], plain[..., :V] / plain[..., V:]) < 1e-6
+    assert rel_err(divided[..., :V], plain[..., :V]) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_divided_forward_and_gradients_match_dense(compiled, dtype, poisoned, request,
+                                                   monkeypatch):
+    """Based at batch 3, T = 29 (not a multiple of the 16-row blocks): the
+    dividing kernels (float32, bfloat16) or the torch code (float64), forward
+    and every input's gradient against dense."""
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("bf16_dots")
+    m, d = compiled("based"), compiled("based", "dense")
+    x = {n: t.to(dtype).to(f64) for n, t in inputs(3, 29, K=16, V=24, seed=21).items()}
+    dy = torch.randn(3, 29, 2, 24, generator=torch.Generator().manual_seed(22), dtype=f64)
+    xs = {n: t.to(dtype, copy=True).requires_grad_() for n, t in x.items()}
+    xd = {n: t.clone().requires_grad_() for n, t in x.items()}
+    launches = kernel_launches(m, monkeypatch)
+    y = m(**xs)
+    (y * dy.to(dtype)).sum().backward()
+    want = d(**xd)
+    (want * dy).sum().backward()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float64: 1e-10}[dtype]
+    if dtype == torch.float64:
+        assert not launches
+    else:
+        assert launches == ["poly_kernel_divide_fwd", "poly_kernel_divide_bwd_dq",
+                            "poly_kernel_divide_bwd_dkv"]
+    assert y.dtype == dtype and rel_err(y, want) < tol
+    for n in x:
+        assert rel_err(xs[n].grad, xd[n].grad) < tol, n
+
+
+def test_not_a_plain_quotient_matches_dense(compiled, poisoned):
+    """(M @ v) / (M @ 1 + 1): the kernel's [n, m], divided by torch ops after it."""
+    m, d = compiled("shifted"), compiled("shifted", "dense")
+    x = inputs(2, 27, seed=23)
+    assert rel_err(m(**on_device(x)), d(**x)) < 1e-4
+    assert_gradients_equal_dense(m, d, x)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_call_without_return_state_computes_no_state(compiled, monkeypatch, grad):
+    """The forward learns from want_state (runtime/call.py: return_state)
+    whether the caller keeps the state: without it the keys' feature maps
+    are never computed (nor kept for autograd); with it the state continues
+    into decode steps that equal dense. The module path likewise."""
+    m, d = compiled("based"), compiled("based", "dense")
+    calls = []
+    features = poly_runtime.poly_features
+    monkeypatch.setattr(poly_runtime, "poly_features",
+                        lambda *a: calls.append(a) or features(*a))
+    x = inputs(2, 40, seed=25)
+    first = {n: t[:, :37].float().requires_grad_(grad) for n, t in x.items()}
+    whole = d(**x)
+    y = m(**first)
+    assert not calls and rel_err(y, whole[:, :37]) < 1e-4
+    layer = m.module(H=2, K=12, V=20)
+    assert rel_err(layer(**first), whole[:, :37]) < 1e-4 and not calls
+    y, state = layer(**first, return_state=True)
+    assert calls and rel_err(y, whole[:, :37]) < 1e-4
+    steps = []
+    for i in range(37, 40):
+        y, state = m.step(state, **{n: t[:, i].float() for n, t in x.items()})
+        steps.append(y[:, None])
+    assert rel_err(torch.cat(steps, 1), whole[:, 37:]) < 1e-4

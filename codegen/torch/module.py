@@ -26,8 +26,8 @@ MODULE_NAMES = ("math", "sys", "torch", "F", "NAME", "IR_HASH", "SIGNATURE", "DE
                 "CONFIG_SPACE", "CAUSAL", "CAUSAL_REASON", "STATE_KEYS", "SOURCE",
                 "config_allowed", "forward", "init_params", "mixer", "step", "module",
                 "dense_apply")
-LOCAL_NAMES = ("sizes", "cfg", "state", "new_state", "batch", "time", "DTYPE", "DEVICE",
-               "generator", "device", "out", "T")
+LOCAL_NAMES = ("sizes", "cfg", "state", "new_state", "want_state", "batch", "time", "DTYPE",
+               "DEVICE", "generator", "device", "out", "T")
 # what a standalone module needs from the call layer besides what forward calls
 API = ("Mixer", "Signature")
 
@@ -53,6 +53,10 @@ class Writer(Emitter):
     backend = "torch"
     terms = terms.BY_STRATEGY
     header: tuple = ()  # extra import lines of the module
+    # the forward's flag: whether its caller keeps the state after the last token
+    # (runtime/call.py run: return_state, a decode step); a term whose final state
+    # costs extra work may skip it without (new_state then holds None)
+    want_state = "want_state"
 
     def __init__(self, plan: ModulePlan):
         super().__init__(plan.program, new_namer())

@@ -47,7 +47,7 @@ class TritonWriter(Writer):
         for mp in self.plan.matrices:
             if mp.skip is not None and mp.skip[0] is node and terms.chunked.fuses_skip(mp):
                 return self.value(mp.applies[0])
-            if mp.divide is node and terms.chunked.fuses_divide(mp):
+            if mp.divide is node and self.fuses_divide(mp):
                 return self.value(mp.applies[0])  # (M @ v) / (M @ 1), divided in the kernel
         return super().e_Map(node)
 
@@ -64,11 +64,16 @@ class TritonWriter(Writer):
     def split_outputs(self, mp, y, widths):
         """A division in the kernel: y[..., :V] is the quotient, and nothing
         reads the denominator's column."""
-        if mp.divide is not None and terms.chunked.fuses_divide(mp):
+        if self.fuses_divide(mp):
             quotient = self.assign(f"{y}[..., :{self.size_expr(widths[0])}]", hint="y")
             return super().split_outputs(replace(mp, applies=mp.applies[:1]), quotient,
                                          widths[:1])
         return super().split_outputs(mp, y, widths)
+
+    def fuses_divide(self, mp) -> bool:
+        """Whether M's kernel divides (M @ v) / (M @ 1) itself (MatrixPlan.divide):
+        its y is then [n / m, m] (terms/chunked.py and terms/poly.py emit it)."""
+        return terms.chunked.fuses_divide(mp)
 
     def own_values(self, tp) -> bool:
         """Terms whose kernels read the values as given (no float32 copy)."""

@@ -58,6 +58,15 @@ def chunked_apply(fwd, q, k, v, a, state, chunk):
     return fwd(q, k, v, a, state, chunk)
 
 
+def quotient_grad(dy, y):
+    """The gradient of [n, m] from the gradient dy of y = [n / m, m] (a
+    kernel that divided by the normalizer m, its last column, and kept it):
+    dn = dy_n / m, dm = dy_m - sum dn . y_n."""
+    m = y[..., -1:]
+    g = dy[..., :-1] / m
+    return torch.cat([g, dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True)], -1)
+
+
 class ChunkedFn(torch.autograd.Function):
     """The adjoint backward above. q, k and v may each sit at a divisor of the
     H heads (the Triton backend reads SSD's B and C at their groups: head h
@@ -103,9 +112,7 @@ class ChunkedFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
         if quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
-            m = quotient[..., -1:]
-            g = dy[..., :-1] / m
-            dy = torch.cat([g, dy[..., -1:] - (g * quotient[..., :-1]).sum(-1, keepdim=True)], -1)
+            dy = quotient_grad(dy, quotient)
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.

@@ -38,7 +38,8 @@ def custom_op_pair(name, forward, forward_fake, backward, backward_fake, grads=N
 
     def save(ctx, inputs, output):
         ctx.tensors = sum(1 for x in inputs if x is None or torch.is_tensor(x))
-        ctx.save_for_backward(*inputs[:ctx.tensors], *(output if keep_outputs else ()))
+        outputs = (output,) if torch.is_tensor(output) else tuple(output)
+        ctx.save_for_backward(*inputs[:ctx.tensors], *(outputs if keep_outputs else ()))
         ctx.numbers = inputs[ctx.tensors:]
 
     def input_grads(ctx, *output_grads):

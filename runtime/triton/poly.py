@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from mixerc.runtime.torch.autograd import quotient_grad
 from mixerc.runtime.torch.tokens import poly_features
 
 # a call of at most this many tokens without gradients is a decode step: the
@@ -17,10 +18,14 @@ from mixerc.runtime.torch.tokens import poly_features
 POLY_DECODE_TOKENS = 16
 
 def poly_op_grads(bwd, inputs, outputs, dy):
-    """[dq, dk, dv] of forward(q, k, v, coef, *ints) -> y by backward(dy, q,
-    k, v, coef, *the same ints): the custom ops' autograd (registered by
-    runtime/triton/ops.py custom_op_pair). The coefficients are numbers of
-    the program (no gradient)."""
+    """[dq, dk, dv] of forward(q, k, v, coef, voff, noff, width, divide,
+    *config) -> y by backward(dy, q, k, v, coef, *the same numbers): the
+    custom ops' autograd (registered by runtime/triton/ops.py
+    custom_op_pair). The coefficients are numbers of the program (no
+    gradient). A dividing forward (y = [n / m, m], kept as `outputs`): dy
+    is turned into the gradient of [n, m], what the backward kernels take."""
+    if inputs[7]:
+        dy = quotient_grad(dy, outputs[0])
     return bwd(dy.contiguous(), *inputs)
 
 
@@ -53,25 +58,30 @@ def with_ones(v, norm):
 STATE_PIECE = 1 << 24
 
 
-def poly_state_around(y, q, k, values, coeffs, state):
+def poly_state_around(y, q, k, values, coeffs, state, want_state=True):
     """The feature-map state's part of a quadratic-form call (float32): y plus
     phi_c(q_t) . state for an initial state, and the state after the last
     token, state + sum_t phi_1(k_t) values_t^T [B, H, F, V] (the layout the
     torch backend's decode steps and chunked feature map use), by torch ops
-    over pieces of the tokens."""
+    over pieces of the tokens; None without want_state (the keys' feature
+    maps then neither computed nor kept for autograd)."""
+    if state is None and not want_state:
+        return y, None
     B, T, H, K = k.shape
     ones = [1.0] * len(coeffs)
     features = sum(K ** d for d in range(len(coeffs)))
     step = max(1, STATE_PIECE // max(1, B * H * features))
     new_state, reads = None, []
     for t0 in range(0, T, step):
-        kf = poly_features(k[:, t0:t0 + step].float(), ones)
-        part = torch.einsum("bthf,bthv->bhfv", kf, values[:, t0:t0 + step].float())
-        new_state = part if new_state is None else new_state + part
+        if want_state:
+            kf = poly_features(k[:, t0:t0 + step].float(), ones)
+            part = torch.einsum("bthf,bthv->bhfv", kf, values[:, t0:t0 + step].float())
+            new_state = part if new_state is None else new_state + part
         if state is not None:
             qf = poly_features(q[:, t0:t0 + step].float(), coeffs)
             reads.append(torch.einsum("bthf,bhfv->bthv", qf, state.float()))
     if state is not None:
         y = y + (reads[0] if len(reads) == 1 else torch.cat(reads, 1))
+    if want_state and state is not None:
         new_state = new_state + state.float()
     return y, new_state

@@ -57,11 +57,13 @@ def fuses_skip(mp) -> bool:
 
 def fuses_divide(mp) -> bool:
     """Whether the kernel divides by the normalizer in its epilogue (plan:
-    MatrixPlan.divide): one term on these kernels, values as given."""
+    MatrixPlan.divide): one term on these kernels or the polynomial's
+    quadratic-form kernels (terms/poly.py; their other forms divide by torch
+    ops, to the same [n / m, m]), values as given."""
     if mp.divide is None or len(mp.terms) != 1:
         return False
     tp = mp.terms[0]
-    return handles(tp) and not tp.wrappers and not any(
+    return (handles(tp) or poly.handles(tp)) and not tp.wrappers and not any(
         n in tp.operands for n in ("in_scale", "out_scale"))
 
 

@@ -2,12 +2,16 @@
 s <= t, strict or not; strategy `chunked` with flags["features"]) on the
 Triton backend: the quadratic form by Triton kernels
 (templates/triton_poly.py.jinja: f in registers, the feature map never
-written, the normalizer's row sums fused; backward dQ and dK/dV) wherever
-the cost model's Min picks it, the torch backend's chunked feature map
-otherwise (codegen/torch/terms/chunked.py). The knob `form` overrides the
-model: "cost" (default), "quadratic" or "features". Decode steps and the
-state around a call are the torch code's feature-map state, so a prefill by
-either form continues into the same decode steps.
+written, the normalizer's row sums fused, and with MatrixPlan.divide
+(Based's (M @ v) / (M @ 1)) the division in the forward's epilogue;
+backward dQ and dK/dV) wherever the cost model's Min picks it, the torch
+backend's chunked feature map otherwise (codegen/torch/terms/chunked.py).
+The knob `form` overrides the model: "cost" (default), "quadratic" or
+"features". Decode steps and the state around a call are the torch code's
+feature-map state, so a prefill by either form continues into the same
+decode steps; the quadratic form computes the final state only when the
+forward's want_state says the caller keeps it (its feature maps of the
+keys cost O(T K^2 V) and, with autograd, their memory).
 
 Higher degrees and decays stay on the torch backend (terms/chunked.py's
 dispatch does not route them here)."""
@@ -83,7 +87,12 @@ def emit(tp, mp, w, key, values):
     hist = w.function("poly_history.py.jinja", base="poly_history", strict=strict)
     chunks = w.function("chunked.py.jinja", base="chunked", per_channel=False, strict=strict,
                         has_decay=False, title=mp.info.cls + " (feature map)")
-    flags = dict(strict=strict, fallback=quad, title=mp.info.cls)
+    # (M @ v) / (M @ 1) divided by M's code, y = [n / m, m]: in the kernel's
+    # epilogue, by torch ops on the other forms (the writer's split_outputs reads n / m)
+    divide = w.fuses_divide(mp)
+    assert not divide or norm == "last", "a divide needs the normalizer last"
+    div = (lambda call: f"divided({call}, True)") if divide else (lambda call: call)
+    flags = dict(strict=strict, fallback=quad, title=mp.info.cls, divide=divide)
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_poly.py.jinja", base="poly_kernel", op=f"mixerc::poly_{digest}",
                     **flags)
@@ -101,15 +110,21 @@ def emit(tp, mp, w, key, values):
     y = w.fresh("y")
     read, write = w.state(key)
     size = f"sum({q}.shape[-1] ** d for d in range({poly.degree + 1}))"
+    if divide:
+        w.line(f"# ({key} @ v) / ({key} @ 1) divided by each form (the kernels: in their "
+               "epilogue): y = [n / m, m]")
     w.line(f"if {size} > {MAX_POLY_FEATURES}:  # feature map too large: the history form")
-    w.line(f"    {y}, {write} = {hist}({q}.to(DTYPE), {k}.to(DTYPE), {full}, {c}, {read})")
+    history = f"{hist}({q}.to(DTYPE), {k}.to(DTYPE), {full}, {c}, {read})"
+    w.line(f"    {y}, {write} = {div(history)}")
     w.line(f"elif {form} == 'quadratic' or ({form} == 'cost' and {qf} <= {ff}):")
     w.line("    # the quadratic form: Triton kernels (decode steps: the feature-state recurrence)")
-    w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {c}, {read}, {norm!r}, {knobs})")
+    w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {c}, {read}, {norm!r}, {knobs}, "
+           f"want_state={w.want_state})")
     w.line("else:  # the chunked feature map (the torch backend)")
     ones = ", ".join(["1.0"] * (poly.degree + 1))
-    w.line(f"    {y}, {write} = chunked_apply({chunks}, poly_features({q}.to(DTYPE), {c}), "
-           f"poly_features({k}.to(DTYPE), [{ones}]), {full}, None, {read}, {chunk})")
+    w.line(f"    {y}, {write} = " + div(
+        f"chunked_apply({chunks}, poly_features({q}.to(DTYPE), {c}), "
+        f"poly_features({k}.to(DTYPE), [{ones}]), {full}, None, {read}, {chunk})"))
     return y
 
 
