@@ -308,17 +308,19 @@ def test_generated_module_is_clean(name, standalone):
     assert flakes(src) == ""
 
 
-@pytest.mark.parametrize("src", ["retnet", "ssd"])
+@pytest.mark.parametrize("src", ["retnet", "ssd", "linear_attention"])
 def test_decode_kernel_in_place_and_reused_states(src, compiled, monkeypatch):
-    """Steps run the recurrence kernel (runtime/triton/recurrent.py), which
-    updates the newest state in place; an older state that was already
-    continued is refused, a clone continues; with gradients a step takes
-    the differentiable path and leaves its state alone."""
+    """Steps run the fused decode kernel (the template's `_decode`; more in
+    test_triton_decode_fused.py), which updates the newest state in place; an
+    older state that was already continued is refused, a clone continues;
+    with gradients a step takes the differentiable path and leaves its state
+    alone."""
     m, d = compiled(src), compiled(src, "dense")
     mod = m._impl.module
     calls = []
-    real = mod.recurrent_step
-    monkeypatch.setattr(mod, "recurrent_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (host,) = [n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_decode")]
+    real = getattr(mod, host)
+    monkeypatch.setattr(mod, host, lambda *a, **k: calls.append(1) or real(*a, **k))
     args = args_of(m, T=30, seed=8)
     want = d(**args)
     x = to_device(args, torch.float32)

@@ -157,14 +157,17 @@ def test_sequences_of_different_lengths(src, rewind, compiled, poisoned):
             m(**block(0, 3), initial_state=state)
 
 
-@pytest.mark.parametrize("src", [FIXED[3], RING, "retnet"], ids=["documents", "ring", "retnet"])
+LOW_RANK = ["retnet", "ssd", "linear_attention"]  # fixed states: the fused decode kernel
+
+
+@pytest.mark.parametrize("src", [FIXED[3], RING] + LOW_RANK, ids=["documents", "ring"] + LOW_RANK)
 def test_stack_states_of_different_lengths(src, compiled, poisoned):
     """Separate prefills of 5 and 17 tokens stacked into one batch: the
     steps that follow equal the dense interpreter on each sequence."""
     m, d = compiled(src), compiled(src, "dense")
-    args = inputs(m, B=2, T=26, seed=12) if src != "retnet" else \
-        {n: x.double() for n, x in random_inputs(m.program, {"H": 2, "K": 8, "V": 8}, 2, 26,
-                                                   seed=12).items()}
+    sizes = {"H": 2, "G": 1, "K": 8, "V": 8, "N": 8, "P": 8}
+    args = inputs(m, B=2, T=26, seed=12) if src not in LOW_RANK else \
+        {n: x.double() for n, x in random_inputs(m.program, sizes, 2, 26, seed=12).items()}
     x = {n: v.float().to(DEVICE) for n, v in args.items()}
     tokens = set(m.program.inputs)
     one = lambda b, a, e: {n: (v[b:b + 1, a:e] if n in tokens else v) for n, v in x.items()}  # noqa

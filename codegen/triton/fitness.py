@@ -196,24 +196,25 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
 
 def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bool) -> list:
     """The runtime's kernels the module launches (runtime/triton): the
-    recurrence of a chunked term's decode step (at its K and V, with a decay
-    per head or per channel) and the split combine of a softmax's decode step (at its V)."""
+    recurrence of a per-channel term's decode step (at its K and V, with a
+    decay per channel) and the split combine of a softmax's decode step (at
+    its V). The chunked scalar-decay family's decode kernel is rendered per
+    mixer, with its own compile meta."""
     from mixerc.runtime.triton import cache, recurrent
     out = []
     for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step,
-                                ("chunked", "per_channel")),
+                                ("per_channel",)),
                                ("combine_splits", cache._mx_combine, ("flash",))):
         dims = [(fn, *d) for fn, (_, *d) in shapes.items() if fn.startswith(kind)]
         if host not in vars(mod) or not dims:
             continue
         fn, D, DV = dims[0]
-        if kind[0] == "chunked":
+        if kind[0] == "per_channel":
             bk = max(16, _pow2(D))
             bv = max(16, min(_pow2(DV), 4096 // bk))  # as recurrent_step launches it
             cfg = {"block_k": bk, "block_v": bv, "num_warps": 4 if bk * bv <= 4096 else 8,
                    "num_stages": 1}
-            constexprs = {"DECAY": True, "PER_CHANNEL": fn.startswith("per_channel"),
-                          "STRICT": False,
+            constexprs = {"DECAY": True, "PER_CHANNEL": True, "STRICT": False,
                           "BLOCK_K": cfg["block_k"], "BLOCK_V": cfg["block_v"]}
         else:
             cfg = {"block_k": 16, "block_v": max(16, _pow2(DV)), "num_warps": 4,

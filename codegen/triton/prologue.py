@@ -5,8 +5,9 @@ the log-decay and key scale from per-token and per-head values (SSD's
 per-head log_gamma), so none of them is written to HBM before the kernels.
 
 Each map is rendered twice from the same IR: as a Triton expression for the
-kernels and as a torch expression for the paths that run without them (a
-decode step, float64, the backward's recomputation). What is not a map of
+kernels (the chunk kernels and the decode step's) and as a torch expression
+for the paths that run without them (float64, a single step while traced or
+with gradients, the backward's recomputation). What is not a map of
 this shape stays the torch backend's code before the kernel.
 
 Leaves inside the kernels' expressions: `x` (the q or k tile in float32) for

@@ -12,7 +12,8 @@ also takes q, k and v at a divisor of the H heads (B and C shared by a group
 of heads in SSD) and sums their per-head gradients over each group. It also
 takes what the kernels compute on load (a key scale, a normalizer's ones
 column and its division, a skip term): see ChunkedFn; the paths without the
-output kernel (decode steps, float64) apply them in torch here."""
+kernels (float64, a single torch step while traced or with gradients) apply
+them in torch here; a decode step's kernel computes them too."""
 
 from types import SimpleNamespace
 
@@ -164,6 +165,6 @@ def with_skip(out, v, skip, H):
 
 
 def scaled_keys(k, key_scale, H):
-    """w_s k_s at the H heads (a decode step's few tokens, or float64 inputs
-    on the torch backend's chunks, read the keys per head)."""
+    """w_s k_s at the H heads (a torch step's token, or float64 inputs on
+    the torch backend's chunks, read the keys per head)."""
     return key_scale[..., None] * chunk_heads(k, H).to(key_scale.dtype)

@@ -11,7 +11,11 @@ of which alias is the newest, so an older state (one that was already
 continued, whose numbers the update overwrote) is refused clearly instead of
 silently continuing from the wrong state; MixerState.clone() keeps a state
 reusable. A state without the record (a prefill's, a moved or cloned one) is
-never written: its first step writes a fresh buffer."""
+never written: its first step writes a fresh buffer. step_state keeps this
+record for any decode kernel that reads a state and writes its update: this
+one (the per-channel and scan families' steps) and the chunked scalar-decay
+family's fused decode kernel (codegen/triton/templates/triton_chunked.py.jinja,
+which computes its maps, key scale, normalizer and skip term as it loads)."""
 
 import torch
 import triton
@@ -84,6 +88,29 @@ def recurrent_step(q, k, v, a, state, strict, what, heads=None):
     B, T, _, DV = v.shape
     H = heads or v.shape[2]
     DK = q.shape[-1]
+    y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
+
+    def launch(source, out):
+        block_k = max(16, triton.next_power_of_2(DK))
+        block_v = max(16, min(triton.next_power_of_2(DV), 4096 // block_k))  # no spills
+        _mx_recurrent_step[(B * H, triton.cdiv(DV, block_v))](
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            q if a is None else a.contiguous(), source, out, y, T, H, q.shape[2], k.shape[2],
+            v.shape[2], DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
+            STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v,
+            num_warps=4 if block_k * block_v <= 4096 else 8)
+    return y, step_state(state, (B, H, DK, DV), v.device, what, launch if B * H and T else None)
+
+
+def step_state(state, shape, device, what, launch):
+    """The state after a decode step whose kernel reads the state entering it
+    and writes the state after it: launch(source, out) launches it (source
+    and out are the same buffer when updating in place), or None when there is
+    nothing to compute (no token or no sequence). In place when `state` is the
+    newest alias of its buffer; a state without the record (None: zeros, a
+    prefill's, a moved or cloned one) is read into a fresh buffer of `shape`
+    (float32), and one that was already continued is refused (`what` names the
+    term). Returns the new state: the newest alias of the buffer written."""
     record = None if state is None else getattr(state, _NEWEST, None)
     if record is not None and record[0] is not getattr(state, _TOKEN, None):
         raise MixerValueError(
@@ -95,20 +122,12 @@ def recurrent_step(q, k, v, a, state, strict, what, heads=None):
     if in_place:
         out = state
     else:
-        out = torch.empty(B, H, DK, DV, dtype=torch.float32, device=v.device)
+        out = torch.empty(shape, dtype=torch.float32, device=device)
         record = [None]
     source = out if in_place else (out.zero_() if state is None else
                                    state.to(torch.float32).contiguous())
-    y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
-    if B * H and T:
-        block_k = max(16, triton.next_power_of_2(DK))
-        block_v = max(16, min(triton.next_power_of_2(DV), 4096 // block_k))  # no spills
-        _mx_recurrent_step[(B * H, triton.cdiv(DV, block_v))](
-            q.contiguous(), k.contiguous(), v.contiguous(),
-            q if a is None else a.contiguous(), source, out, y, T, H, q.shape[2], k.shape[2],
-            v.shape[2], DK, DV, DECAY=a is not None, PER_CHANNEL=a is not None and a.dim() == 4,
-            STRICT=strict, BLOCK_K=block_k, BLOCK_V=block_v,
-            num_warps=4 if block_k * block_v <= 4096 else 8)
-    elif not in_place:
+    if launch is not None:
+        launch(source, out)
+    elif source is not out:
         out.copy_(source)
-    return y, _alias(out, record)
+    return _alias(out, record)

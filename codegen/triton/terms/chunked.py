@@ -4,8 +4,9 @@ token, or none (linear attention, RetNet, Mamba-2 SSD), as a Triton kernel
 final state out, in two kernels (the chunk states in order, then every
 chunk's output in parallel), which also runs the three adjoint problems of
 the backward (runtime/triton/chunked.py) and prefill; a decode step without
-gradients is one launch of the recurrence kernel (runtime/triton/recurrent.py,
-the state updated in place). q and k are read at their group heads (SSD's B and C shared by a
+gradients (up to 16 tokens) is one launch of the template's decode kernel,
+which computes on load what the chunk kernels do (below) and updates the
+state in place (runtime/triton/recurrent.py step_state). q and k are read at their group heads (SSD's B and C shared by a
 group of heads).
 
 Computed in the kernels instead of read from HBM (the plan says where): a key
