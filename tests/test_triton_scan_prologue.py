@@ -19,7 +19,8 @@ import re
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err
+from conftest import (assert_gradients_equal_dense, assert_prefill_then_decode, compiled_mixers,
+                      rel_err, to_device)
 from reference import make_inputs
 
 pytest.importorskip("triton")
@@ -171,16 +172,10 @@ def grads(m, args, dtype, weights, **kw):
 def test_every_gradient_equals_dense(src, compiled, monkeypatch, poisoned):
     """T = 150: three checkpoint segments (64 + 64 + 22), batch 2."""
     m, d = compiled(src), compiled(src, "dense")
-    args = args_of(m, B=2, T=150, seed=3)
-    w = torch.randn(d(**args).shape, dtype=f64, generator=torch.Generator().manual_seed(0))
     calls = scan_ops(m, monkeypatch)
-    y, got = grads(m, args, torch.float32, w)
+    torch.manual_seed(0)
+    assert_gradients_equal_dense(m, d, args_of(m, B=2, T=150, seed=3))
     assert [c[0] for c in calls] == ["fwd", "bwd"]  # the scan both ways
-    y_ref, want = grads(d, args, f64, w)
-    assert rel_err(y.cpu(), y_ref) < 1e-5
-    for n in args:
-        assert torch.isfinite(got[n]).all(), n
-        assert rel_err(got[n].cpu(), want[n]) < 1e-4, (n, rel_err(got[n].cpu(), want[n]))
 
 
 def test_mamba_gradients_bf16(compiled, bf16_dots):
@@ -207,25 +202,16 @@ def test_mamba_gradients_float64_take_the_torch_code(compiled, monkeypatch):
 
 @pytest.mark.parametrize("src", ["mamba", CASES[1]], ids=["mamba", "mapped0"])
 def test_prefill_then_decode(src, compiled, monkeypatch, poisoned):
-    """A prefill (the scan, maps on load), then decode steps (the maps and the
-    skip by torch before and after the recurrence kernel), equal dense."""
+    """A prefill and a block from its state (the scan, maps on load), then
+    decode steps (the maps and the skip by torch around the recurrence
+    kernel), equal dense."""
     m = compiled(src)
-    T0, steps = 30, 3
-    args = args_of(m, B=2, T=T0 + steps, seed=7)
+    args = args_of(m, B=2, T=43, seed=7)
     want = compiled(src, "dense")(**args)
-    dev = on_device(args, torch.float32)
-    tokens = [n for n, x in args.items() if x.dim() >= 3]
     calls = scan_ops(m, monkeypatch)
     with torch.no_grad():
-        y0, state = m(**{n: (x[:, :T0] if n in tokens else x) for n, x in dev.items()},
-                      return_state=True)
-        ys = [y0]
-        for t in range(T0, T0 + steps):
-            y_t, state = m.step(state, **{n: (x[:, t] if n in tokens else x)
-                                          for n, x in dev.items()})
-            ys.append(y_t[:, None])
-    assert [c[0] for c in calls] == ["fwd"]  # the steps: the recurrence kernel
-    assert rel_err(torch.cat(ys, 1).cpu(), want) < 1e-5
+        assert_prefill_then_decode(m, to_device(args, torch.float32), want, 20, 40, tol=1e-5)
+    assert [c[0] for c in calls] == ["fwd", "fwd"]  # the steps: the recurrence kernel
 
 
 def test_short_call_with_gradient_and_state(compiled, monkeypatch):
@@ -263,3 +249,23 @@ def test_chunked_kernels_for_the_same_term(src, monkeypatch, poisoned):
     assert rel_err(y.cpu(), y_ref) < 1e-4
     for n in args:
         assert rel_err(got[n].cpu(), want[n]) < 1e-4, n
+
+
+def test_h3_skip_in_the_scan(compiled, monkeypatch, poisoned):
+    """H3's K @ u + D * u: no maps (u is computed in torch: a conv), the skip
+    term added in the scan's epilogue from the value it reads; forward and
+    every gradient equal dense."""
+    m, d = compiled("h3"), compiled("h3", "dense")
+    forward = forward_source(m)
+    call = next(ln for ln in forward.splitlines() if "per_channel_scan" in ln and "(" in ln)
+    assert "skip=" in call and "leaves=" not in call, call
+    calls = scan_ops(m, monkeypatch)
+    args = make_inputs("h3", B=2, T=40, seed=12)
+    with torch.no_grad():
+        y = m(**to_device(args, torch.float32))
+    (what, (*_, leaves, mapped, skip)), = calls
+    assert not mapped and skip is not None
+    assert rel_err(y.cpu(), d(**args)) < 1e-5
+    torch.manual_seed(1)
+    assert_gradients_equal_dense(m, d, args)
+    assert [c[0] for c in calls[1:]] == ["fwd", "bwd"]

@@ -41,7 +41,8 @@ from . import per_channel
 
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
-# sm_90a, 72 on sm_80; no config spills (runtime/triton/scan.py scan_heads
+# sm_90a, 85 on sm_80 with the log-decay's factors read; computing delta, the
+# values' scale and the skip on load (MAP, SKIP) 127 and 117; no config spills (runtime/triton/scan.py scan_heads
 # takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
 # 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
 # chunks) its 2- and 8-warp configs keep an 8-byte stack frame (one register
