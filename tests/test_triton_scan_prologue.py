@@ -269,3 +269,18 @@ def test_h3_skip_in_the_scan(compiled, monkeypatch, poisoned):
     torch.manual_seed(1)
     assert_gradients_equal_dense(m, d, args)
     assert [c[0] for c in calls[1:]] == ["fwd", "bwd"]
+
+
+def test_constant_values_scale(compiled, monkeypatch):
+    """Values scaled by a constant (M @ (0.5 * x)): a map without leaves (a
+    number in torch) in the kernel, a decode step and the backward."""
+    src = mapped_program(3).replace("scanmap_3", "half_scale").replace("M @ (x)", "M @ (0.5 * x)")
+    m, d = compiled(src), compiled(src, "dense")
+    calls = scan_ops(m, monkeypatch)
+    for T in (3, 37):  # a decode step, the scan
+        args = args_of(m, T=T, seed=T)
+        with torch.no_grad():
+            assert rel_err(m(**to_device(args, torch.float32)).cpu(), d(**args)) < 1e-5, T
+    assert [c[0] for c in calls] == ["fwd"] and calls[0][1][-2]  # mapped
+    torch.manual_seed(2)
+    assert_gradients_equal_dense(m, d, args_of(m, T=37, seed=6))
