@@ -139,10 +139,15 @@ def test_per_channel_and_scan_ops_pass_opcheck():
         dy, d_final = r(B, T, H, V), r(B, H, K, V)
         torch.library.opcheck(bwd, (q, k, v, a, state, dy, d_final) + config,
                               test_utils=("test_schema", "test_faketensor"))
-    # mamba's scan multiplies its log-decay's factors (dt [B, T, H], a [H, K]) on load
-    scan, _ = mixerc.compile("mamba", backend="triton")._impl.module.per_channel_scan_factored_ops
+    # mamba's scan multiplies its log-decay's factors (dt [B, T, H], a [H, K]) on load,
+    # or computes dt from its leaves (dt [B, T, H], dt_bias [H]) and adds a skip term
+    mod = mixerc.compile("mamba", backend="triton")._impl.module
+    scan, _ = mod.per_channel_scan_factored_maps_skip_pair
     q, k, v = r(B, T, 1, K), r(B, T, 1, K), r(B, T, H, 3)
     dt, a = torch.rand(B, T, H, generator=g), -torch.rand(H, K, generator=g)
+    leaves, d = [r(B, T, H), r(H)], r(H)
     for state, seg in ((None, 0), (r(B, H, K, 3), 8)):  # seg: checkpoints for a backward
-        torch.library.opcheck(scan, (q, k, v, dt, a, state, 16, 4, seg),
-                              test_utils=("test_schema", "test_faketensor"))
+        for extra in (([], False, None), (leaves, True, d)):
+            torch.library.opcheck(scan, (q, k, v, None if extra[1] else dt, a, state, 16, 4,
+                                         seg, *extra),
+                                  test_utils=("test_schema", "test_faketensor"))

@@ -13,7 +13,7 @@ from mixerc.codegen.torch.backend import DTYPES as TORCH_DTYPES, TorchRunner
 from mixerc.errors import MixerUnsupportedError
 
 from . import prologue
-from .terms import has_kernels, per_channel, poly, quasiseparable
+from .terms import has_kernels, per_channel, poly, quasiseparable, scan
 
 DTYPES = {**TORCH_DTYPES,
           "flash": "q, k, v in the inputs' dtype into tensor-core dots (float32 accumulation); "
@@ -158,6 +158,14 @@ def runs_on(tp, plan=None) -> str:
                 "backward; the torch backend's chunks for float64")
     if per_channel.handles(tp):
         algorithm = "" if plan is None else "; algorithm: " + _scan_or_chunks(tp, plan)
+        pro = None if mp is None else scan.maps(tp, mp, plan.program.groups)
+        if pro is not None:
+            algorithm += ("; the scan computes on load (never written to HBM; its backward "
+                          "recomputes them by torch): " + pro.describe() +
+                          " (the chunks compute them in torch first)")
+        if mp is not None and scan.fuses_skip(mp, plan.program.groups):
+            algorithm += ("; the skip term: the scan adds it in its epilogue, the chunks "
+                          "in torch after their kernels")
         return ("Triton kernels (forward: a scan of the state in registers, or chunks and "
                 "sub-chunks in log space with the state passed in registers; backward: the "
                 "scan in reverse from its checkpoints, or the chunks' adjoint state back over "

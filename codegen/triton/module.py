@@ -45,7 +45,8 @@ class TritonWriter(Writer):
         it in its epilogue (terms/chunked.py): the application's output is
         the sum."""
         for mp in self.plan.matrices:
-            if mp.skip is not None and mp.skip[0] is node and terms.chunked.fuses_skip(mp):
+            if mp.skip is not None and mp.skip[0] is node and (
+                    terms.chunked.fuses_skip(mp) or terms.scan.fuses_skip(mp, self.groups)):
                 return self.value(mp.applies[0])
             if mp.divide is node and self.fuses_divide(mp):
                 return self.value(mp.applies[0])  # (M @ v) / (M @ 1), divided in the kernel
@@ -77,14 +78,28 @@ class TritonWriter(Writer):
 
     def own_values(self, tp) -> bool:
         """Terms whose kernels read the values as given (no float32 copy)."""
-        # (the per-channel kernel's emitter takes the values as the torch backend builds them)
-        return super().own_values(tp) or terms.chunked.handles(tp) or terms.poly.handles(tp)
+        # (the per-channel chunks' emitter takes the values as the torch backend builds
+        # them: a lone scan term builds them in that branch only)
+        return super().own_values(tp) or terms.chunked.handles(tp) or terms.poly.handles(tp) \
+            or (terms.scan.handles(tp) and any(
+                len(m.terms) == 1 and m.terms[0] is tp for m in self.plan.matrices))
 
     def canon_mm(self, node: ir.Node, heads: tuple, tail: tuple, hint: str = "v") -> str:
         """canon(...) in the matmuls' dtype (MM_DTYPE: the inputs'); an input
         is read as given, so a kernel's bf16 operand is never a float32 copy."""
         if not isinstance(node, ir.Input):
             return self.assign(f"{self.canon(node, heads, tail, hint)}.to(MM_DTYPE)", hint=hint)
+        return self.assign(f"{self._raw(node, heads, tail)}.to(MM_DTYPE)", hint=hint)
+
+    def canon_raw(self, node: ir.Node, heads: tuple, tail: tuple, hint: str = "v") -> str:
+        """canon(...) of an input as given (its own dtype: what a kernel reads and
+        converts on load), of anything else in DTYPE."""
+        if not isinstance(node, ir.Input):
+            return self.canon(node, heads, tail, hint)
+        return self.assign(self._raw(node, heads, tail), hint=hint)
+
+    def _raw(self, node: ir.Input, heads: tuple, tail: tuple) -> str:
+        """An input as given at [batch, time, prod(heads)(, prod(tail))], as an expression."""
         if node.name not in self.raw:
             self.raw[node.name] = self.namer.claim(self.args[node.name] + "_in")
         dst = ("b", "t") + tuple(heads) + tuple(tail)
@@ -92,7 +107,7 @@ class TritonWriter(Writer):
         if not (len(heads) == 1 and len(tail) <= 1):
             expr = f"{expr}.reshape(batch, time, {self.size_expr(heads)}" + \
                 (f", {self.size_expr(tail)})" if tail else ")")
-        return self.assign(f"{expr}.to(MM_DTYPE)", hint=hint)
+        return expr
 
     def raw_inputs(self) -> list:
         return [(raw, self.args[n]) for n, raw in self.raw.items()]

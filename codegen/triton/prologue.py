@@ -12,7 +12,9 @@ this shape stays the torch backend's code before the kernel.
 
 Leaves inside the kernels' expressions: `x` (the q or k tile in float32) for
 a feature map; `l0`, `l1`, ... (per-token [BT] or per-head scalars, float32)
-for the log-decay and the key scale."""
+for the log-decay and the key scale. The per-channel scan
+(terms/scan.py) renders its scalar maps (Mamba's delta and the values'
+scale) by scalar_map too."""
 
 from __future__ import annotations
 
@@ -64,8 +66,7 @@ class Prologue:
             m = getattr(self, role)
             if m is not None:
                 leaf = {"x": m.leaves[0].name} if role in "qk" else names
-                text = re.sub(r"\b(x|l\d+)\b", lambda g: leaf.get(g[1], g[1]), m.torch)
-                out.append(f"{label} = {text}")
+                out.append(f"{label} = {with_names(m.torch, leaf)}")
         return "; ".join(out)
 
     def flags(self) -> dict:
@@ -77,6 +78,12 @@ class Prologue:
         out["leaf_kinds"] = tuple(self.kinds)
         out["leaf_names"] = tuple(x.name for x in self.leaves)
         return out
+
+
+def with_names(text: str, names: dict) -> str:
+    """A map's torch source with its leaves (x, l0, l1, ...) renamed by
+    `names` (to the user's names, for explain)."""
+    return re.sub(r"\b(x|l\d+)\b", lambda g: names.get(g[1], g[1]), text)
 
 
 def of(tp, heads: tuple) -> Prologue:
@@ -97,18 +104,29 @@ def of(tp, heads: tuple) -> Prologue:
         op = tp.operands.get(operand)
         if op is None or isinstance(op.node, ir.Input):  # a token input is read as given
             continue
-        found = _scalar_leaves(op.node, heads, memo)
-        if found is None:
-            continue
-        for leaf, kind in found:
-            if all(leaf is not x for x in pro.leaves):
-                pro.leaves.append(leaf)
-                pro.kinds.append(kind)
-        names = {id(x): f"l{i}" for i, x in enumerate(pro.leaves)}
-        m = _render(op.node, lambda n: names.get(id(n)), memo)
-        if m is not None:
-            setattr(pro, role, Map(*m, [x for x, _ in found]))
+        setattr(pro, role, scalar_map(op.node, heads, pro.leaves, pro.kinds, memo))
     return pro
+
+
+def scalar_map(node, heads: tuple, leaves: list, kinds: list, memo=None) -> Map | None:
+    """`node` as a map of per-token values at exactly `heads` ("token" [B, T,
+    H]) and per-head statics ("head" [H]), named l0, l1, ... by their place
+    in `leaves` (its new leaves appended there and their kinds to `kinds`),
+    or None (nothing appended) where a kernel cannot compute it on load.
+    Shared by the chunked kernels (of) and the per-channel scan
+    (terms/scan.py: Mamba's delta and the values' scale)."""
+    memo = {} if memo is None else memo
+    found = _scalar_leaves(node, heads, memo)
+    if found is None:
+        return None
+    new = [(x, kind) for x, kind in found if all(x is not y for y in leaves)]
+    names = {id(x): f"l{i}" for i, x in enumerate(leaves + [x for x, _ in new])}
+    m = _render(node, lambda n: names.get(id(n)), memo)
+    if m is None:
+        return None
+    leaves.extend(x for x, _ in new)
+    kinds.extend(kind for _, kind in new)
+    return Map(*m, [x for x, _ in found])
 
 
 def _single_leaf(node, memo):

@@ -79,10 +79,28 @@ def _find_skips(program: ir.Program, matrices: list) -> None:
                 continue
             if not (isinstance(other, ir.Map) and other.op == "mul" and len(other.args) == 2):
                 continue
-            d, u = other.args if other.args[1] is apply.u else other.args[::-1]
-            if u is apply.u and d.type.kind == ir.STATIC and d.type.dims == tuple(mp.heads) \
-                    and n.type.dims == apply.type.dims:
-                mp.skip = (n, d)
+            d, u = other.args if _skip_value(other.args[1], apply.u) else other.args[::-1]
+            if _skip_value(u, apply.u) and d.type.kind == ir.STATIC and \
+                    d.type.dims == tuple(mp.heads) and n.type.dims == apply.type.dims:
+                mp.skip = (n, d, u)
+
+
+def _skip_value(u, values) -> bool:
+    """Whether d * u is a skip term of M @ values: u is the values, or an
+    input they scale (Mamba's D * x beside M @ (delta * x)), which a kernel
+    that scales x on load holds as well."""
+    if u is values:
+        return True
+    if not isinstance(u, ir.Input) or u.type.dims != values.type.dims:
+        return False
+    stack = [values]
+    while stack:  # the factors of a product (negations aside)
+        n = stack.pop()
+        if n is u:
+            return True
+        if isinstance(n, ir.Map) and n.op in ("mul", "neg"):
+            stack.extend(n.args)
+    return False
 
 
 def _independent(matrices) -> list:
@@ -202,8 +220,9 @@ def describe(mplan: ModulePlan, backend: str = "torch", dtypes: dict | None = No
     for mp in mplan.matrices:
         lines.append(f"  {mp.name}: {', '.join(mp.strategies)}")
         if mp.skip is not None:
-            lines.append(f"    skip: {_node_text(mp.skip[1])} * the values, added to "
-                         f"{mp.name} @ u (a chunked kernel adds it in its epilogue)")
+            u = "the values" if mp.skip[2] is mp.applies[0].u else _node_text(mp.skip[2])
+            lines.append(f"    skip: {_node_text(mp.skip[1])} * {u}, added to "
+                         f"{mp.name} @ u (a chunked kernel or the scan adds it in its epilogue)")
         if mp.normalizer:
             lines.append(f"    normalizer: {mp.name} @ 1 (the row sums of {mp.name}; a chunked "
                          "kernel computes it from its score tiles and a state row"

@@ -132,9 +132,10 @@ class MatrixPlan:
     heads: tuple       # the matrix's free dims as its applications see them
     terms: list
     info: MatrixInfo
-    # (add node, d): the program adds d * u to this matrix's only application
-    # M @ u (SSD's skip D * x), and nothing else reads M @ u: a kernel may add
-    # it in its epilogue from the value tile it holds
+    # (add node, d, u): the program adds d * u to this matrix's only application
+    # M @ values (SSD's skip D * x), u the values or an input they scale
+    # (Mamba's D * x beside M @ (delta * x)), and nothing else reads M @ values:
+    # a kernel may add it in its epilogue from the value tile it holds
     skip: tuple | None = None
     # the node (M @ v) / (M @ 1) when the program reads these two applications
     # (M's only ones) there alone: a kernel may divide in its epilogue

@@ -4,7 +4,9 @@ time scan, which algorithm a call runs (the scan or the chunked kernels)
 from the config's choice and the cost model's two estimates, and ScanFn,
 which differentiates its forward and backward custom ops (registered by
 runtime/triton/ops.py custom_op_pair without autograd: the forward's
-checkpoints are saved beside the inputs)."""
+checkpoints are saved beside the inputs), and MappedScanFn, for a forward
+that computes maps on load (Mamba's delta from dt and dt_bias, the values'
+scale, a skip term: codegen/triton/terms/scan.py)."""
 
 import torch
 import triton
@@ -105,3 +107,79 @@ class ScanFn(torch.autograd.Function):
         grads = [None if want is None else g.to(want)
                  for g, want in zip(grads, ctx.dtypes)]
         return (None, None, *grads)
+
+
+def scan_mapped_apply(ops, prologue, q, k, v, dt, a, state, block_h, num_warps, leaves, skip):
+    """(y, final state) by a forward op that computes maps on load: leaves
+    (None: dt and v as given) and a skip term d [H] (or None); prologue(v, dt,
+    leaves, skip) -> (values, dt, d v) computes the same by torch ops. With a
+    gradient: MappedScanFn, or while torch.compile traces the maps as torch
+    ops before ScanFn (inductor fuses them) and the skip term after it."""
+    tensors = (q, k, v, dt, a, state, skip, *(leaves or ()))
+    if scan_needs_grad(*tensors):
+        if not torch.compiler.is_compiling():
+            return MappedScanFn.apply(ops, (block_h, num_warps), prologue, q, k, v, dt, a,
+                                      state, skip, *(leaves or ()))
+        v, dt, extra = prologue(v, dt, leaves, skip)
+        y, final = ScanFn.apply(ops, (block_h, num_warps), q, k, v, dt, a, state)
+        return (y if extra is None else y + extra), final
+    return _mapped_forward(ops, (block_h, num_warps), q, k, v, dt, a, state, skip, leaves,
+                           0)[:2]
+
+
+def _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, leaves, seg):
+    """The forward op on the raw inputs (the kernel maps them)."""
+    q, k, v, dt, a, state = _scan_inputs(q, k, v, dt, a, state)
+    return ops[0](q, k, v, dt, a, state, *cfg, seg,
+                  [] if leaves is None else [x.contiguous() for x in leaves], leaves is not None,
+                  None if skip is None else skip.to(torch.float32).contiguous())
+
+
+class MappedScanFn(torch.autograd.Function):
+    """ScanFn for a forward that computes maps on load: it runs on the raw
+    inputs and stores nothing mapped (the inputs, the leaves, the
+    checkpoints); the backward recomputes the maps by torch ops (`prologue`),
+    runs the reverse scan on the mapped values and decay step, and takes the
+    maps' (and the skip term's) gradients by autograd."""
+
+    @staticmethod
+    def forward(ctx, ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves):
+        ls = list(leaves) if leaves else None
+        y, final, ck = _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, ls, SCAN_SEGMENT)
+        ctx.ops, ctx.cfg, ctx.prologue, ctx.mapped = ops, cfg, prologue, ls is not None
+        ctx.dtypes = [None if x is None else x.dtype for x in (q, k, a, state)]
+        ctx.save_for_backward(q, k, v, dt, a, ck, skip, *leaves)
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels: no double backward
+    def backward(ctx, dy, dfinal):
+        q, k, v, dt, a, ck, skip, *leaves = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves
+        raw = [v, dt, skip, *leaves]
+        with torch.enable_grad():
+            inputs = [None if x is None else x.detach().requires_grad_(n)
+                      for x, n in zip(raw, (needs[5], needs[6], needs[9], *needs[10:]))]
+            mapped = ctx.prologue(inputs[0], inputs[1], inputs[3:] if ctx.mapped else None,
+                                  inputs[2])
+        if dy is None:
+            dy = torch.zeros(*v.shape[:3], ck.shape[-1], dtype=torch.float32, device=v.device)
+        dy = dy.to(torch.float32).contiguous()
+        if dfinal is not None:
+            dfinal = dfinal.to(torch.float32).contiguous()
+        mv, mdt = (None if m is None else m.detach().to(torch.float32).contiguous()
+                   for m in mapped[:2])
+        gq, gk, gv, gdt, ga, gs = ctx.ops[1](dy, dfinal, *_scan_inputs(q, k, mv, mdt, a, None)[:5],
+                                             ck, *ctx.cfg, SCAN_SEGMENT)
+        outs = [(m, g) for m, g in zip(mapped, (gv, gdt, dy))
+                if m is not None and m.requires_grad]
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        found = torch.autograd.grad([m for m, _ in outs], wanted, [g for _, g in outs],
+                                    allow_unused=True) if outs and wanted else []
+        by_input = dict(zip(map(id, wanted), found))
+        gv_, gdt_, gskip, *gleaves = (None if x is None else by_input.get(id(x))
+                                      for x in inputs)
+        gq, gk, ga, gs = (None if want is None else g.to(want)
+                          for g, want in zip((gq, gk, ga, gs), ctx.dtypes))
+        return (None, None, None, gq, gk, gv_, gdt_, ga, gs, gskip, *gleaves)

@@ -49,7 +49,7 @@ def fuses_skip(mp) -> bool:
     """Whether the kernel adds the matrix's skip term d * u (plan: MatrixPlan.skip)
     in its epilogue: one term on these kernels, its values u as given (no
     gates or wrappers between them and the kernel, nothing on its output)."""
-    if mp.skip is None or len(mp.terms) != 1:
+    if mp.skip is None or len(mp.terms) != 1 or mp.skip[2] is not mp.applies[0].u:
         return False
     tp = mp.terms[0]
     return handles(tp) and not tp.wrappers and not any(

@@ -10,6 +10,9 @@ autograd joins them (runtime/triton/per_channel.py), opaque to torch.compile. Wi
 tokens is a decode step on runtime/triton/recurrent.py (state updated in
 place). float64 inputs run the torch backend's chunked code
 (codegen/torch/terms/chunked.py), which autograd differentiates.
+These kernels read their operands materialized: where the scan computes
+maps on load (terms/scan.py `maps`: Mamba's delta, delta * x, the skip term),
+this branch computes them in torch first and adds the skip after its kernels.
 """
 
 import hashlib

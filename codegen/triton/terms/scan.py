@@ -14,20 +14,35 @@ dim and token-free factors with it (Mamba's delta [B, T, E] times
 -exp(A_log) [E, N]) as the two factors, multiplied in the kernel: the
 [B, T, E, N] product is never materialized. Any other log-decay is read as
 a [B, T, H, K] tensor.
+
+Computed in the scan instead of read from HBM (`maps`, codegen/triton/prologue.py's
+renderer): the log-decay's per-token factor as a map of its leaves (Mamba's
+delta = softplus(dt + dt_bias) from dt per token and dt_bias per channel),
+the values' scale (values = delta * x: x read as given, scaled on load) and a
+skip term d * x (MatrixPlan.skip) in the epilogue, so neither delta nor
+delta * x nor D * x is written before or after the kernel. Its backward
+recomputes the maps by torch ops (runtime/triton/scan.py MappedScanFn); decode
+steps and torch.compile with a gradient compute them in torch. The chunked
+branch (per_channel.py, and float64's torch code) still computes delta,
+delta * x and the [B, T, H, K] log-decay in torch, and adds the skip term
+after its kernels.
 """
 
 import hashlib
+from dataclasses import dataclass, field
 
 from mixerc import cost, ir
 from mixerc.codegen.torch.emit import axes_of
 from mixerc.codegen.torch.terms import chunked as torch_chunked
+from mixerc.codegen.triton import prologue
 from mixerc.plan import value_dims
 
 from . import per_channel
 
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
-# sm_90a, 72 on sm_80; no config spills (runtime/triton/scan.py scan_heads
+# sm_90a, 85 on sm_80 with the log-decay's factors read; computing delta, the
+# values' scale and the skip on load (MAP, SKIP) 127 and 117; no config spills (runtime/triton/scan.py scan_heads
 # takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
 # 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
 # chunks) its 2- and 8-warp configs keep an 8-byte stack frame (one register
@@ -77,6 +92,88 @@ def decay_factors(node: ir.Node, heads: tuple, dim: str):
     return token, fixed, negated
 
 
+@dataclass
+class Maps:
+    """What the scan computes on load: `dt` the log-decay's per-token factor
+    and `w` the values' scale (None: read as given), maps of `leaves` (l0,
+    l1, ...: "token" [B, T, H] or "head" [H], `kinds`); `value` the node
+    the kernel reads as its values (the raw factor of a scaled value)."""
+
+    dt: prologue.Map | None = None
+    w: prologue.Map | None = None
+    value: ir.Node | None = None
+    leaves: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The maps in words, for explain."""
+        names = {f"l{i}": x.name for i, x in enumerate(self.leaves)}
+        out = []
+        for label, m in (("decay_step", self.dt), ("values_scale", self.w)):
+            if m is not None:
+                out.append(f"{label} = " + prologue.with_names(m.torch, names))
+        return "; ".join(out)
+
+
+def _product(parts, negated=False):
+    """One map of the product of maps (negated: its negation)."""
+    tri = " * ".join(f"({m.triton})" for m in parts)
+    tor = " * ".join(f"({m.torch})" for m in parts)
+    return prologue.Map(f"-({tri})" if negated else tri, f"-({tor})" if negated else tor,
+                        [x for m in parts for x in m.leaves])
+
+
+def maps(tp, mp, groups) -> Maps | None:
+    """The maps the scan computes on load, or None (the term's operands are
+    then computed in torch and read as before): one term of one application
+    at one head dim, values not changed by gates or wrappers, a factored
+    log-decay, and something to compute (a per-token factor that is not an
+    input as given, or values that are an input times a scale)."""
+    if len(mp.terms) != 1 or len(mp.applies) != 1 or len(mp.heads) != 1 or \
+            "in_scale" in tp.operands or "out_scale" in tp.operands or tp.wrappers:
+        return None
+    split = decay_factors(tp.operands["log_decay"].node, mp.heads, tp.flags["dim"])
+    if split is None or not split[0]:
+        return None
+    out, memo = Maps(), {}
+    parts = [prologue.scalar_map(t, mp.heads, out.leaves, out.kinds, memo) for t in split[0]]
+    if None in parts:
+        return None
+    out.dt = _product(parts)
+    app = mp.applies[0]
+    out.value = app.u
+    if not isinstance(app.u, ir.Input):
+        factors, negated = _factors(app.u)
+        want = ("b", "t") + tuple(mp.heads) + tuple(value_dims(app, mp.heads, groups))
+        raw = [f for f in factors if isinstance(f, ir.Input) and axes_of(f) == want]
+        rest = [f for f in factors if not raw or f is not raw[-1]]
+        if raw and rest:
+            leaves, kinds = list(out.leaves), list(out.kinds)
+            scale = [prologue.scalar_map(f, mp.heads, leaves, kinds, memo) for f in rest]
+            if None not in scale:
+                out.w, out.value = _product(scale, negated), raw[-1]
+                out.leaves, out.kinds = leaves, kinds
+    if out.w is None and all(isinstance(t, ir.Input) for t in split[0]):
+        return None  # nothing to compute: the factors and values read as before
+    return out
+
+
+def fuses_skip(mp, groups) -> bool:
+    """Whether the scan adds the matrix's skip term d * u (MatrixPlan.skip)
+    in its epilogue: u is what it reads as its values (the values as given,
+    or their raw factor when it scales them on load), one term, nothing
+    between the values and the kernel or on its output. The chunked branch
+    adds it in torch after its kernels."""
+    if mp.skip is None or len(mp.terms) != 1 or len(mp.applies) != 1:
+        return False
+    tp = mp.terms[0]
+    if not handles(tp) or tp.wrappers or any(n in tp.operands
+                                             for n in ("in_scale", "out_scale")):
+        return False
+    m = maps(tp, mp, groups)
+    return mp.skip[2] is (mp.applies[0].u if m is None else m.value)
+
+
 def _read_heads(op, mp, groups) -> tuple:
     """The heads q or k is read at: none (one head for all: Mamba's B and C),
     its group dim, or the matrix's heads."""
@@ -104,7 +201,12 @@ def emit(tp, mp, w, key, values):
                    hint="q_scan")
     k = w.canon_mm(tp.operands["k"].node, _read_heads(tp.operands["k"], mp, g), (dim,),
                    hint="k_scan")
-    if "in_scale" in tp.operands or tp.wrappers:  # values the writer changed first
+    pro = maps(tp, mp, g)  # what the scan computes on load
+    if pro is not None:  # the raw values (the scale's factor), as given
+        vd = value_dims(mp.applies[0], mp.heads, g)
+        x = w.canon_raw(pro.value, mp.heads, vd, hint="x_scan")
+        v = x if vd else f"{x}[..., None]"
+    elif "in_scale" in tp.operands or tp.wrappers:  # values the writer changed first
         v = w.assign(f"{values}.to(MM_DTYPE)", hint="values_mm")
     else:
         parts = []
@@ -120,14 +222,33 @@ def emit(tp, mp, w, key, values):
         dt, a = "None", w.canon(node, mp.heads, (dim,), hint="log_decay")
     else:  # the factors, multiplied in the kernel
         token, fixed, negated = split
-        dt = " * ".join(w.canon(t, mp.heads, (), hint="decay_step") for t in token) or \
-            "torch.ones(batch, time, {}, dtype=torch.float32, device=DEVICE)".format(
-                w.size_expr(mp.heads))
-        dt = w.assign(dt, hint="decay_step")
+        if pro is not None:  # the per-token factor: computed from the leaves
+            dt = "None"
+        else:
+            dt = " * ".join(w.canon(t, mp.heads, (), hint="decay_step") for t in token) or \
+                "torch.ones(batch, time, {}, dtype=torch.float32, device=DEVICE)".format(
+                    w.size_expr(mp.heads))
+            dt = w.assign(dt, hint="decay_step")
         rate = " * ".join(_fixed_code(w, x, mp.heads, dim) for x in fixed)
         a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
+    extra, runs = "", ""
+    if pro is not None:  # the maps' leaves as given: per token [b, t, H], per head [H]
+        leaves = [w.canon_raw(x, mp.heads, (), hint=x.name) if kind == "token" else
+                  w.per_head(x, mp.heads, hint=x.name) for x, kind in zip(pro.leaves, pro.kinds)]
+        extra += f", leaves=[{', '.join(leaves)}]"
+        runs += "".join(f", {x}" for x in leaves)
+    skip = fuses_skip(mp, g)
+    if skip:  # y = M @ u + d * u: d * u added in the scan's epilogue
+        d = w.per_head(mp.skip[1], mp.heads, hint="skip")
+        extra += f", skip={d}"
+        runs += f", {d}"
     flags = dict(strict=f["strict"], factored=split is not None,
-                 what=torch_chunked._term_name(w, mp, key), title=mp.info.cls)
+                 what=torch_chunked._term_name(w, mp, key), title=mp.info.cls,
+                 maps=pro is not None, skip=skip,
+                 leaf_kinds=tuple(pro.kinds) if pro else (),
+                 leaf_names=tuple(x.name for x in pro.leaves) if pro else (),
+                 dt_map=(pro.dt.triton, pro.dt.torch) if pro else None,
+                 w_map=(pro.w.triton, pro.w.torch) if pro and pro.w else None)
     # the custom ops' name: a digest of what the kernels are rendered from
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_scan.py.jinja", base="per_channel_scan",
@@ -144,18 +265,35 @@ def emit(tp, mp, w, key, values):
            f"{cost.as_python(chunks_cost, chunk, w.dim)})")
     y = w.fresh("y")
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
-    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {a}, {read}):")
-    w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs})")
+    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {a}, {read}{runs}):")
+    if pro is not None or skip:
+        w.line(f"    # {_comment(pro, skip)}")
+    w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs}{extra})")
     w.line("else:  # the chunked kernels (with their backward), or the torch backend for float64")
     # the chunked branch's values (the materialized log-decay) stay in it
     names, start = dict(w.names), len(w.lines)
+    values = str(values)  # (built in this branch: the scan reads its own)
     y_chunks = per_channel.emit(tp, mp, w, key, values)
+    if skip:  # the chunked kernels do not add it: torch after them
+        u = mp.skip[2]
+        vd = value_dims(mp.applies[0], mp.heads, g)
+        x = w.canon(u, mp.heads, vd, hint="skip_u")
+        y_chunks = w.assign(f"{y_chunks} + {d}[:, None] * {x if vd else x + '[..., None]'}",
+                            hint="y")
     body = w.lines[start:]
     del w.lines[start:]
     w.names = names
     w.lines.extend("    " + ln for ln in body)
     w.line(f"    {y} = {y_chunks}")
     return y
+
+
+def _comment(pro, skip) -> str:
+    """What the scan computes that the forward does not, in a comment."""
+    parts = ["computed on load from the leaves: " + pro.describe()] if pro else []
+    if skip:
+        parts.append("the skip term added in the epilogue")
+    return "; ".join(parts)
 
 
 def space(tp):
