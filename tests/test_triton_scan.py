@@ -317,8 +317,8 @@ def test_gradients_take_the_scan(compiled, monkeypatch):
 
 
 FITNESS = textwrap.dedent("""
-    import json
     import itertools
+    import json
     import mixerc
     from mixerc.codegen.triton import fitness
     out = []
@@ -329,33 +329,34 @@ FITNESS = textwrap.dedent("""
         for name, (key, D, DV) in r.kernel_shapes(sizes).items():
             if "_scan" not in name:
                 continue
-            meta = getattr(mod, name + "_compile_meta")
+            meta = getattr(mod, name + "_compile_meta")  # serves the backward too
             choices = [mod.CONFIG_SPACE[key + "." + k] if every else
                        [mod.DEFAULT_CONFIG[key + "." + k]] for k in meta.knobs]
             for target in ("sm_90a", "sm_80"):
                 for values in itertools.product(*choices):
                     cfg = dict(zip(meta.knobs, values))
-                    fit = fitness.KernelFit(name, name + "_fwd", cfg)
-                    constexprs, warps, stages = meta(D, DV, cfg, "bf16")
-                    kernel = getattr(mod, name + "_fwd")  # the meta serves the backward too
-                    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-                    fitness.inspect(fitness.compile_kernel(
-                        kernel, constexprs, target, warps, stages), target, fit)
-                    out.append(dict(target=target, kernel=fit.kernel, cfg=cfg,
-                                    regs=fit.registers, spill=fit.spill_bytes,
-                                    shared=fit.shared, limit=fit.shared_limit))
+                    for part in ("_fwd", "_bwd"):
+                        fit = fitness._fit(getattr(mod, name + part), name, name + part, cfg,
+                                           target, "bf16", False,
+                                           lambda: meta(D, DV, cfg, "bf16"))
+                        out.append(dict(target=target, kernel=fit.kernel, part=part, cfg=cfg,
+                                        err=fit.error, regs=fit.registers,
+                                        spill=fit.spill_bytes, shared=fit.shared,
+                                        limit=fit.shared_limit))
     print(json.dumps(out))
 """) % STRICT
 
 
 def test_scan_kernels_fit_sm90a_and_sm80():
     """Every config of the scan's knobs for Mamba-1 (the factored log-decay)
-    and the default for a log-decay per token and channel compile without
-    spills."""
+    and the default for a log-decay per token and channel: the forward (with
+    its checkpoint stores) and the backward compile without spills."""
     fits = run_without_interpreter(FITNESS, timeout=900)
-    kernels = {f["kernel"] for f in fits}
-    assert len(kernels) == 2 and {f["target"] for f in fits} == {"sm_90a", "sm_80"}, kernels
-    assert len(fits) == 2 * (9 + 1)
+    assert {f["target"] for f in fits} == {"sm_90a", "sm_80"}
+    for part in ("_fwd", "_bwd"):
+        mine = [f for f in fits if f["part"] == part]
+        assert len({f["kernel"] for f in mine}) == 2 and len(mine) == 2 * (9 + 1), part
     for f in fits:
-        where = f"{f['target']} {f['kernel']} {f['cfg']}"
-        assert f["spill"] == 0 and f["shared"] <= f["limit"] and f["regs"] <= 255, where
+        where = f"{f['target']} {f['kernel']} {f['cfg']} {f['err']}"
+        assert not f["err"] and f["spill"] == 0 and f["shared"] <= f["limit"], where
+        assert f["regs"] <= 255, where

@@ -11,11 +11,10 @@ spy on the backward op proves the scan's backward ran (not the torch code);
 torch.compile runs the scan's ops (opaque custom ops); static fitness of
 the backward on sm_90a and sm_80."""
 
-import textwrap
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err, run_without_interpreter
+from conftest import compiled_mixers, rel_err
 from reference import make_inputs
 from test_triton_scan import GROUPED, STRICT, grouped_inputs, strict_inputs
 
@@ -204,47 +203,7 @@ def test_torch_compile_runs_the_scan_ops(compiled):
     assert "mixerc.scan_" in bwd and "_bwd" in bwd
 
 
-FITNESS = textwrap.dedent("""
-    import itertools
-    import json
-    import mixerc
-    from mixerc.codegen.triton import fitness
-    out = []
-    for src, sizes, every in (("mamba", {"E": 1536, "N": 16}, True),
-                              (%r, {"H": 8, "K": 16, "V": 2}, False)):
-        r = mixerc.compile(src, backend="triton")._impl
-        mod = r.module
-        for name, (key, D, DV) in r.kernel_shapes(sizes).items():
-            if "_scan" not in name:
-                continue
-            meta = getattr(mod, name + "_compile_meta")
-            choices = [mod.CONFIG_SPACE[key + "." + k] if every else
-                       [mod.DEFAULT_CONFIG[key + "." + k]] for k in meta.knobs]
-            for target in ("sm_90a", "sm_80"):
-                for values in itertools.product(*choices):
-                    cfg = dict(zip(meta.knobs, values))
-                    fit = fitness._fit(getattr(mod, name + "_bwd"), name, name + "_bwd", cfg,
-                                       target, "bf16", False,
-                                       lambda: meta(D, DV, cfg, "bf16"))
-                    out.append(dict(target=target, kernel=fit.kernel, cfg=cfg, err=fit.error,
-                                    regs=fit.registers, spill=fit.spill_bytes,
-                                    shared=fit.shared, limit=fit.shared_limit))
-    print(json.dumps(out))
-""") % STRICT
-
-
-def test_scan_backward_fits_sm90a_and_sm80():
-    """The backward at every config of the scan's knobs for Mamba-1 (the
-    factored log-decay) and at the default for a [B, T, H, K] log-decay
-    compiles without spills (the forward with its checkpoint stores:
-    test_triton_scan.py)."""
-    fits = run_without_interpreter(FITNESS, timeout=900)
-    assert len(fits) == 2 * (9 + 1) and {f["target"] for f in fits} == {"sm_90a", "sm_80"}
-    assert len({f["kernel"] for f in fits}) == 2
-    for f in fits:
-        where = f"{f['target']} {f['kernel']} {f['cfg']} {f['err']}"
-        print(where, f["regs"], f["spill"])
-        assert not f["err"] and f["spill"] == 0 and f["shared"] <= f["limit"], where
+# the backward's static fitness: test_triton_scan.py (one compile run with the forward)
 
 
 def test_gla_forced_scan_gradients(compiled, monkeypatch, poisoned):
