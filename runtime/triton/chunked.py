@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from mixerc.runtime.torch.autograd import ChunkedFn, chunk_heads
+from mixerc.runtime.triton.ops import grads_through_maps, recompute_maps
 
 def chunk_dots_dtype(*xs):
     """The dots' operand dtype: the narrowest of the operands' (a float32
@@ -123,12 +124,9 @@ class MappedChunkedFn(torch.autograd.Function):
     def backward(ctx, dy, dS):
         q, k, v, a, S0, w, d, final, quotient, *leaves = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        raw = [q, k, a, w, *leaves]
-        raw_needs = [needs[5], needs[6], needs[8], needs[10], *needs[12:]]
-        with torch.enable_grad():
-            inputs = [None if x is None else x.detach().requires_grad_(n)
-                      for x, n in zip(raw, raw_needs)]
-            mapped = ctx.prologue(*inputs[:4], inputs[4:], final.shape[1])
+        inputs, mapped = recompute_maps(
+            lambda q, k, a, w, *ls: ctx.prologue(q, k, a, w, list(ls), final.shape[1]),
+            [q, k, a, w, *leaves], [needs[5], needs[6], needs[8], needs[10], *needs[12:]])
         need = [m is not None and m.requires_grad for m in mapped]
         plain = [None if m is None else m.detach() for m in mapped]
         inner = SimpleNamespace(  # ChunkedFn's context, on the mapped tensors
@@ -137,13 +135,7 @@ class MappedChunkedFn(torch.autograd.Function):
             needs_input_grad=(False, False, need[0], need[1], needs[7], need[2], needs[9],
                               need[3], False, needs[11], False))
         g = ChunkedFn.backward(inner, dy, dS)
-        outs = [(m, gm) for m, gm, n in zip(mapped, (g[2], g[3], g[5], g[7]), need)
-                if n and gm is not None]
-        wanted = [x for x in inputs if x is not None and x.requires_grad]
-        found = torch.autograd.grad([m for m, _ in outs], wanted, [gm for _, gm in outs],
-                                    allow_unused=True) if outs and wanted else [None] * len(wanted)
-        by_input = dict(zip(map(id, wanted), found))
-        gq, gk, ga, gw, *gleaves = (None if x is None else by_input.get(id(x)) for x in inputs)
+        gq, gk, ga, gw, *gleaves = grads_through_maps(inputs, mapped, (g[2], g[3], g[5], g[7]))
         return (None,) * 5 + (gq, gk, g[4], ga, g[6], gw, g[9]) + tuple(gleaves)
 
 

@@ -5,11 +5,38 @@ family registers its launches here; what differs per family is only how its
 backward op is called (attention_op_grads, poly_op_grads and
 per_channel_op_grads beside each family's helpers). The chunked kernels'
 single op and the scan's pair have no autograd of their own: their callers
-differentiate through more launches (ChunkedFn, ScanFn)."""
+differentiate through more launches (ChunkedFn, ScanFn). Their variants for
+kernels that compute maps on load (MappedChunkedFn, MappedScanFn) recompute
+the maps in the backward and chain through them: recompute_maps and
+grads_through_maps."""
 
 import torch
 
 _OPS = {}  # op name -> op: a module loaded twice reuses them
+
+
+def recompute_maps(maps, raw, needs):
+    """(inputs, outputs): maps(*inputs) by torch ops with autograd on, inputs
+    being detached copies of `raw` (None stays None) that require a gradient
+    where `needs` says: the backward of a forward whose kernels computed the
+    maps on load, so the forward stored nothing mapped."""
+    with torch.enable_grad():
+        inputs = [None if x is None else x.detach().requires_grad_(n)
+                  for x, n in zip(raw, needs)]
+        return inputs, maps(*inputs)
+
+
+def grads_through_maps(inputs, outputs, grads):
+    """The gradients of recompute_maps' `inputs` (None where unused) given
+    `grads` of its `outputs` (an output without a gradient or not depending
+    on an input that requires one counts for nothing)."""
+    outs = [(o, g) for o, g in zip(outputs, grads)
+            if o is not None and o.requires_grad and g is not None]
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    found = torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
+                                allow_unused=True) if outs and wanted else []
+    by_input = dict(zip(map(id, wanted), found))
+    return [None if x is None else by_input.get(id(x)) for x in inputs]
 
 
 def custom_op(name, fn, fake):

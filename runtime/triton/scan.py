@@ -11,6 +11,8 @@ scale, a skip term: codegen/triton/terms/scan.py)."""
 import torch
 import triton
 
+from mixerc.runtime.triton.ops import grads_through_maps, recompute_maps
+
 
 @triton.jit
 def _mx_scan_combine(decay_a, state_a, decay_b, state_b):
@@ -157,12 +159,9 @@ class MappedScanFn(torch.autograd.Function):
     def backward(ctx, dy, dfinal):
         q, k, v, dt, a, ck, skip, *leaves = ctx.saved_tensors
         needs = ctx.needs_input_grad  # ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves
-        raw = [v, dt, skip, *leaves]
-        with torch.enable_grad():
-            inputs = [None if x is None else x.detach().requires_grad_(n)
-                      for x, n in zip(raw, (needs[5], needs[6], needs[9], *needs[10:]))]
-            mapped = ctx.prologue(inputs[0], inputs[1], inputs[3:] if ctx.mapped else None,
-                                  inputs[2])
+        inputs, mapped = recompute_maps(
+            lambda v, dt, skip, *ls: ctx.prologue(v, dt, list(ls) if ctx.mapped else None, skip),
+            [v, dt, skip, *leaves], [needs[5], needs[6], needs[9], *needs[10:]])
         if dy is None:
             dy = torch.zeros(*v.shape[:3], ck.shape[-1], dtype=torch.float32, device=v.device)
         dy = dy.to(torch.float32).contiguous()
@@ -172,14 +171,7 @@ class MappedScanFn(torch.autograd.Function):
                    for m in mapped[:2])
         gq, gk, gv, gdt, ga, gs = ctx.ops[1](dy, dfinal, *_scan_inputs(q, k, mv, mdt, a, None)[:5],
                                              ck, *ctx.cfg, SCAN_SEGMENT)
-        outs = [(m, g) for m, g in zip(mapped, (gv, gdt, dy))
-                if m is not None and m.requires_grad]
-        wanted = [x for x in inputs if x is not None and x.requires_grad]
-        found = torch.autograd.grad([m for m, _ in outs], wanted, [g for _, g in outs],
-                                    allow_unused=True) if outs and wanted else []
-        by_input = dict(zip(map(id, wanted), found))
-        gv_, gdt_, gskip, *gleaves = (None if x is None else by_input.get(id(x))
-                                      for x in inputs)
+        gv_, gdt_, gskip, *gleaves = grads_through_maps(inputs, mapped, (gv, gdt, dy))
         gq, gk, ga, gs = (None if want is None else g.to(want)
                           for g, want in zip((gq, gk, ga, gs), ctx.dtypes))
         return (None, None, None, gq, gk, gv_, gdt_, ga, gs, gskip, *gleaves)
