@@ -131,7 +131,7 @@ def scalar_map(node, heads: tuple, leaves: list, kinds: list, memo=None) -> Map 
 
 def _single_leaf(node, memo):
     """The one token input an elementwise expression reads (constants aside)."""
-    leaves = [n for n in _leaves(node, memo)]
+    leaves = _leaves(node, memo)
     return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], ir.Input) else None
 
 
