@@ -247,6 +247,10 @@ class Writer(Emitter):
         """The inputs the forward converts to DTYPE before its body."""
         return [self.args[n] for n in self.program.inputs]
 
+    def body_lines(self) -> list:
+        """The forward's body as rendered (after the casts of input_casts)."""
+        return list(self.lines)
+
     def raw_inputs(self) -> list:
         """(name, input) pairs bound to inputs as given, before the cast."""
         return []
@@ -297,7 +301,7 @@ class Writer(Emitter):
     def render(self, standalone: bool = False) -> str:
         p = self.program
         outputs = [self.value(n) for n in p.outs.values()]
-        body = list(self.lines)
+        body = self.body_lines()
         init_body = self.init_params()
         functions = list(self.functions)
         code = "\n".join(["def forward():", "    pass"] + ["    " + ln for ln in body]

@@ -5,7 +5,7 @@ copy of a bf16 q, k, v before a kernel that reads bf16 anyway)."""
 
 from __future__ import annotations
 
-import re
+import ast
 from dataclasses import replace
 
 from mixerc import ir
@@ -113,11 +113,63 @@ class TritonWriter(Writer):
         return [(raw, self.args[n]) for n, raw in self.raw.items()]
 
     def input_casts(self) -> list:
-        """Only the inputs something besides the kernels reads."""
-        code = "\n".join(self.lines + [self.value(n) for n in self.program.outs.values()])
-        code = re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "", code)  # state keys name no variable
-        return [self.args[n] for n in self.program.inputs
-                if n not in self.raw or re.search(rf"\b{re.escape(self.args[n])}\b", code)]
+        """The inputs converted to DTYPE at the top of the forward: those read
+        in DTYPE outside any branch (cast_sites)."""
+        return [name for name, at in self.cast_sites().items() if at is None]
+
+    def body_lines(self) -> list:
+        """The body with the casts of inputs that only one branch reads in
+        DTYPE (a torch fallback, the chunked arm of a scan-or-chunks choice)
+        at that branch's first use: a bf16 input the kernels read as given is
+        not copied to float32 on the path that runs them."""
+        lines = list(self.lines)
+        at: dict = {}
+        for name, i in self.cast_sites().items():
+            if i is not None:
+                at.setdefault(i, []).append(name)
+        for i in sorted(at, reverse=True):
+            indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+            names = at[i]
+            one = "," if len(names) == 1 else ""
+            lines.insert(i, f"{indent}{', '.join(names)}{one} = "
+                            f"({', '.join(n + '.to(DTYPE)' for n in names)}{one})")
+        return lines
+
+    def cast_sites(self) -> dict:
+        """{input variable: None (cast at the top) or the index of the body
+        line its cast precedes}, for the inputs the code reads in DTYPE (not
+        as given): the innermost if-arm holding every read, before its first."""
+        code = ["def forward():"] + ["    " + ln for ln in self.lines] + \
+            ["    return (" + ", ".join(self.value(n) for n in self.program.outs.values()) + ",)"]
+        tree = ast.parse("\n".join(code)).body[0]
+        sites = {}
+        for n in self.program.inputs:
+            name = self.args[n]
+            site = _cast_site(tree.body, name, top=True)
+            if site is not False:
+                sites[name] = site
+        return sites
+
+
+def _reads(node: ast.AST, name: str) -> bool:
+    return any(isinstance(x, ast.Name) and x.id == name for x in ast.walk(node))
+
+
+def _cast_site(block: list, name: str, top: bool):
+    """Where `name`'s cast goes in a block of statements: False when nothing
+    reads it, None for the forward's top, else the body index of the first
+    statement reading it (lineno 1 is the def line). Descends into an if
+    whose one arm holds every read (never a loop: a cast there would repeat)."""
+    readers = [s for s in block if _reads(s, name)]
+    if not readers:
+        return False
+    if len(readers) == 1 and isinstance(readers[0], ast.If) and \
+            not _reads(readers[0].test, name):
+        arms = [a for a in (readers[0].body, readers[0].orelse)
+                if any(_reads(s, name) for s in a)]
+        if len(arms) == 1:
+            return _cast_site(arms[0], name, top=False)
+    return None if top else readers[0].lineno - 2
 
 
 def generate(plan: ModulePlan, standalone: bool = False) -> tuple[str, dict, dict, dict]:

@@ -118,7 +118,7 @@ def emit(tp, mp, w, key, values):
         ks = w.canon(tp.operands["k_scale"].node, mp.heads, (), hint="key_scale")
         scale = f", key_scale={ks}"
     if pro.any:  # the maps' leaves: per token [b, t, H], per head [H]
-        leaves = [w.canon(x, mp.heads, (), hint=x.name) if kind == "token" else
+        leaves = [w.canon_raw(x, mp.heads, (), hint=x.name) if kind == "token" else
                   w.per_head(x, mp.heads, hint=x.name) for x, kind in zip(pro.leaves, pro.kinds)]
         scale += f", leaves=[{', '.join(leaves)}]"
     if ones:

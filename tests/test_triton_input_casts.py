@@ -1,0 +1,125 @@
+"""Where the Triton backend's generated forward converts half-precision
+inputs to float32 (codegen/triton/module.py cast_sites): only where
+something reads them in float32, and only on the branch that does. A bf16
+input the kernels read as given (q, k, v of the chunked kernels, Mamba's x,
+dt, B, C on the scan, the maps' leaves) must not be copied to float32 on the
+path that runs the kernels: each copy is a pass over HBM the peers' kernels
+do not make. The branches that still read the cast (the chunked arm of
+Mamba's scan-or-chunks choice, the float64 torch code) must still see it,
+and their outputs must equal the dense interpreter's."""
+
+import ast
+
+import pytest
+import torch
+from conftest import DEVICE, compiled_mixers, rel_err, to_device
+from reference import make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixerc.codegen.triton.module import _cast_site
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("fresh_cache")
+
+# the inputs a forward still copies to float32 for bf16 inputs, and why: a
+# test that fails here after a change either found a new copy (a regression)
+# or one that went away (shrink the set)
+STILL_CAST = {
+    "gla": {"g"},                        # the chunk-local cumsum reads float32
+    "mamba": set(),
+    "ssd": set(),                        # dt: a map's leaf, read by the kernels
+    "retnet": set(),
+    "linear_attention": set(),
+    "based": set(),
+    "hydra": {"dt_f", "dt_b", "delta"},  # its maps run in torch before the passes
+}
+
+
+class _Casts(TorchDispatchMode):
+    """Records which of the user's tensors get a float32 copy."""
+
+    def __init__(self, names: dict):
+        super().__init__()
+        self.names, self.seen = names, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and torch.is_tensor(args[0]) and \
+                kwargs.get("dtype") == torch.float32 and args[0].data_ptr() in self.names:
+            self.seen.add(self.names[args[0].data_ptr()])
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compiled_mixers()
+
+
+def _bf16_call(name: str, T: int = 40):
+    """make_inputs' arguments with the token inputs in bf16 and the params in
+    float32 (the binder's dtype for half inputs), and the token inputs' names."""
+    args = make_inputs(name, T=T)
+    tokens = {n for n, x in args.items() if x.dim() >= 3}
+    return {n: x.to(device=DEVICE, dtype=torch.bfloat16 if n in tokens else torch.float32)
+            for n, x in args.items()}, tokens
+
+
+@pytest.mark.parametrize("name", sorted(STILL_CAST))
+def test_no_float32_copy_of_what_the_kernels_read(name, compiled):
+    m = compiled(name)
+    args, tokens = _bf16_call(name)
+    record = _Casts({args[n].data_ptr(): n for n in tokens})
+    with record:
+        m(**args)
+    assert record.seen == STILL_CAST[name], (name, record.seen)
+
+
+def test_the_chunked_arm_still_casts(compiled, bf16_dots):
+    """Mamba with the chunked kernels pinned: its maps (delta, delta * x, the
+    log-decay) read x and dt in float32 inside that arm alone, and the bf16
+    result stays within bf16's error of the dense interpreter's."""
+    m = compiled_mixers(algorithm="chunks")("mamba")
+    args, _ = _bf16_call("mamba", T=37)
+    record = _Casts({args[n].data_ptr(): n for n in ("x", "dt")})
+    with record:
+        y = m(**args)
+    assert record.seen == {"x", "dt"}
+    want = compiled("mamba", "dense")(**to_device(make_inputs("mamba", T=37), torch.float64))
+    assert rel_err(y, want) < 2e-2
+
+
+def _site(body: str, name: str):
+    tree = ast.parse("def forward():\n" + "\n".join("    " + ln for ln in body.split("\n")))
+    return _cast_site(tree.body[0].body, name, top=True)
+
+
+def test_cast_sites():
+    """The rule itself: the innermost if-arm holding every read, before its
+    first read; the top for reads at the top, in a condition, in both arms
+    at the top level, or inside a loop (a cast there would repeat)."""
+    body = "\n".join([
+        "y = x_in",                      # 0
+        "if c:",                         # 1
+        "    y = f(a)",                  # 2
+        "else:",                         # 3
+        "    z = g(b)",                  # 4
+        "    if d:",                     # 5
+        "        y = h(b, e)",           # 6
+        "    else:",                     # 7
+        "        y = h(e)",              # 8
+        "if u(top):",                    # 9
+        "    y = 1",                     # 10
+        "for i in r:",                   # 11
+        "    y = y + w",                 # 12
+        "if c:",                         # 13
+        "    y = both",                  # 14
+        "else:",                         # 15
+        "    y = both",                  # 16
+    ])
+    assert _site(body, "a") == 2
+    assert _site(body, "b") == 4          # both reads in the else arm, before the first
+    assert _site(body, "e") == 5          # both arms of the inner if: before it
+    assert _site(body, "top") is None     # read in a condition
+    assert _site(body, "w") is None       # read in a loop
+    assert _site(body, "both") is None    # both arms of a top-level if
+    assert _site(body, "x") is False      # never read (x_in is another name)
