@@ -94,16 +94,21 @@ def signature(kernel, constexprs: dict, mm_dtype: str) -> dict:
 
 
 # int arguments a launch at a typical shape passes as multiples of 16 (Triton
-# specializes on that, as it does on 16-byte aligned pointers)
+# specializes on that, as it does on 16-byte aligned pointers), and per kernel:
+# the chunk-local cumsum's (runtime/triton/per_channel.py) K and strides (K a
+# multiple of 16: its loads and stores vectorized, half the registers)
 DIVISIBLE_INTS = {"T", "S"}
+KERNEL_DIVISIBLE_INTS = {"_mx_chunk_cumsum": {"n_k", "stride_b", "stride_t", "stride_h",
+                                              "stride_cs"}}
 
 
 def aligned(kernel, sig: dict) -> dict:
     """The attributes a launch at a typical shape gets: every pointer 16-byte
     aligned (torch allocations are), T and S multiples of 16. Without them
     the compiler can neither vectorize loads nor pipeline them."""
+    ints = DIVISIBLE_INTS | KERNEL_DIVISIBLE_INTS.get(kernel.fn.__name__, set())
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if sig[name].startswith("*") or name in DIVISIBLE_INTS}
+            if sig[name].startswith("*") or name in ints}
 
 
 def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_stages: int,
@@ -197,19 +202,29 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
 def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bool) -> list:
     """The runtime's kernels the module launches (runtime/triton): the
     recurrence of a per-channel term's decode step (at its K and V, with a
-    decay per channel) and the split combine of a softmax's decode step (at
-    its V). The chunked scalar-decay family's decode kernel is rendered per
+    decay per channel), the chunk-local cumulative log-decays of its chunked
+    kernels (at its K and default chunk, float32 log-decays as the module
+    passes them) and the split combine of a softmax's decode step (at its
+    V). The chunked scalar-decay family's decode kernel is rendered per
     mixer, with its own compile meta."""
-    from mixerc.runtime.triton import cache, recurrent
+    from mixerc.runtime.triton import cache, per_channel, recurrent
     out = []
     for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step,
                                 ("per_channel",)),
+                               ("chunk_cumsum", per_channel._mx_chunk_cumsum,
+                                ("per_channel",)),
                                ("combine_splits", cache._mx_combine, ("flash",))):
-        dims = [(fn, *d) for fn, (_, *d) in shapes.items() if fn.startswith(kind)]
+        dims = [(fn, *d) for fn, d in shapes.items() if fn.startswith(kind)]
         if host not in vars(mod) or not dims:
             continue
-        fn, D, DV = dims[0]
-        if kind[0] == "per_channel":
+        fn, key, D, DV = dims[0]
+        if host == "chunk_cumsum":
+            cfg = {"chunk": mod.DEFAULT_CONFIG[f"{key}.tri_chunk"],  # as chunk_cumsum launches it
+                   "block_k": max(16, min(_pow2(D), per_channel.CUMSUM_BLOCK_K)),
+                   "num_warps": 4, "num_stages": 1}
+            # a contiguous a's channel stride: 1, which a launch specializes on
+            constexprs = {"stride_k": 1, "BLOCK_T": cfg["chunk"], "BLOCK_K": cfg["block_k"]}
+        elif kind[0] == "per_channel":
             bk = max(16, _pow2(D))
             bv = max(16, min(_pow2(DV), 4096 // bk))  # as recurrent_step launches it
             cfg = {"block_k": bk, "block_v": bv, "num_warps": 4 if bk * bv <= 4096 else 8,

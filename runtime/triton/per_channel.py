@@ -2,11 +2,13 @@
 modal kernel: a log-decay per token and channel of the contracted dim,
 inside the sum over it): which path a call takes, the chunk-local
 cumulative log-decays the kernels read at any row (their exact pairwise
-decays on the diagonal sub-blocks gather them), and how the custom ops'
-autograd joins the rendered forward and backward
-(codegen/triton/templates/triton_per_channel*.py.jinja)."""
+decays on the diagonal sub-blocks gather them; a kernel of its own, shared
+by the rendered forward and backward), and how the custom ops' autograd
+joins them (codegen/triton/templates/triton_per_channel*.py.jinja)."""
 
 import torch
+import triton
+import triton.language as tl
 
 # a call of at most this many tokens (no gradient) is a decode step: the
 # recurrence kernel (runtime/triton/recurrent.py), state updated in place
@@ -65,12 +67,46 @@ def torch_state(state):
     return state
 
 
+# channels per program of the chunk-local cumulative sum: a [chunk, 64]
+# float32 tile (16 KB at chunks of 64) per 4 warps
+CUMSUM_BLOCK_K = 64
+
+
+@triton.jit
+def _mx_chunk_cumsum(A, CS, T, H, n_k, stride_b, stride_t, stride_h, stride_k, stride_cs,
+                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one chunk of BLOCK_T steps x one (batch, head) x BLOCK_K channels: a
+    # read in its own dtype once, its inclusive sums within the chunk written
+    # once in float32; rows past T load zeros (no log-decay), so they repeat
+    # the last token's sum. int64 only in the program's base offsets
+    c0 = tl.program_id(0) * BLOCK_T
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = (tl.program_id(1) % H).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < n_k
+    src = A + b * stride_b + h * stride_h + c0 * stride_t.to(tl.int64)
+    x = tl.load(src + offs_t[:, None] * stride_t + offs_k[None, :] * stride_k,
+                mask=((c0 + offs_t) < T)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    n_pad = tl.cdiv(T, BLOCK_T) * BLOCK_T
+    dst = CS + ((b * n_pad + c0) * H + h) * n_k
+    tl.store(dst + offs_t[:, None] * stride_cs + offs_k[None, :], tl.cumsum(x, 0),
+             mask=k_ok[None, :])
+
+
 def chunk_cumsum(a, chunk):
-    """Inclusive cumulative sums of a [B, T, H, K] within chunks of `chunk`
-    steps, float32 [B, n * chunk, H, K] (rows past T repeat the last
-    token's: the padding adds zero log-decay)."""
+    """Inclusive cumulative sums of a [B, T, H, K] (any strides, bf16, fp16
+    or fp32) within chunks of `chunk` steps (a power of 2), float32
+    [B, n * chunk, H, K] (rows past T repeat the last token's: the padding
+    adds zero log-decay): the layout the per-channel kernels read. A Triton
+    kernel (one pass, where torch would take three over the float32 copy);
+    its callers run only where the other kernels run (float64 takes the
+    torch backend's code, which sums its own chunks)."""
     B, T, H, K = a.shape
     n = -(-T // chunk)
-    out = torch.zeros(B, n * chunk, H, K, dtype=torch.float32, device=a.device)
-    out[:, :T] = a
-    return out.view(B, n, chunk, H, K).cumsum(2).view(B, n * chunk, H, K)
+    out = torch.empty(B, n * chunk, H, K, dtype=torch.float32, device=a.device)
+    if out.numel():
+        block_k = max(16, min(triton.next_power_of_2(K), CUMSUM_BLOCK_K))
+        _mx_chunk_cumsum[(n, B * H, triton.cdiv(K, block_k))](
+            a, out, T, H, K, *a.stride(), H * K, BLOCK_T=chunk, BLOCK_K=block_k, num_warps=4)
+    return out
