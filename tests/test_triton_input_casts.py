@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("fresh_cache")
 # test that fails here after a change either found a new copy (a regression)
 # or one that went away (shrink the set)
 STILL_CAST = {
-    "gla": {"g"},                        # the chunk-local cumsum reads float32
+    "gla": {"g"},                        # these dims take the scan, whose host widens g
     "mamba": set(),
     "ssd": set(),                        # dt: a map's leaf, read by the kernels
     "retnet": set(),
@@ -123,3 +123,24 @@ def test_cast_sites():
     assert _site(body, "w") is None       # read in a loop
     assert _site(body, "both") is None    # both arms of a top-level if
     assert _site(body, "x") is False      # never read (x_in is another name)
+
+
+def test_gla_chunks_read_g_as_given(compiled, bf16_dots):
+    """GLA on the chunked kernels: no float32 copy of any bf16 input (the
+    chunk-local cumsum kernel reads g in its dtype), and the forward and g's
+    gradient (bf16, as g) within bf16's error of the dense interpreter's."""
+    m = compiled_mixers(algorithm="chunks")("gla")
+    args, tokens = _bf16_call("gla", T=37)
+    args["g"].requires_grad_(True)
+    record = _Casts({args[n].data_ptr(): n for n in tokens})
+    with record:
+        y = m(**args)
+    assert record.seen == set()
+    exact = {n: x.requires_grad_(n == "g") for n, x in
+             to_device(make_inputs("gla", T=37), torch.float64).items()}
+    want = compiled("gla", "dense")(**exact)
+    assert rel_err(y, want) < 2e-2
+    w = torch.randn_like(want)
+    (g,) = torch.autograd.grad((y.float() * w.float()).sum(), [args["g"]])
+    (g_want,) = torch.autograd.grad((want * w).sum(), [exact["g"]])
+    assert g.dtype == torch.bfloat16 and rel_err(g, g_want) < 3e-2

@@ -49,7 +49,8 @@ def emit(tp, mp, w, key, values):
             w.value(node, hint=n)
     q = w.canon_mm(ops["q"], mp.heads, (dim,), hint="q")
     k = w.canon_mm(ops["k"], mp.heads, (dim,), hint="k")
-    a = w.canon(ops["log_decay"], mp.heads, (dim,), hint="log_decay")
+    # the log-decay as given where it is an input (the cumsum kernel reads any dtype)
+    a = w.canon_raw(ops["log_decay"], mp.heads, (dim,), hint="log_decay")
     parts = []
     for app in mp.applies:  # the values in the matmuls' dtype
         vd = value_dims(app, mp.heads, g)

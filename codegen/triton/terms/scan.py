@@ -218,8 +218,8 @@ def emit(tp, mp, w, key, values):
                      hint="values_mm")
     node = tp.operands["log_decay"].node
     split = decay_factors(node, mp.heads, dim)
-    if split is None:  # materialized: [B, T, H, K]
-        dt, a = "None", w.canon(node, mp.heads, (dim,), hint="log_decay")
+    if split is None:  # materialized: [B, T, H, K]; an input as given (the host widens it)
+        dt, a = "None", w.canon_raw(node, mp.heads, (dim,), hint="log_decay")
     else:  # the factors, multiplied in the kernel
         token, fixed, negated = split
         if pro is not None:  # the per-token factor: computed from the leaves
