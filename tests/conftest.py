@@ -133,6 +133,20 @@ def poisoned(monkeypatch):
 
 
 @pytest.fixture
+def launches(monkeypatch):
+    """The name of every Triton kernel launched (fn[grid](...)), in order."""
+    from triton.runtime.jit import KernelInterface
+    out = []
+    real = KernelInterface.__getitem__
+
+    def counted(self, grid):
+        launch = real(self, grid)
+        return lambda *a, **k: out.append(self.fn.__name__) or launch(*a, **k)
+    monkeypatch.setattr(KernelInterface, "__getitem__", counted)
+    return out
+
+
+@pytest.fixture
 def bf16_dots(monkeypatch):
     """Triton's interpreter computes bf16 on raw bits; upcast dot operands (a
     GPU's tensor cores take bf16 as it is). Test-only."""

@@ -53,20 +53,6 @@ def compiled():
     return compiled_mixers(chunk=16, block_k=16, block_v=16)
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The name of every Triton kernel launched (fn[grid](...)), in order."""
-    from triton.runtime.jit import KernelInterface
-    out = []
-    real = KernelInterface.__getitem__
-
-    def counted(self, grid):
-        launch = real(self, grid)
-        return lambda *a, **k: out.append(self.fn.__name__) or launch(*a, **k)
-    monkeypatch.setattr(KernelInterface, "__getitem__", counted)
-    return out
-
-
 def no_torch_paths(mod, monkeypatch):
     """The torch versions of what the decode kernel computes on load fail if called."""
     def refuse(name):

@@ -189,8 +189,8 @@ def test_prefill_then_decode(compiled, monkeypatch, poisoned):
 
 
 def test_varlen_equals_dense_per_sequence(compiled, monkeypatch):
-    """Packed sequences (cu_seqlens): the scan per sequence, a decode-sized
-    one on the recurrence kernel."""
+    """Packed sequences (cu_seqlens): the scan per sequence, the 5-token one
+    as a decode step (the same kernel, without checkpoints)."""
     m, d = compiled("mamba"), compiled("mamba", "dense")
     calls = algorithms(m, monkeypatch)
     args = make_inputs("mamba", B=1, T=60, seed=11)
@@ -343,6 +343,14 @@ FITNESS = textwrap.dedent("""
                                         err=fit.error, regs=fit.registers,
                                         spill=fit.spill_bytes, shared=fit.shared,
                                         limit=fit.shared_limit))
+                if every and hasattr(mod, name + "_decode"):  # the forward as a decode step
+                    cfg = {k: mod.DEFAULT_CONFIG[key + "." + k] for k in meta.knobs}
+                    c, w, s = meta(D, DV, cfg, "bf16")
+                    fit = fitness._fit(getattr(mod, name + "_fwd"), name, name + "_fwd", cfg,
+                                       target, "bf16", False, lambda: (dict(c, SEG=0), w, s))
+                    out.append(dict(target=target, kernel=fit.kernel, part="_decode", cfg=cfg,
+                                    err=fit.error, regs=fit.registers, spill=fit.spill_bytes,
+                                    shared=fit.shared, limit=fit.shared_limit))
     print(json.dumps(out))
 """) % STRICT
 
@@ -350,12 +358,15 @@ FITNESS = textwrap.dedent("""
 def test_scan_kernels_fit_sm90a_and_sm80():
     """Every config of the scan's knobs for Mamba-1 (the factored log-decay)
     and the default for a log-decay per token and channel: the forward (with
-    its checkpoint stores) and the backward compile without spills."""
+    its checkpoint stores) and the backward compile without spills, and so
+    does Mamba-1's decode step (the forward without checkpoints, SEG = 0) at
+    the default config."""
     fits = run_without_interpreter(FITNESS, timeout=900)
     assert {f["target"] for f in fits} == {"sm_90a", "sm_80"}
     for part in ("_fwd", "_bwd"):
         mine = [f for f in fits if f["part"] == part]
         assert len({f["kernel"] for f in mine}) == 2 and len(mine) == 2 * (9 + 1), part
+    assert len([f for f in fits if f["part"] == "_decode"]) == 2  # sm_90a, sm_80
     for f in fits:
         where = f"{f['target']} {f['kernel']} {f['cfg']} {f['err']}"
         assert not f["err"] and f["spill"] == 0 and f["shared"] <= f["limit"], where

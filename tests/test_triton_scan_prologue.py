@@ -203,15 +203,15 @@ def test_mamba_gradients_float64_take_the_torch_code(compiled, monkeypatch):
 @pytest.mark.parametrize("src", ["mamba", CASES[1]], ids=["mamba", "mapped0"])
 def test_prefill_then_decode(src, compiled, monkeypatch, poisoned):
     """A prefill and a block from its state (the scan, maps on load), then
-    decode steps (the maps and the skip by torch around the recurrence
-    kernel), equal dense."""
+    decode steps (the scan's forward kernel launched directly, maps and skip
+    on load: tests/test_triton_scan_decode.py), equal dense."""
     m = compiled(src)
     args = args_of(m, B=2, T=43, seed=7)
     want = compiled(src, "dense")(**args)
     calls = scan_ops(m, monkeypatch)
     with torch.no_grad():
         assert_prefill_then_decode(m, to_device(args, torch.float32), want, 20, 40, tol=1e-5)
-    assert [c[0] for c in calls] == ["fwd", "fwd"]  # the steps: the recurrence kernel
+    assert [c[0] for c in calls] == ["fwd", "fwd"]  # the steps: not the op
 
 
 def test_short_call_with_gradient_and_state(compiled, monkeypatch):

@@ -163,9 +163,19 @@ def runs_on(tp, plan=None) -> str:
             algorithm += ("; the scan computes on load (never written to HBM; its backward "
                           "recomputes them by torch): " + pro.describe() +
                           " (the chunks compute them in torch first)")
-        if mp is not None and scan.fuses_skip(mp, plan.program.groups):
+        skip = mp is not None and scan.fuses_skip(mp, plan.program.groups)
+        if skip:
             algorithm += ("; the skip term: the scan adds it in its epilogue, the chunks "
                           "in torch after their kernels")
+        if mp is not None and scan.decay_factors(tp.operands["log_decay"].node, mp.heads,
+                                                 tp.flags["dim"]) is not None:
+            fused = " and ".join(w for w, on in (("the maps", pro), ("the skip", skip)) if on)
+            algorithm += ("; a decode step: with the scan one launch of its forward kernel "
+                          "without checkpoints" + (f" ({fused} on load)" if fused else "") +
+                          ", with the chunks the recurrence kernel")
+        elif mp is not None:
+            algorithm += ("; a decode step: the recurrence kernel (the log-decay does not "
+                          "factor)")
         return ("Triton kernels (forward: a scan of the state in registers, or chunks and "
                 "sub-chunks in log space with the state passed in registers; backward: the "
                 "scan in reverse from its checkpoints, or the chunks' adjoint state back over "

@@ -13,9 +13,13 @@ silently continuing from the wrong state; MixerState.clone() keeps a state
 reusable. A state without the record (a prefill's, a moved or cloned one) is
 never written: its first step writes a fresh buffer. step_state keeps this
 record for any decode kernel that reads a state and writes its update: this
-one (the per-channel and scan families' steps) and the chunked scalar-decay
-family's fused decode kernel (codegen/triton/templates/triton_chunked.py.jinja,
-which computes its maps, key scale, normalizer and skip term as it loads)."""
+one (the per-channel chunked family's steps, and the scan's with a log-decay
+that does not factor: GLA's), the per-channel scan's own forward kernel for a
+factored log-decay (codegen/triton/templates/triton_scan.py.jinja `_decode`:
+Mamba-1's delta, delta * x and skip term D * x computed as it loads, no
+checkpoints) and the chunked scalar-decay family's fused decode kernel
+(codegen/triton/templates/triton_chunked.py.jinja, which computes its maps,
+key scale, normalizer and skip term as it loads)."""
 
 import torch
 import triton

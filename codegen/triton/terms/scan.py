@@ -21,8 +21,13 @@ delta = softplus(dt + dt_bias) from dt per token and dt_bias per channel),
 the values' scale (values = delta * x: x read as given, scaled on load) and a
 skip term d * x (MatrixPlan.skip) in the epilogue, so neither delta nor
 delta * x nor D * x is written before or after the kernel. Its backward
-recomputes the maps by torch ops (runtime/triton/scan.py MappedScanFn); decode
-steps and torch.compile with a gradient compute them in torch. The chunked
+recomputes the maps by torch ops (runtime/triton/scan.py MappedScanFn), and
+torch.compile with a gradient computes them in torch. A decode step (up to 16
+tokens, no gradient) of a factored log-decay is one launch of the same forward
+kernel without checkpoints, the maps and the skip on load and the state
+updated in place (the template's `_decode`); a log-decay that does not factor
+(GLA's) decodes on runtime/triton/recurrent.py, whose kernel reads the state
+in rows rather than strided by the value dim. The chunked
 branch (per_channel.py, and float64's torch code) still computes delta,
 delta * x and the [B, T, H, K] log-decay in torch, and adds the skip term
 after its kernels.
