@@ -180,7 +180,7 @@ def test_a_chunked_prefill_continues_into_the_steps(compiled, launches):
     chunks = compiled_mixers(algorithm="chunks")("mamba")  # the same mixer, pinned to chunks
     with torch.no_grad():
         y, state = chunks(**block(0, 23), return_state=True)
-        assert launches and launches[0].startswith("per_channel")
+        assert "per_channel_fwd" in launches  # the chunked kernels ran the prefill
         assert not any(n.startswith("per_channel_scan") for n in launches)
         assert rel_err(y.cpu(), want[:, :23]) < 1e-4
         assert state.tensors["M"].shape == (3, 6, 4, 1)
