@@ -62,6 +62,34 @@ def assert_gradients_equal_dense(m, d, base: dict, wrt=None, tol: float = 1e-4):
         assert g is not None and rel_err(g.cpu(), r) < tol, n
 
 
+def assert_steps_in_place(m, x: dict, want, key: str, at: int = 18):
+    """The decode steps' in-place protocol (runtime/triton/recurrent.py
+    step_state) on x (float32, on the device) with `want` the dense output:
+    a prefill of `at` tokens, then steps at `at` and `at + 1` write one buffer
+    (the prefill's state is never written); continuing the older state is
+    refused; a clone taken before continues correctly, and so does the
+    prefill's state."""
+    import mixerc
+    tokens = set(m.program.inputs)
+    step = lambda t: {n: (v[:, t] if n in tokens else v) for n, v in x.items()}  # noqa: E731
+    with torch.no_grad():
+        _, prefill = m(**{n: (v[:, :at] if n in tokens else v) for n, v in x.items()},
+                       return_state=True)
+        first = prefill.tensors[key]
+        before = first.clone()
+        _, s1 = m.step(prefill, **step(at))
+        kept = s1.clone()
+        _, s2 = m.step(s1, **step(at + 1))
+        assert s2.tensors[key].data_ptr() == s1.tensors[key].data_ptr() != first.data_ptr()
+        assert torch.equal(first, before)
+        with pytest.raises(mixerc.MixerValueError, match="already continued"):
+            m.step(s1, **step(at + 1))
+        y, _ = m.step(kept, **step(at + 1))
+        assert rel_err(y.cpu(), want[:, at + 1]) < 1e-4
+        y, _ = m.step(prefill, **step(at))  # the prefill's state is still intact
+        assert rel_err(y.cpu(), want[:, at]) < 1e-4
+
+
 def assert_prefill_then_decode(m, x: dict, want, first: int, second: int, tol: float = 1e-4):
     """m on tokens [0, first), then [first, second) from that state (a nonzero
     initial state through its kernels), then token by token to the end

@@ -16,9 +16,8 @@ run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err, to_device
+from conftest import assert_steps_in_place, compiled_mixers, rel_err, to_device
 
-import mixerc
 from mixerc.inputs import random_inputs
 from test_triton_prologue import CONST_DECAY, mapped_program
 
@@ -120,24 +119,8 @@ def test_an_older_state_is_refused_a_clone_continues(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     args = args_of(m, 2, B=2, T=22, seed=2)
     want = d(**args)
-    x = to_device(args, torch.float32)
-    tokens = set(m.program.inputs)
-    step = lambda t: {n: (v[:, t] if n in tokens else v) for n, v in x.items()}  # noqa
-    _, prefill = m(**{n: (v[:, :18] if n in tokens else v) for n, v in x.items()},
-                   return_state=True)
-    (key, first), = prefill.tensors.items()
-    before = first.clone()
-    _, s1 = m.step(prefill, **step(18))
-    kept = s1.clone()
-    _, s2 = m.step(s1, **step(19))
-    assert s2.tensors[key].data_ptr() == s1.tensors[key].data_ptr() != first.data_ptr()
-    assert torch.equal(first, before)
-    with pytest.raises(mixerc.MixerError, match="already continued"):
-        m.step(s1, **step(19))
-    y, _ = m.step(kept, **step(19))
-    assert rel_err(y.cpu(), want[:, 19]) < 1e-4
-    y, _ = m.step(prefill, **step(18))  # the prefill's state is still intact
-    assert rel_err(y.cpu(), want[:, 18]) < 1e-4
+    (key,) = m._impl.module.STATE_KEYS
+    assert_steps_in_place(m, to_device(args, torch.float32), want, key)
 
 
 def test_half_precision_steps(compiled, launches):

@@ -20,14 +20,13 @@ interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
-from conftest import compiled_mixers, rel_err, to_device
+from conftest import assert_steps_in_place, compiled_mixers, rel_err, to_device
 from reference import make_inputs
 from test_triton_decode_fused import no_torch_paths
 from test_triton_scan import GROUPED, STRICT, grouped_inputs, strict_inputs
 from test_triton_scan_prologue import SEEDS, mapped_program
 from test_triton_scan_prologue import args_of as mapped_args
 
-import mixerc
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
@@ -151,22 +150,7 @@ def test_an_older_state_is_refused_a_clone_continues(name, compiled):
     m, d = compiled(src), compiled(src, "dense")
     args = inputs(name, m, 2, 22, 2)
     want = d(**args)
-    block, step = slicer(m, to_device(args, torch.float32))
-    with torch.no_grad():
-        _, prefill = m(**block(0, 18), return_state=True)
-        first = prefill.tensors[key]
-        before = first.clone()
-        _, s1 = m.step(prefill, **step(18))
-        kept = s1.clone()
-        _, s2 = m.step(s1, **step(19))
-        assert s2.tensors[key].data_ptr() == s1.tensors[key].data_ptr() != first.data_ptr()
-        assert torch.equal(first, before)
-        with pytest.raises(mixerc.MixerValueError, match="already continued"):
-            m.step(s1, **step(19))
-        y, _ = m.step(kept, **step(19))
-        assert rel_err(y.cpu(), want[:, 19]) < 1e-4
-        y, _ = m.step(prefill, **step(18))  # the prefill's state is still intact
-        assert rel_err(y.cpu(), want[:, 18]) < 1e-4
+    assert_steps_in_place(m, to_device(args, torch.float32), want, key)
 
 
 def test_a_chunked_prefill_continues_into_the_steps(compiled, launches):
