@@ -15,6 +15,7 @@ the chip; the sizes are printed in the report):
      k = delta * B, g = -exp(A_log) * delta, plus D * x), `chunk_gla`,
      `chunk_linear_attn` on elu + 1 features with normalize=True,
      `parallel_based`), in ms, TFLOP/s and GB/s (bytes of inputs + outputs);
+     and Mamba-1 (the per-channel scan, E=1536, N=16) alone: fla has no peer;
   2. decode: `m.step` after a prefill with `return_state=True`, each timed step
      continuing the newest state, at batch 1 and 64, against fla's
      `fused_recurrent_*` step from fla's own prefill state: latency and GB/s of
@@ -58,17 +59,18 @@ import mixerc  # noqa: E402
 from mixerc.autotune.timer import TimerSettings  # noqa: E402
 from mixerc.inputs import decay_leaves  # noqa: E402
 
-MIXERS = ("retnet", "ssd", "gla", "linear_attention", "based")
+MIXERS = ("retnet", "ssd", "gla", "linear_attention", "based", "mamba")
 SIZES = {  # fla's benchmark shapes: 16 heads of dim 128; Mamba-2's 32 heads of P=64, N=128
     "retnet": dict(H=16, K=128, V=128), "gla": dict(H=16, K=128, V=128),
     "linear_attention": dict(H=16, K=128, V=128),
     "ssd": dict(H=32, P=64, N=128, G=1),
     "based": dict(H=16, K=16, V=128),  # the Based paper's feature dim 16 (1 + 16 + 256 features)
+    "mamba": dict(E=1536, N=16),  # Mamba-1 130m: d_inner 1536, state 16 per channel
 }
 DRY_SIZES = {
     "retnet": dict(H=2, K=16, V=16), "gla": dict(H=2, K=16, V=16),
     "linear_attention": dict(H=2, K=16, V=16), "ssd": dict(H=4, P=16, N=16, G=2),
-    "based": dict(H=2, K=8, V=16),
+    "based": dict(H=2, K=8, V=16), "mamba": dict(E=8, N=4),
 }
 PEER_LABEL = {
     "retnet": "fla chunk_simple_gla (g_gamma = log_gamma)",
@@ -76,6 +78,7 @@ PEER_LABEL = {
     "gla": "fla chunk_gla",
     "linear_attention": "fla chunk_linear_attn (elu + 1 in torch, normalize=True)",
     "based": "fla parallel_based (use_norm=True)",
+    "mamba": None,  # fla ships no Mamba-1 (selective scan) kernel: ours alone
 }
 STEP_LABEL = {
     "retnet": "fla fused_recurrent_simple_gla",
@@ -83,6 +86,7 @@ STEP_LABEL = {
     "gla": "fla fused_recurrent_gla",
     "linear_attention": "fla fused_recurrent_linear_attn (normalize=True)",
     "based": None,
+    "mamba": None,
 }
 TARGET_MIXERS = ("ssd", "retnet", "gla", "linear_attention")
 CHUNK = 64  # the chunk the FLOP count assumes (fla's)
@@ -175,6 +179,8 @@ def ssd_qkg(a):
 
 def peer_forward(name, ops):
     """fn(a) -> y with a = our inputs and params (one dict), or (None, why)."""
+    if PEER_LABEL[name] is None:
+        return None, "fla ships no kernel for this mixer"
     need = {"retnet": "chunk_simple_gla", "ssd": "chunk_simple_gla", "gla": "chunk_gla",
             "linear_attention": "chunk_linear_attn", "based": "parallel_based"}[name]
     if getattr(ops, need, None) is None:
@@ -200,8 +206,8 @@ def peer_forward(name, ops):
 
 def peer_decode(name, ops):
     """(prefill(a) -> state, step(state, tok, prm) -> (y, state)) in fla, or (None, why)."""
-    if name == "based":
-        return None, "fla ships no recurrent step for Based"
+    if STEP_LABEL[name] is None:
+        return None, f"fla ships no recurrent step for {name.capitalize()}"
     chunk, step = {"retnet": ("chunk_simple_gla", "fused_recurrent_simple_gla"),
                    "ssd": ("chunk_simple_gla", "fused_recurrent_simple_gla"),
                    "gla": ("chunk_gla", "fused_recurrent_gla"),
@@ -300,8 +306,11 @@ def flops(name, sizes, B, T) -> float:
     """Forward FLOPs of the chunked algorithm (chunk 64, full intra-chunk tiles):
     per token and head 2 C (K + V) for the intra-chunk scores and their product
     with V, and 4 K V for the state read and update; K = 1 + K + K^2 features for
-    based. Elementwise work not counted; the same count for ours and the peer."""
+    based. Elementwise work not counted; the same count for ours and the peer.
+    mamba (a scan): 6 per token, channel and state entry (decay, update, read)."""
     s = sizes
+    if name == "mamba":
+        return 6.0 * B * T * s["E"] * s["N"]
     H = s["H"]
     K, V = (s["N"], s["P"]) if name == "ssd" else (s["K"], s["V"])
     if name == "based":
@@ -321,7 +330,7 @@ def section_forward(o, ms, ops, why, timer, clock):
         for name in o.mixers:
             sizes = o.sizes[name]
             B = max(1, o.tokens // T)
-            row = dict(mixer=name, T=T, B=B, H=sizes["H"], sizes=sizes)
+            row = dict(mixer=name, T=T, B=B, H=sizes.get("H", sizes.get("E")), sizes=sizes)
             rows.append(row)
             if clock.left(o.share_forward) < 0:
                 row["skipped"] = "time budget"
@@ -505,7 +514,7 @@ def table_forward(rows) -> list:
          "/ time. Forward without grad; fwd+bwd: gradients of every input (not of the params). "
          "err: relative error of our output (fwd) / gradients (fwd+bwd) against fla's on the "
          "timed inputs. Peers: "
-         + "; ".join(f"{k}: {v}" for k, v in PEER_LABEL.items()) + ".", "",
+         + "; ".join(f"{k}: {v}" for k, v in PEER_LABEL.items() if v) + ".", "",
          "| mixer | sizes | T | B | fwd ours | fwd fla | fwd ratio | fwd err | "
          "fwd+bwd ours | fwd+bwd fla | fwd+bwd ratio | grad err | notes |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -750,7 +759,8 @@ def main(argv=None, standalone=True):
                 for key in ("fwd", "bwd", "r"):
                     x = r.get(key) or {}
                     # fla's references stand in for every peer but Based's step
-                    expected = ops is not None and not (key == "r" and not STEP_LABEL[r["mixer"]])
+                    label = STEP_LABEL if key == "r" else PEER_LABEL
+                    expected = ops is not None and label[r["mixer"]] is not None
                     if x.get("ours_error") or x.get("status") == "MISMATCH" or \
                             (x and expected and x.get("peer_error")):
                         bad.append(f"{r['mixer']} {key}: " + (x.get("ours_error") or (

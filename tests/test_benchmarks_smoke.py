@@ -113,7 +113,8 @@ def test_triton_benchmark_report_of_measured_rows():
     assert "decode >= 70% of the measured bandwidth at 16k+: met (16k: 179%)" in text
 
 
-LINEAR = ("retnet", "ssd", "gla", "linear_attention", "based")
+LINEAR = ("retnet", "ssd", "gla", "linear_attention", "based", "mamba")
+NO_PEER = ("mamba",)  # ours alone: fla ships no Mamba-1 kernel
 
 
 def check_linear_dry_run(text, fla):
@@ -127,7 +128,9 @@ def check_linear_dry_run(text, fla):
         cells = [c.strip() for c in rows[0].split("|")[1:-1]]
         assert cells[2] == "40" and cells[3] == "2", rows[0]  # T, B
         assert cells[4][0].isdigit() and cells[8][0].isdigit(), rows[0]  # ours timed
-        if fla:
+        if fla and name in NO_PEER:
+            assert cells[5].startswith("fla ships no kernel"), rows[0]
+        elif fla:
             assert float(cells[7]) < 2e-2 and float(cells[11]) < 5e-2, rows[0]  # fwd, grad err
             assert cells[6].startswith("**") and cells[10].startswith("**"), rows[0]  # ratios
         else:
@@ -139,8 +142,8 @@ def check_linear_dry_run(text, fla):
             assert cells[5][0].isdigit(), row  # our step timed
             if not fla:
                 assert cells[9].startswith("fla not installed"), row
-            elif name == "based":
-                assert "fla ships no recurrent step for Based" in row, row
+            elif name in ("based",) + NO_PEER:
+                assert f"fla ships no recurrent step for {name.capitalize()}" in row, row
             else:
                 assert cells[11].startswith("**") and float(cells[12]) < 2e-2, row
 
@@ -153,7 +156,7 @@ def test_triton_linear_dry_run_without_fla(tmp_path):
     out = tmp_path / "linear.md"
     r = subprocess.run([sys.executable, str(GPU_SCRIPT), "--backend", "triton", "--family",
                         "linear", "--dry-run", "--linear-no-fla", "--linear-mixers",
-                        "retnet,ssd,based", "--out", str(out)], capture_output=True, text=True,
+                        "retnet,ssd,based,mamba", "--out", str(out)], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "linear dry run OK" in r.stdout and "Plain attention" not in r.stdout
