@@ -273,12 +273,46 @@ def test_custom_op_opcheck(compiled):
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
         args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1, r(H), [], False)
+                scale, S0, H, 16, 16, 16, 4, 1, r(H), [], False, S0 is None)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
     args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
-            16, 16, 16, 4, 1, r(H), [r(H), r(B, T, H), r(H)], True)
+            16, 16, 16, 4, 1, r(H), [r(H), r(B, T, H), r(H)], True, False)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("src", ["ssd", "linear_attention"])
+def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
+    """bf16 operands: the states entering each chunk travel between the two
+    kernels in bf16 unless the caller keeps them (the backward's decay
+    gradient reads them in float32). The output kernel rounds them to bf16
+    before its dot anyway, so y is the same to the bit either way (linear
+    attention's normalizer column, read in float32, within bf16's rounding)."""
+    m = compiled(src)
+    mod = m._impl.module
+    op = next(getattr(mod, n) for n in vars(mod)
+              if n.startswith("chunked_kernel") and n.endswith("_op"))
+    g = torch.Generator().manual_seed(1)
+    B, T, H, K, V = 2, 45, 4, 16, 16
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
+    if src == "ssd":
+        head = (bf(r(B, T, 2, K)), bf(r(B, T, 2, K)), bf(r(B, T, H, V)), None, None,
+                r(B, H, K, V), H, 16, 16, 16, 4, 1, r(H) * 0 + 1,
+                [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True)
+    else:  # elu + 1 features and the ones column, divided in the epilogue
+        head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,
+                H, 16, 16, 16, 4, 1, True, True, [], True)
+    y, final, states = op(*head, False)
+    y_kept, final_kept, states_kept = op(*head, True)
+    assert states.dtype == torch.bfloat16 and states_kept.dtype == torch.float32
+    # within one bf16 rounding (Triton's interpreter truncates where a GPU rounds)
+    assert ((states.float() - states_kept).abs() <= states_kept.abs() * 2 ** -7).all()
+    assert torch.equal(final, final_kept) and not y.isnan().any()
+    if src == "ssd":
+        assert torch.equal(y, y_kept)
+    else:
+        assert rel_err(y, y_kept) < 1e-2
 
 
 def test_torch_compile_fullgraph_forward_and_backward(compiled):

@@ -282,8 +282,8 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped = rest[-2:]
-        assert key_scale is None and a is None and mapped
+        leaves, mapped, keep_states = rest[-3:]
+        assert key_scale is None and a is None and mapped and not keep_states
         seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)

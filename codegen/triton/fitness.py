@@ -29,8 +29,9 @@ MAX_REGISTERS = 255
 
 # kernel parameters by role (the templates' naming convention): the dots'
 # operands in the matmul dtype (QK, QG, KD: operands one kernel writes for
-# another), block lists int32, every other pointer float32
-MM_POINTERS = {"Q", "K", "V", "DO", "QK", "QG", "KD"}
+# another; SC: the chunked kernels' states entering each chunk, written in it
+# for a forward's output kernel), block lists int32, every other pointer float32
+MM_POINTERS = {"Q", "K", "V", "DO", "QK", "QG", "KD", "SC"}
 INT_POINTERS = {"BIDX", "BKIND", "BCNT", "QIDX", "QKIND", "QCNT"}
 FLOAT_SCALARS = {"lo", "hi"}
 
