@@ -244,3 +244,52 @@ def test_kernels_fit_sm90a_and_sm80():
         if f["target"] == "sm_90a":  # chunks of 64 rows: warpgroup MMA (wgmma), backward too
             assert f["mma"] > 0, where
         assert f["regs"] <= 255, where
+
+
+# the chunk kernels at K = V = 128 (bf16) at configs of the tuner's space that
+# spilled before their launches capped them (runtime/triton/per_channel.py:
+# block_v 64 and 128 -> 32, 4 warps -> 8 for the state tiles, 4 warps for dq/dk
+# at chunks of 32, at most 2 stages for bwd_dv), and chunks of 32 (sub-chunks
+# of 32 with them), 1 stage
+FITNESS_CONFIGS = textwrap.dedent("""
+    import json
+    import mixerc
+    from mixerc.codegen.triton import fitness
+    r = mixerc.compile("gla", backend="triton")._impl
+    mod = r.module
+    key, D, DV = r.kernel_shapes({"H": 16, "K": 128, "V": 128})["per_channel"]
+    base = {k: mod.DEFAULT_CONFIG[key + "." + k] for k in mod.per_channel_compile_meta.knobs}
+    changes = [{"block_v": 64}, {"block_v": 128, "num_warps": 4}, {"num_warps": 4},
+               {"num_stages": 3}, {"tri_chunk": 32, "tri_sub": 32}, {"num_stages": 1}]
+    out = []
+    for function, name, kernel in fitness.kernels_of(mod):
+        if function != "per_channel":
+            continue
+        meta = getattr(mod, name + "_compile_meta", None) or mod.per_channel_compile_meta
+        for target in ("sm_90a", "sm_80"):
+            for change in changes:
+                cfg = dict(base, **change)
+                assert all(v in mod.CONFIG_SPACE[key + "." + k] for k, v in cfg.items())
+                f = fitness._fit(kernel, function, name, cfg, target, "bf16", False,
+                                 lambda: meta(D, DV, cfg, "bf16"))
+                out.append(dict(target=target, kernel=name, cfg=change, regs=f.registers,
+                                spill=f.spill_bytes, shared=f.shared, limit=f.shared_limit,
+                                error=f.error))
+    print(json.dumps(out))
+""")
+
+
+def test_configs_that_spilled_at_k128_fit():
+    """The configs of the tuner's space that spilled at K = V = 128 (bf16,
+    triton 3.9: block_v 64 and 128 by up to 7 KB, 4 warps by up to 296 B,
+    3 stages in bwd_dv and chunks of 32 in dq/dk by 8 B) compile for sm_90a and
+    sm_80 with no spills, every chunk kernel; the backward's dq/dk channels
+    are 16 only (32 and 64 spilled on sm_80)."""
+    fits = run_without_interpreter(FITNESS_CONFIGS, timeout=900)
+    assert sorted({f["kernel"] for f in fits}) == sorted(
+        ["per_channel_fwd", "per_channel_fwd_intra", "per_channel_bwd_states",
+         "per_channel_bwd_dv", "per_channel_bwd_dqk"])
+    assert len(fits) == 5 * 2 * 6
+    for f in fits:
+        where = f"{f['target']} {f['kernel']} {f['cfg']} {f['regs']} {f['error']}"
+        assert not f["error"] and f["spill"] == 0 and f["shared"] <= f["limit"], where

@@ -283,7 +283,8 @@ FITNESS = textwrap.dedent("""
     from mixerc.codegen.triton import fitness
     out = []
     m = mixerc.compile("based", backend="triton")
-    shapes = [(t, K, V) for t in ("sm_90a", "sm_80") for K, V in ((16, 64), (16, 128), (64, 64))]
+    shapes = [(t, K, V) for t in ("sm_90a", "sm_80") for K, V in ((16, 64), (16, 128), (64, 64),
+                                                              (128, 128))]
     for target, K, V in shapes:
         for f in fitness.check(m._impl, {"H": 16, "K": K, "V": V}, target):
             out.append(dict(target=target, K=K, V=V, kernel=f.kernel, regs=f.registers,
@@ -294,13 +295,15 @@ FITNESS = textwrap.dedent("""
 
 
 def test_kernels_fit_sm90a_and_sm80():
-    """Based's kernels (K = 16 with V = 64 and 128, K = V = 64; bf16, default
-    config): no spills, shared memory within the limit, the dots on HGMMA
-    (sm_90a, no warp-level HMMA fallback) / HMMA (sm_80)."""
+    """Based's kernels (K = 16 with V = 64 and 128, K = V = 64, and K = V = 128,
+    `mixerc compile --target`'s default dims, where the dK/dV kernel steps
+    over 16 queries: at 32 it spilled 8 B on sm_90a; bf16, default config):
+    no spills, shared memory within the limit, the dots on HGMMA (sm_90a, no
+    warp-level HMMA fallback) / HMMA (sm_80)."""
     fits = run_without_interpreter(FITNESS, timeout=600)
     assert {f["kernel"] for f in fits} == {"poly_kernel_divide_fwd", "poly_kernel_divide_bwd_dq",
                                            "poly_kernel_divide_bwd_dkv"}
-    assert len(fits) == 2 * 3 * 3  # targets x shapes x kernels
+    assert len(fits) == 2 * 4 * 3  # targets x shapes x kernels
     for f in fits:
         where = f"{f['target']} K={f['K']} V={f['V']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
@@ -381,6 +384,37 @@ def test_gradients_at_the_default_blocks_match_dense(compiled, poisoned, name):
     finally:
         m._impl.pin_config(block_m=16, block_n=16, block_v=16, bwd_block_m=16, bwd_block_n=16,
                            bwd_block_v=16)
+    want = d(**xd)
+    (want * dy).sum().backward()
+    assert rel_err(y, want) < 1e-4
+    for n in x:
+        assert rel_err(xs[n].grad, xd[n].grad) < 1e-4, n
+
+
+def test_gradients_at_k128_match_dense(compiled, poisoned):
+    """At K >= 128 the dK/dV kernel steps over at most 16 queries (the
+    default 32 spills on sm_90a at K = 128): its blocks at the default
+    config, and gradients equal to dense there (T = 70 ends inside a block)."""
+    m, d = compiled("based"), compiled("based", "dense")
+    mod = m._impl.module
+    name = next(n[:-len("_key_side")] for n in vars(mod) if n.endswith("_key_side"))
+    meta = getattr(mod, name + "_meta")
+    for K, step in ((16, 32), (64, 32), (128, 16), (256, 16)):
+        q = torch.empty(1, 1, 1, K, dtype=torch.bfloat16, device="meta")
+        side = getattr(mod, name + "_key_side")(meta(q, q, 64, 32, 64))
+        assert (side["BLOCK_M"], side["BLOCK_N"]) == (step, 64), K
+    x = inputs(1, 70, H=1, K=128, V=20, seed=14)
+    dy = torch.randn(1, 70, 1, 20, generator=torch.Generator().manual_seed(15), dtype=f64)
+    xs = {n: t.float().requires_grad_() for n, t in x.items()}
+    xd = {n: t.clone().requires_grad_() for n, t in x.items()}
+    m._impl.pin_config(form="quadratic", block_m=64, block_n=64, block_v=16, bwd_block_m=64,
+                       bwd_block_n=32, bwd_block_v=16)
+    try:
+        y = m(**xs)
+        (y * dy.float()).sum().backward()
+    finally:
+        m._impl.pin_config(form="quadratic", block_m=16, block_n=16, block_v=16, bwd_block_m=16,
+                           bwd_block_n=16, bwd_block_v=16)
     want = d(**xd)
     (want * dy).sum().backward()
     assert rel_err(y, want) < 1e-4

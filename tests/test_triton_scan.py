@@ -322,51 +322,59 @@ FITNESS = textwrap.dedent("""
     import mixerc
     from mixerc.codegen.triton import fitness
     out = []
-    for src, sizes, every in (("mamba", {"E": 1536, "N": 16}, True),
-                              (%r, {"H": 8, "K": 16, "V": 2}, False)):
+    # (mixer, dims, which configs): every config for Mamba-1 (the factored
+    # log-decay, with its decode step), the default for a log-decay per token and
+    # channel, and at GLA's K = 128 every warp count (heads per program follow
+    # the warps there: runtime/triton/scan.py scan_heads)
+    for src, sizes, which in (("mamba", {"E": 1536, "N": 16}, "all"),
+                              (%r, {"H": 8, "K": 16, "V": 2}, "default"),
+                              ("gla", {"H": 16, "K": 128, "V": 128}, "warps")):
         r = mixerc.compile(src, backend="triton")._impl
         mod = r.module
-        for name, (key, D, DV) in r.kernel_shapes(sizes).items():
-            if "_scan" not in name:
+        shapes = r.kernel_shapes(sizes)
+        for function, name, kernel in fitness.kernels_of(mod):
+            if "_scan" not in function:
                 continue
-            meta = getattr(mod, name + "_compile_meta")  # serves the backward too
-            choices = [mod.CONFIG_SPACE[key + "." + k] if every else
+            key, D, DV = shapes[function]
+            # the kernel's own meta, else its family's (as the report finds them)
+            meta = getattr(mod, name + "_compile_meta", None) or \
+                getattr(mod, function + "_compile_meta")
+            choices = [mod.CONFIG_SPACE[key + "." + k] if which == "all" or
+                       (which == "warps" and k == "scan_warps") else
                        [mod.DEFAULT_CONFIG[key + "." + k]] for k in meta.knobs]
             for target in ("sm_90a", "sm_80"):
                 for values in itertools.product(*choices):
                     cfg = dict(zip(meta.knobs, values))
-                    for part in ("_fwd", "_bwd"):
-                        fit = fitness._fit(getattr(mod, name + part), name, name + part, cfg,
-                                           target, "bf16", False,
-                                           lambda: meta(D, DV, cfg, "bf16"))
-                        out.append(dict(target=target, kernel=fit.kernel, part=part, cfg=cfg,
-                                        err=fit.error, regs=fit.registers,
-                                        spill=fit.spill_bytes, shared=fit.shared,
-                                        limit=fit.shared_limit))
-                if every and hasattr(mod, name + "_decode"):  # the forward as a decode step
-                    cfg = {k: mod.DEFAULT_CONFIG[key + "." + k] for k in meta.knobs}
-                    c, w, s = meta(D, DV, cfg, "bf16")
-                    fit = fitness._fit(getattr(mod, name + "_fwd"), name, name + "_fwd", cfg,
-                                       target, "bf16", False, lambda: (dict(c, SEG=0), w, s))
-                    out.append(dict(target=target, kernel=fit.kernel, part="_decode", cfg=cfg,
-                                    err=fit.error, regs=fit.registers, spill=fit.spill_bytes,
+                    fit = fitness._fit(kernel, function, name, cfg, target, "bf16", False,
+                                       lambda: meta(D, DV, cfg, "bf16"))
+                    out.append(dict(src=src[:8], target=target, kernel=fit.kernel,
+                                    part=name[len(function):], cfg=cfg, err=fit.error,
+                                    regs=fit.registers, spill=fit.spill_bytes,
                                     shared=fit.shared, limit=fit.shared_limit))
     print(json.dumps(out))
 """) % STRICT
 
 
 def test_scan_kernels_fit_sm90a_and_sm80():
-    """Every config of the scan's knobs for Mamba-1 (the factored log-decay)
-    and the default for a log-decay per token and channel: the forward (with
-    its checkpoint stores) and the backward compile without spills, and so
-    does Mamba-1's decode step (the forward without checkpoints, SEG = 0) at
-    the default config."""
+    """The scan's kernels as `mixerc compile --target` lists them: every config
+    of the scan's knobs for Mamba-1 (the factored log-decay): the forward (with
+    its checkpoint stores), the backward and the decode step (the forward
+    without checkpoints, SEG = 0: its own row, `_fwd_decode`); the default
+    for a log-decay per token and channel; at GLA's K = 128 the forward and
+    backward at 2, 4 and 8 warps (the backward kept an 8 to 32-byte stack
+    frame at 2 and 8 warps until its launch raised ptxas's register limit:
+    runtime/triton/scan.py scan_bwd_maxnreg). No spills, within shared memory."""
     fits = run_without_interpreter(FITNESS, timeout=900)
     assert {f["target"] for f in fits} == {"sm_90a", "sm_80"}
-    for part in ("_fwd", "_bwd"):
-        mine = [f for f in fits if f["part"] == part]
-        assert len({f["kernel"] for f in mine}) == 2 and len(mine) == 2 * (9 + 1), part
-    assert len([f for f in fits if f["part"] == "_decode"]) == 2  # sm_90a, sm_80
+    mamba = [f for f in fits if f["src"] == "mamba"]
+    assert sorted({f["part"] for f in mamba}) == ["_bwd", "_fwd", "_fwd_decode"]
+    for part in ("_fwd", "_bwd", "_fwd_decode"):  # 9 configs on two targets
+        assert len([f for f in mamba if f["part"] == part]) == 18, part
+    gla = [f for f in fits if f["src"] == "gla"]
+    assert sorted({f["part"] for f in gla}) == ["_bwd", "_fwd"]  # decodes on the recurrence
+    assert sorted(f["cfg"]["scan_warps"] for f in gla if f["part"] == "_bwd") == \
+        [2, 2, 4, 4, 8, 8]
+    assert len([f for f in fits if f["src"] not in ("mamba", "gla")]) == 4  # fwd, bwd
     for f in fits:
         where = f"{f['target']} {f['kernel']} {f['cfg']} {f['err']}"
         assert not f["err"] and f["spill"] == 0 and f["shared"] <= f["limit"], where

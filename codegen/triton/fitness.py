@@ -113,8 +113,9 @@ def aligned(kernel, sig: dict) -> dict:
 
 
 def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_stages: int,
-                   mm_dtype: str = "bf16"):
-    """Triton's compiled kernel for `target` (no GPU needed)."""
+                   mm_dtype: str = "bf16", options: dict | None = None):
+    """Triton's compiled kernel for `target` (no GPU needed); options: more
+    of Triton's compile options, as the launch passes them (e.g. maxnreg)."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -124,7 +125,8 @@ def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_st
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
                     attrs=aligned(kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **(options or {})})
 
 
 def inspect(compiled, target: str, fit: KernelFit, keep_asm: bool = False) -> KernelFit:
@@ -245,8 +247,9 @@ def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm
                 keep_asm) -> list:
     """KernelFit per config of a kernel whose module has `<kernel>_compile_meta`
     or `<function>_compile_meta`: meta(D, DV, cfg, mm_dtype) -> (constexprs,
-    num_warps, num_stages), its knobs (config key suffixes) in `.knobs`, and
-    optionally `.shown(cfg)`: the config as the table names it."""
+    num_warps, num_stages[, more compile options]), its knobs (config key
+    suffixes) in `.knobs`, and optionally `.shown(cfg)`: the config as the
+    table names it."""
     import itertools
     if isinstance(which, dict):
         cfgs = [{k: which[f"{key}.{k}"] for k in meta.knobs}]
@@ -266,14 +269,15 @@ def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm
 def _fit(kernel, function: str, name: str, cfg: dict, target: str, mm_dtype: str,
          keep_asm: bool, settings) -> KernelFit:
     """The KernelFit of one kernel at one config: settings() -> (constexprs,
-    num_warps, num_stages); a config the compiler rejects (e.g. out of
+    num_warps, num_stages) and optionally a dict of more compile options the
+    launch passes (maxnreg); a config the compiler rejects (e.g. out of
     resources) is a fit with an error, reported in the table."""
     fit = KernelFit(function, name, cfg)
     try:
-        constexprs, warps, stages = settings()
+        constexprs, warps, stages, *options = settings()
         constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-        inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype), target,
-                fit, keep_asm)
+        inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype,
+                               options[0] if options else None), target, fit, keep_asm)
     except Exception as e:  # noqa: BLE001
         fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return fit

@@ -20,6 +20,36 @@ DECODE_TOKENS = 16
 # 32 fits both targets under both
 INTRA_BLOCK_K = 32
 
+# the chunk kernels' state tiles [K, BLOCK_V] (forward, bwd_states, bwd_dv;
+# dqk's value blocks) hold at most this many float32 entries: BLOCK_V at most
+# 4096 / BLOCK_K. Triton 3.9, K = V = 128, bf16: block_v = 64 spilled 8 B
+# (sm_90a) and 272 B (sm_80) in the forward, 16 and 424 B in bwd_dv; 128
+# spilled 904 / 7368 B there and in bwd_states and dqk; 32 fits both targets
+PER_CHANNEL_STATE_ENTRIES = 4096
+
+
+def per_channel_block_v(block_v, block_k, dv):
+    """The chunk kernels' value block: the config's, at most the value dim
+    (a power of two, at least 16) and PER_CHANNEL_STATE_ENTRIES / block_k."""
+    return max(16, min(block_v, triton.next_power_of_2(dv),
+                       PER_CHANNEL_STATE_ENTRIES // block_k))
+
+
+def per_channel_warps(num_warps, block_k, block_v):
+    """The chunk kernels' warps: the config's, at least one per 512 entries of
+    the [block_k, block_v] state tile (16 float32 registers a thread). Triton
+    3.9, K = 128, 32 value columns, bf16: at 4 warps the forward spilled 128 B
+    (sm_90a) and 224 B (sm_80), bwd_dv 112 B and 296 B; at 8 none."""
+    return max(num_warps, block_k * block_v // 512)
+
+
+def per_channel_dqk_warps(num_warps, chunk):
+    """The backward dq/dk kernel's warps: at most one per 8 rows of the chunk
+    (its tiles are [chunk, bwd_block_k]). Triton 3.9, K = V = 128, bf16, chunks
+    of 32: at 8 warps it took ptxas's 128 registers and spilled 8 B on
+    sm_90a; at 4, 180 registers and no spills (sm_80: 168)."""
+    return max(1, min(num_warps, chunk // 8))
+
 
 def per_channel_kernels(*tensors) -> bool:
     """True when the term runs the Triton kernels: no input is float64 (they

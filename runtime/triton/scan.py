@@ -41,12 +41,33 @@ def scan_heads(block_h, block_k, num_warps):
     return max(1, min(block_h, SCAN_ENTRIES_PER_WARP * num_warps // block_k))
 
 
+def scan_decode_heads(block_h, block_k, num_warps):
+    """Heads per program of a decode step's launch of the forward kernel
+    (without checkpoints): scan_heads, at most 32. 64 heads at 8 warps (K =
+    16, Mamba's N) took ptxas's limit of 128 registers and 8 B of stack on
+    sm_90a (triton 3.9); 32 take 48 and spill nothing. Every other config
+    has at most 32 heads there already."""
+    return scan_heads(min(block_h, 32), block_k, num_warps)
+
+
 def scan_one_qk(num_warps) -> bool:
     """Whether the backward sums q's and k's gradients over the program's heads
     before its atomic adds (q and k at one head: Mamba's B and C): at up to 4
     warps. At 8 the cross-warp sum takes 16 bytes of stack on sm_80 (the
     fitness table); per-entry atomic adds then."""
     return num_warps <= 4
+
+
+def scan_bwd_maxnreg(num_warps):
+    """The backward's register limit (Triton's `maxnreg` launch option), or
+    None for ptxas's own. ptxas holds the reverse scan to 128 registers, and
+    at 2 and 8 warps that spills (triton 3.9, K = 128, the value dim per head
+    128: 8 B of stack at 2 warps on sm_80, 24 B at 8 warps on sm_80, 32 B on
+    sm_90a; 8 to 32 B at K = 32 and 64 too). With the limit at 255 they take
+    171 to 182 registers and spill nothing. The 4-warp default keeps ptxas's
+    limit: 123 to 128 registers without spills at K = 16, 32 and 128, where
+    the limit would raise it to about 176."""
+    return None if num_warps == 4 else 255
 
 
 # tokens between the forward's checkpoints of the state when a gradient is

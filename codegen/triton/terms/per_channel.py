@@ -24,11 +24,14 @@ from mixerc.plan import value_dims
 # --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
 # sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills).
 # bwd_block_k: the K channels of one backward dq/dk program (each recomputes
-# do v^T); 32 fits sm_90a but spills on sm_80, 16 fits both
+# do v^T); only 16: 32 and 64 spill (triton 3.9, V = 128, bf16, the default
+# blocks: 32 spills 56 B on sm_80 at K = 32, 64 and 128; 64 spills 504 B on
+# sm_80 and 80 B on sm_90a at K = 64 and 128), 16 fits both. block_v: the
+# kernels cap it at large K (runtime/triton/per_channel.py per_channel_block_v)
 DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2,
             "bwd_block_k": 16}
 CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
-           "num_warps": [4, 8], "num_stages": [1, 2, 3], "bwd_block_k": [16, 32, 64]}
+           "num_warps": [4, 8], "num_stages": [1, 2, 3], "bwd_block_k": [16]}
 FORWARD = ("tri_chunk", "tri_sub", "block_v", "num_warps", "num_stages")  # the host's args
 
 

@@ -50,9 +50,10 @@ from . import per_channel
 # values' scale and the skip on load (MAP, SKIP) 127 and 117; no config spills (runtime/triton/scan.py scan_heads
 # takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
 # 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
-# chunks) its 2- and 8-warp configs keep an 8-byte stack frame (one register
-# ptxas saves around the segment loop's atomic adds), which the tuner screens out
-# per shape
+# chunks) its 2- and 8-warp configs kept an 8 to 32-byte stack frame under
+# ptxas's 128-register limit, which their launch raises (runtime/triton/scan.py
+# scan_bwd_maxnreg: 176 to 182 registers, no spills). A decode step takes at
+# most 32 heads per program (scan_decode_heads: 64 at 8 warps spilled on sm_90a)
 DEFAULTS = {"algorithm": "auto", "scan_block_h": 32, "scan_warps": 4}
 CHOICES = {"algorithm": ["auto", "scan", "chunks"], "scan_block_h": [16, 32, 64],
            "scan_warps": [2, 4, 8]}
