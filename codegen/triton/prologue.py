@@ -14,7 +14,9 @@ Leaves inside the kernels' expressions: `x` (the q or k tile in float32) for
 a feature map; `l0`, `l1`, ... (per-token [BT] or per-head scalars, float32)
 for the log-decay and the key scale. The per-channel scan
 (terms/scan.py) renders its scalar maps (Mamba's delta and the values'
-scale) by scalar_map too."""
+scale) by scalar_map too, and the per-channel chunks' cumsum kernel
+(terms/per_channel.py decay_map) its log-decay at the heads and the
+contracted dim (leaves [B, T, H, K] and [H, K])."""
 
 from __future__ import annotations
 
