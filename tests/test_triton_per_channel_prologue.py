@@ -11,8 +11,9 @@ float64 (the torch code), every gradient (the backward recomputes the map in
 torch and chains through it: runtime/triton/per_channel.py
 MappedPerChannelFn), the gradient through a state carried between calls,
 prefill then decode, T not a multiple of the chunk, batch > 1, random map
-programs, strong decays over a long input, the torch.compile branch, and a
-map the kernel cannot take (a per-head [H] param) on today's torch path.
+programs (with [H, K] and [H] params), strong decays over a long input, the
+torch.compile branch, the scan's branch, and a map the kernel cannot take (a
+per-token [H] input) on today's torch path.
 The chunked kernels are pinned (algorithm="chunks": small test dims would
 pick the scan); outputs poisoned. Kernels run in Triton's CPU interpreter
 (conftest sets TRITON_INTERPRET=1)."""
@@ -59,12 +60,23 @@ def mapped_program(seed: int) -> str:
 
 FIXED = [GATE, program("softplus_gate", "-softplus(gk)"),
          program("exp_gate", "-exp(A) * sigmoid(gk)", "  param A : [H, K] = uniform(-1, 0.5)"),
-         program("log_sigmoid_gate", "log(sigmoid(gk))")]
+         program("log_sigmoid_gate", "log(sigmoid(gk))"),
+         # a per-head [H] param beside the gate
+         program("per_head_gate", "-exp(a) * softplus(gk)", "  param a : [H] = uniform(-1, 0)")]
 SEEDS = [1, 4, 9]
 CASES = FIXED + [mapped_program(s) for s in SEEDS]
-IDS = ["logsigmoid16", "softplus", "exp_A_sigmoid", "log_sigmoid"] + [f"mapped{s}" for s in SEEDS]
-# a per-head [H] param: not a map the cumsum kernel takes (today's torch path)
-PER_HEAD = program("per_head_gate", "-exp(a) * softplus(gk)", "  param a : [H] = uniform(-1, 0)")
+IDS = ["logsigmoid16", "softplus", "exp_A_sigmoid", "log_sigmoid", "per_head_a"] + \
+    [f"mapped{s}" for s in SEEDS]
+# a per-token [H] input in the map: not one the cumsum kernel takes (today's torch path)
+UNMAPPED = """mixer unmapped_gate {
+  dims H, K, V
+  input q : [H, K]
+  input k : [H, K]
+  input v : [H, V]
+  input gk : [H, K]
+  input dt : [H]
+  out y = (decay(-softplus(gk) * sigmoid(dt)) * (q @ k^T)) @ v
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +95,8 @@ def args_of(m, B=2, T=37, H=2, K=12, V=8, seed=1, gate_mean=0.0):
             args[n] = r(H, K) * 0.3 + (0.0 if n == "A" else 1.0)
     if "a" in m.program.params:
         args["a"] = r(H) * 0.3 - 0.5
+    if "dt" in m.program.inputs:
+        args["dt"] = r(B, T, H)
     return args
 
 
@@ -123,13 +137,13 @@ def mapped_calls(m, monkeypatch) -> list:
 
 def test_the_programs_have_maps(compiled):
     """Every program is planned with the cumsum kernel computing its map (else
-    the tests below would not test it), explain says so, and a per-head [H]
-    param keeps today's path."""
+    the tests below would not test it), explain says so, and a per-token [H]
+    input keeps today's path."""
     for src in CASES:
         text = compiled(src).explain()
         assert "the chunks' cumsum kernel computes on load" in text, text
         assert "_fwd_cumsum(" in compiled(src).source()
-    assert "cumsum kernel computes on load" not in compiled(PER_HEAD).explain()
+    assert "cumsum kernel computes on load" not in compiled(UNMAPPED).explain()
     assert "log_decay = (F.logsigmoid(gk) / 16.0)" in compiled(GATE).explain()
 
 
@@ -231,7 +245,7 @@ def test_gradients_through_a_carried_state(compiled):
         assert rel_err(got[n].grad.cpu(), ref[n].grad) < 1e-4, n
 
 
-@pytest.mark.parametrize("src", CASES[:4], ids=IDS[:4])
+@pytest.mark.parametrize("src", FIXED, ids=IDS[:len(FIXED)])
 def test_prefill_then_decode(src, compiled):
     """Prefills of 20 and 17 tokens (the second from a nonzero state: both on
     the mapped kernels), then decode steps (the map in torch)."""
@@ -269,10 +283,10 @@ def test_the_compile_branch(compiled, monkeypatch):
     assert [c[0] for c in calls] == ["op", "mapped"]
 
 
-def test_a_per_head_param_keeps_the_torch_map(compiled):
-    """A per-head [H] param in the map: not on load (today's path, the map in
+def test_a_map_the_kernel_does_not_take_keeps_the_torch_map(compiled):
+    """A per-token [H] input in the map: not on load (today's path, the map in
     torch), still equal to dense, with gradients."""
-    m, d = compiled(PER_HEAD), compiled(PER_HEAD, "dense")
+    m, d = compiled(UNMAPPED), compiled(UNMAPPED, "dense")
     args = args_of(m, T=37, seed=11)
     with torch.no_grad():
         assert rel_err(m(**to_device(args, torch.float32)).cpu(), d(**args)) < 1e-4

@@ -14,8 +14,8 @@ These kernels read q, k and the values materialized: where the scan computes
 maps on load (terms/scan.py `maps`: Mamba's delta, delta * x, the skip term),
 this branch computes them in torch first and adds the skip after its kernels.
 
-A log-decay that is an elementwise map of per-token [B, T, H, K] and
-per-head [H, K] values (fla's GLA gate: logsigmoid(gk) / 16) is computed
+A log-decay that is an elementwise map of per-token [B, T, H, K] values
+and [H, K] or [H] params (fla's GLA gate: logsigmoid(gk) / 16) is computed
 by the chunk-cumsum kernel as it loads them (`decay_map`, rendered by
 codegen/triton/prologue.py's scalar_map at the heads and the contracted
 dim), so the only [B, T, H, K] float32 tensor written is the cumulative
@@ -53,8 +53,9 @@ def handles(tp) -> bool:
 
 @dataclass
 class DecayMap:
-    """The log-decay as a map of `leaves` (l0, l1, ...: "token" [B, T, H, K]
-    or "head" [H, K], `kinds`) that the cumsum kernel computes on load."""
+    """The log-decay as a map of `leaves` (l0, l1, ...: "token" [B, T, H, K],
+    "head" [H, K] or "per_head" [H], `kinds`) that the cumsum kernel
+    computes on load."""
 
     map: prologue.Map
     leaves: list = field(default_factory=list)
@@ -71,12 +72,13 @@ def decay_map(tp, mp) -> DecayMap | None:
     is then computed in torch and read as given): one head dim, a log-decay
     that is not an input as given, and an elementwise map (prologue.OPS) of
     values per token at the heads and the contracted dim (at least one) and
-    of statics at them."""
+    of params at them or at the heads alone."""
     node = tp.operands["log_decay"].node
     if len(mp.heads) != 1 or isinstance(node, ir.Input):
         return None
     out = DecayMap(None)
-    m = prologue.scalar_map(node, tuple(mp.heads) + (tp.flags["dim"],), out.leaves, out.kinds)
+    m = prologue.scalar_map(node, tuple(mp.heads) + (tp.flags["dim"],), out.leaves, out.kinds,
+                            extra={tuple(mp.heads): "per_head"})
     if m is None or "token" not in out.kinds:
         return None
     out.map = m
@@ -85,9 +87,9 @@ def decay_map(tp, mp) -> DecayMap | None:
 
 def leaf_values(w, dm, mp, dim) -> list:
     """The map's leaves as the kernel reads them: per token [b, t, H, K] as
-    given (its dtype and strides), per head [H * K] float32."""
+    given (its dtype and strides), params [H * K] or [H]."""
     return [w.canon_raw(x, mp.heads, (dim,), hint=x.name) if kind == "token" else
-            w.per_head(x, tuple(mp.heads) + (dim,), hint=x.name)
+            w.per_head(x, tuple(mp.heads) + ((dim,) if kind == "head" else ()), hint=x.name)
             for x, kind in zip(dm.leaves, dm.kinds)]
 
 
