@@ -8,7 +8,10 @@ of the chunk, batch > 1, K and V not powers of 2, strict masks, random
 per-channel programs, initial and final states' gradients, strong decays
 over a long input; outputs poisoned before the kernels write. A spy proves
 the Triton backward ran (the torch backend's chunks are made to fail), and
-that the tuner's forward+backward run reaches the kernels with its knobs."""
+that the tuner's forward+backward run reaches the kernels with its knobs
+(with a log-decay map the cumsum kernel computes on load, as STRICT_GLA's
+log(sigmoid(f)), through MappedPerChannelFn: tests/
+test_triton_per_channel_prologue.py)."""
 
 import random
 
@@ -69,6 +72,15 @@ def triton_only(m, monkeypatch):
             calls.append(args[5:])  # chunk, sub, block_v, num_warps, num_stages, bwd_block_k
         return original(*args)
     monkeypatch.setattr(mod, host + "_op", spy)  # the host looks the op up when called
+    run = getattr(mod, host)
+    if hasattr(run, "mapped"):  # a log-decay map on load: MappedPerChannelFn's forward
+        mapped = run.mapped  # (its inputs still require a gradient inside it)
+
+        def spy_mapped(*args):
+            if any(x.requires_grad for x in args[:3] + tuple(args[3])):
+                calls.append(args[5:])
+            return mapped(*args)
+        monkeypatch.setattr(run, "mapped", spy_mapped)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the torch backend's chunked code ran")

@@ -10,6 +10,7 @@ choice (Mamba-1 scans, GLA at K = V = 128 runs chunks), the config knob
 that overrides it, the factored log-decay never materialized, and the
 kernels' static fitness on sm_90a and sm_80 (no spills at any config)."""
 
+import functools
 import textwrap
 
 import pytest
@@ -77,6 +78,7 @@ def algorithms(m, monkeypatch) -> Calls:
     for name in m._impl._kernel_dims:
         original = getattr(mod, name)
 
+        @functools.wraps(original)  # (and its attributes: the map's torch code, ...)
         def spy(*args, _original=original, _name=name, **kw):
             calls.append("scan" if "_scan" in _name else "chunks")
             calls.args.setdefault(_name, []).append(args)

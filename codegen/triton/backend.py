@@ -163,6 +163,11 @@ def runs_on(tp, plan=None) -> str:
             algorithm += ("; the scan computes on load (never written to HBM; its backward "
                           "recomputes them by torch): " + pro.describe() +
                           " (the chunks compute them in torch first)")
+        dm = None if mp is None else per_channel.decay_map(tp, mp)
+        if dm is not None:
+            algorithm += ("; the chunks' cumsum kernel computes on load (never written to "
+                          "HBM; the backward recomputes it by torch): " + dm.describe() +
+                          " (the scan and a decode step compute it in torch first)")
         skip = mp is not None and scan.fuses_skip(mp, plan.program.groups)
         if skip:
             algorithm += ("; the skip term: the scan adds it in its epilogue, the chunks "

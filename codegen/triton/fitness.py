@@ -97,7 +97,8 @@ def signature(kernel, constexprs: dict, mm_dtype: str) -> dict:
 # int arguments a launch at a typical shape passes as multiples of 16 (Triton
 # specializes on that, as it does on 16-byte aligned pointers), and per kernel:
 # the chunk-local cumsum's (runtime/triton/per_channel.py) K and strides (K a
-# multiple of 16: its loads and stores vectorized, half the registers)
+# multiple of 16: its loads and stores vectorized, half the registers), and
+# the same of a per-mixer cumsum that computes a map on load (`*_fwd_cumsum`)
 DIVISIBLE_INTS = {"T", "S"}
 KERNEL_DIVISIBLE_INTS = {"_mx_chunk_cumsum": {"n_k", "stride_b", "stride_t", "stride_h",
                                               "stride_cs"}}
@@ -108,6 +109,9 @@ def aligned(kernel, sig: dict) -> dict:
     aligned (torch allocations are), T and S multiples of 16. Without them
     the compiler can neither vectorize loads nor pipeline them."""
     ints = DIVISIBLE_INTS | KERNEL_DIVISIBLE_INTS.get(kernel.fn.__name__, set())
+    if kernel.fn.__name__.endswith("_fwd_cumsum"):  # the cumsum computing a map on load
+        ints = ints | {n for n in kernel.arg_names
+                       if re.fullmatch(r"n_k|stride_cs|s[bth]\d+", n)}  # its leaves' strides
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
             if sig[name].startswith("*") or name in ints}
 

@@ -14,7 +14,9 @@ Leaves inside the kernels' expressions: `x` (the q or k tile in float32) for
 a feature map; `l0`, `l1`, ... (per-token [BT] or per-head scalars, float32)
 for the log-decay and the key scale. The per-channel scan
 (terms/scan.py) renders its scalar maps (Mamba's delta and the values'
-scale) by scalar_map too."""
+scale) by scalar_map too, and the per-channel chunks' cumsum kernel
+(terms/per_channel.py decay_map) its log-decay at the heads and the
+contracted dim (leaves [B, T, H, K] and [H, K])."""
 
 from __future__ import annotations
 
@@ -108,15 +110,18 @@ def of(tp, heads: tuple) -> Prologue:
     return pro
 
 
-def scalar_map(node, heads: tuple, leaves: list, kinds: list, memo=None) -> Map | None:
+def scalar_map(node, heads: tuple, leaves: list, kinds: list, memo=None,
+               extra: dict | None = None) -> Map | None:
     """`node` as a map of per-token values at exactly `heads` ("token" [B, T,
     H]) and per-head statics ("head" [H]), named l0, l1, ... by their place
     in `leaves` (its new leaves appended there and their kinds to `kinds`),
     or None (nothing appended) where a kernel cannot compute it on load.
     Shared by the chunked kernels (of) and the per-channel scan
-    (terms/scan.py: Mamba's delta and the values' scale)."""
+    (terms/scan.py: Mamba's delta and the values' scale). extra: {axes:
+    kind} of further statics a caller reads (the per-channel cumsum's [H]
+    params beside its [H, K] ones: terms/per_channel.py decay_map)."""
     memo = {} if memo is None else memo
-    found = _scalar_leaves(node, heads, memo)
+    found = _scalar_leaves(node, heads, memo, extra or {})
     if found is None:
         return None
     new = [(x, kind) for x, kind in found if all(x is not y for y in leaves)]
@@ -135,9 +140,10 @@ def _single_leaf(node, memo):
     return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], ir.Input) else None
 
 
-def _scalar_leaves(node, heads, memo) -> list | None:
+def _scalar_leaves(node, heads, memo, extra) -> list | None:
     """[(leaf, kind)] of an expression of per-token values at exactly the
-    heads ("token") and per-head statics ("head"), else None."""
+    heads ("token"), per-head statics ("head") and the statics `extra` names
+    by their axes, else None."""
     out = []
     for n in _leaves(node, memo):
         if not isinstance(n, (ir.Input, ir.Param)):
@@ -147,6 +153,8 @@ def _scalar_leaves(node, heads, memo) -> list | None:
             out.append((n, "token"))
         elif axes == tuple(heads):
             out.append((n, "head"))
+        elif isinstance(n, ir.Param) and axes in extra:
+            out.append((n, extra[axes]))
         else:
             return None
     return out

@@ -3,12 +3,17 @@ modal kernel: a log-decay per token and channel of the contracted dim,
 inside the sum over it): which path a call takes, the chunk-local
 cumulative log-decays the kernels read at any row (their exact pairwise
 decays on the diagonal sub-blocks gather them; a kernel of its own, shared
-by the rendered forward and backward), and how the custom ops' autograd
-joins them (codegen/triton/templates/triton_per_channel*.py.jinja)."""
+by the rendered forward and backward, whose three steps a rendered kernel
+that computes the log-decay on load from its map's leaves reuses), and how
+the custom ops' autograd joins them
+(codegen/triton/templates/triton_per_channel*.py.jinja; with such a map
+MappedPerChannelFn)."""
 
 import torch
 import triton
 import triton.language as tl
+
+from mixerc.runtime.triton.ops import grads_through_maps, recompute_maps
 
 # a call of at most this many tokens (no gradient) is a decode step: the
 # recurrence kernel (runtime/triton/recurrent.py), state updated in place
@@ -58,13 +63,19 @@ def per_channel_kernels(*tensors) -> bool:
     return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
 
 
-def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k):
+def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None):
     """run(q, k, v, a, state, *config, bwd_block_k, decode=...) -> (y, final
     state): the rendered host, whose custom op carries the backward's
     kernels as its gradient. Without a gradient, a few tokens may take the
     in-place decode kernel (run decides), except while torch.compile traces
-    (it sees through the custom op only)."""
-    tensors = [x for x in (q, k, v, a, state) if x is not None]
+    (it sees through the custom op only).
+
+    leaves: None, or the inputs of the log-decay's map (a is then None):
+    the cumsum kernel computes it on load (run.mapped, its map by torch ops
+    run.prologue, codegen/triton/terms/per_channel.py). With a gradient
+    MappedPerChannelFn; while torch.compile traces with a gradient, and for a
+    decode step (a few tokens), the map by torch ops first."""
+    tensors = [x for x in (q, k, v, a, state, *(leaves or ())) if x is not None]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
         B, _, H, K = q.shape
@@ -72,8 +83,47 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k):
         if state is None:
             return y, torch.zeros(B, H, K, v.shape[-1], dtype=torch.float32, device=q.device)
         return y, state.to(torch.float32)
+    decode = not grad and not torch.compiler.is_compiling()
+    if leaves is not None:
+        if grad and not torch.compiler.is_compiling():
+            return MappedPerChannelFn.apply(run, tuple(config), bwd_block_k, q, k, v,
+                                            torch_state(state), *leaves)
+        if grad or (decode and q.shape[1] <= DECODE_TOKENS):
+            # traced (inductor fuses the map) or a decode step (a few tokens)
+            a = run.prologue(leaves, q.shape[2])
+        else:
+            return run.mapped(q, k, v, leaves, state, *config, bwd_block_k)
     return run(q, k, v, a, torch_state(state) if grad else state, *config, bwd_block_k,
-               decode=not grad and not torch.compiler.is_compiling())
+               decode=decode)
+
+
+class MappedPerChannelFn(torch.autograd.Function):
+    """The per-channel kernels with the log-decay computed on load from its
+    map's leaves (the forward stores nothing mapped: q, k, v, the state and
+    the leaves). The backward recomputes the map by torch ops (run.prologue),
+    runs the backward's kernels on it (run.backward_op) and chains the
+    log-decay's gradient through the map by autograd (runtime/triton/ops.py
+    recompute_maps, grads_through_maps), as MappedChunkedFn does."""
+
+    @staticmethod
+    def forward(ctx, run, config, bwd_block_k, q, k, v, state, *leaves):
+        y, final = run.mapped(q, k, v, list(leaves), state, *config, bwd_block_k)
+        ctx.run, ctx.config = run, (*config, bwd_block_k)
+        ctx.save_for_backward(q, k, v, state, *leaves)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels: no double backward
+    def backward(ctx, dy, d_final):
+        q, k, v, state, *leaves = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # run, config, bwd_block_k, q, k, v, state, *leaves
+        inputs, mapped = recompute_maps(lambda *ls: [ctx.run.prologue(list(ls), q.shape[2])],
+                                        leaves, needs[7:])
+        dq, dk, dv, da, d_state = ctx.run.backward_op(q, k, v, mapped[0].detach(), state, dy,
+                                                      d_final, *ctx.config)
+        gleaves = grads_through_maps(inputs, mapped, [da])
+        return (None, None, None, dq, dk, dv, None if state is None else d_state, *gleaves)
 
 
 def per_channel_op_grads(bwd, inputs, outputs, dy, d_final):
@@ -103,25 +153,62 @@ CUMSUM_BLOCK_K = 64
 
 
 @triton.jit
-def _mx_chunk_cumsum(A, CS, T, H, n_k, stride_b, stride_t, stride_h, stride_k, stride_cs,
-                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one chunk of BLOCK_T steps x one (batch, head) x BLOCK_K channels: a
-    # read in its own dtype once, its inclusive sums within the chunk written
-    # once in float32; rows past T load zeros (no log-decay), so they repeat
-    # the last token's sum. int64 only in the program's base offsets
+def _mx_chunk_tile(T, H, n_k, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # this program's tile of the chunk-local cumulative sum: one chunk of
+    # BLOCK_T steps x one (batch, head) x BLOCK_K channels. (c0, b, h, rows'
+    # and channels' offsets, the mask of the tile's tokens and channels);
+    # int64 only in the program's base offsets
     c0 = tl.program_id(0) * BLOCK_T
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < n_k
+    ok = ((c0 + offs_t) < T)[:, None] & (offs_k < n_k)[None, :]
+    return c0, b, h, offs_t, offs_k, ok
+
+
+@triton.jit
+def _mx_chunk_load(A, c0, b, h, offs_t, offs_k, ok, stride_b, stride_t, stride_h, stride_k):
+    # the tile of a [B, T, H, K] tensor (any strides, any float dtype) in
+    # float32, zero outside it
     src = A + b * stride_b + h * stride_h + c0 * stride_t.to(tl.int64)
-    x = tl.load(src + offs_t[:, None] * stride_t + offs_k[None, :] * stride_k,
-                mask=((c0 + offs_t) < T)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    return tl.load(src + offs_t[:, None] * stride_t + offs_k[None, :] * stride_k,
+                   mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mx_chunk_cumsum_store(x, CS, c0, b, h, offs_t, offs_k, T, H, n_k, stride_cs,
+                           BLOCK_T: tl.constexpr):
+    # the tile's log-decays x (float32, zero past T: no log-decay there, so
+    # the padding rows repeat the last token's sum): their inclusive sums
+    # within the chunk, written once in float32
     n_pad = tl.cdiv(T, BLOCK_T) * BLOCK_T
     dst = CS + ((b * n_pad + c0) * H + h) * n_k
     tl.store(dst + offs_t[:, None] * stride_cs + offs_k[None, :], tl.cumsum(x, 0),
-             mask=k_ok[None, :])
+             mask=(offs_k < n_k)[None, :])
+
+
+@triton.jit
+def _mx_chunk_cumsum(A, CS, T, H, n_k, stride_b, stride_t, stride_h, stride_k, stride_cs,
+                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    # a read in its own dtype once, its inclusive sums within the chunk
+    # written once in float32. A kernel that computes the log-decay on load
+    # (a map of its leaves: templates/triton_per_channel.py.jinja
+    # _mapped_cumsum) is these three steps with the map in the middle
+    c0, b, h, offs_t, offs_k, ok = _mx_chunk_tile(T, H, n_k, BLOCK_T, BLOCK_K)
+    x = _mx_chunk_load(A, c0, b, h, offs_t, offs_k, ok, stride_b, stride_t, stride_h, stride_k)
+    _mx_chunk_cumsum_store(x, CS, c0, b, h, offs_t, offs_k, T, H, n_k, stride_cs, BLOCK_T)
+
+
+def chunk_cumsum_grid(shape, chunk, device):
+    """(the float32 [B, n * chunk, H, K] output, the launch grid, BLOCK_K) of
+    a chunk-local cumulative sum over [B, T, H, K] (chunk_cumsum, or a
+    kernel computing the log-decay on load)."""
+    B, T, H, K = shape
+    n = -(-T // chunk)
+    out = torch.empty(B, n * chunk, H, K, dtype=torch.float32, device=device)
+    block_k = max(16, min(triton.next_power_of_2(max(K, 1)), CUMSUM_BLOCK_K))
+    return out, (n, B * H, triton.cdiv(K, block_k)), block_k
 
 
 def chunk_cumsum(a, chunk):
@@ -133,10 +220,8 @@ def chunk_cumsum(a, chunk):
     its callers run only where the other kernels run (float64 takes the
     torch backend's code, which sums its own chunks)."""
     B, T, H, K = a.shape
-    n = -(-T // chunk)
-    out = torch.empty(B, n * chunk, H, K, dtype=torch.float32, device=a.device)
+    out, grid, block_k = chunk_cumsum_grid(a.shape, chunk, a.device)
     if out.numel():
-        block_k = max(16, min(triton.next_power_of_2(K), CUMSUM_BLOCK_K))
-        _mx_chunk_cumsum[(n, B * H, triton.cdiv(K, block_k))](
-            a, out, T, H, K, *a.stride(), H * K, BLOCK_T=chunk, BLOCK_K=block_k, num_warps=4)
+        _mx_chunk_cumsum[grid](a, out, T, H, K, *a.stride(), H * K, BLOCK_T=chunk,
+                               BLOCK_K=block_k, num_warps=4)
     return out

@@ -29,8 +29,11 @@ updated in place (the template's `_decode`); a log-decay that does not factor
 (GLA's) decodes on runtime/triton/recurrent.py, whose kernel reads the state
 in rows rather than strided by the value dim. The chunked
 branch (per_channel.py, and float64's torch code) still computes delta,
-delta * x and the [B, T, H, K] log-decay in torch, and adds the skip term
-after its kernels.
+delta * x and a factored [B, T, H, K] log-decay in torch, and adds the skip
+term after its kernels; a log-decay that is a map of [B, T, H, K] and
+[H, K] values (GLA's logsigmoid(gk) / 16) its cumsum kernel computes on
+load (per_channel.py decay_map), while the scan reads it computed by the
+same map in torch, in its branch only.
 """
 
 import hashlib
@@ -224,7 +227,17 @@ def emit(tp, mp, w, key, values):
                      hint="values_mm")
     node = tp.operands["log_decay"].node
     split = decay_factors(node, mp.heads, dim)
-    if split is None:  # materialized: [B, T, H, K]; an input as given (the host widens it)
+    dm = per_channel.decay_map(tp, mp) if split is None else None
+    reads, first = None, []
+    if dm is not None:  # a map of its leaves, which the chunked branch's cumsum kernel
+        # computes on load: the scan's [B, T, H, K] log-decay in its branch only, by
+        # the same map in torch (the leaves as given)
+        leaves_pc = per_channel.leaf_values(w, dm, mp, dim)
+        pc = per_channel.kernel_function(tp, mp, w, key, dm)
+        dt, a, reads = "None", w.fresh("log_decay"), ", ".join(leaves_pc)
+        first = [f"    {a} = {pc}_prologue([{reads}], {w.size_expr(mp.heads)})  # "
+                 f"{dm.describe()}"]
+    elif split is None:  # materialized: [B, T, H, K]; an input as given (the host widens it)
         dt, a = "None", w.canon_raw(node, mp.heads, (dim,), hint="log_decay")
     else:  # the factors, multiplied in the kernel
         token, fixed, negated = split
@@ -271,7 +284,9 @@ def emit(tp, mp, w, key, values):
            f"{cost.as_python(chunks_cost, chunk, w.dim)})")
     y = w.fresh("y")
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
-    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {a}, {read}{runs}):")
+    w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {reads or a}, "
+           f"{read}{runs}):")
+    w.lines.extend(first)
     if pro is not None or skip:
         w.line(f"    # {_comment(pro, skip)}")
     w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs}{extra})")
