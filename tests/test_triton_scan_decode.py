@@ -77,7 +77,9 @@ def inputs(name, m, B, T, seed):
 
 
 def scan_kernel(mod, suffix="_fwd") -> str:
-    (name,) = [n for n in vars(mod) if n.startswith("per_channel_scan") and n.endswith(suffix)]
+    # (not the fitness table's alias of the forward kernel, <name>_fwd_decode)
+    (name,) = [n for n in vars(mod) if n.startswith("per_channel_scan") and n.endswith(suffix)
+               and not n.endswith("_fwd" + suffix)]
     return name
 
 
