@@ -273,11 +273,11 @@ def test_custom_op_opcheck(compiled):
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
         args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1, r(H), [], False, S0 is None)
+                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [], False, S0 is None)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
     args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
-            16, 16, 16, 4, 1, r(H), [r(H), r(B, T, H), r(H)], True, False)
+            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, False)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -298,11 +298,11 @@ def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
     bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
     if src == "ssd":
         head = (bf(r(B, T, 2, K)), bf(r(B, T, 2, K)), bf(r(B, T, H, V)), None, None,
-                r(B, H, K, V), H, 16, 16, 16, 4, 1, r(H) * 0 + 1,
+                r(B, H, K, V), H, 16, 16, 16, 4, 1, torch.float32, r(H) * 0 + 1,
                 [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True)
     else:  # elu + 1 features and the ones column, divided in the epilogue
         head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,
-                H, 16, 16, 16, 4, 1, True, True, [], True)
+                H, 16, 16, 16, 4, 1, torch.float32, True, True, [], True)
     y, final, states = op(*head, False)
     y_kept, final_kept, states_kept = op(*head, True)
     assert states.dtype == torch.bfloat16 and states_kept.dtype == torch.float32

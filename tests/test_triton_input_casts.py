@@ -144,3 +144,105 @@ def test_gla_chunks_read_g_as_given(compiled, bf16_dots):
     (g,) = torch.autograd.grad((y.float() * w.float()).sum(), [args["g"]])
     (g_want,) = torch.autograd.grad((want * w).sum(), [exact["g"]])
     assert g.dtype == torch.bfloat16 and rel_err(g, g_want) < 3e-2
+
+
+# the mixers whose chunked kernel's y is the output as is (linear attention:
+# its value columns, the division fused): the kernel stores it in the inputs'
+# dtype, so nothing converts a float32 y after it
+DIRECT = ["retnet", "ssd", "linear_attention"]
+
+
+class _OutputCasts(TorchDispatchMode):
+    """Records the shape of every float32 -> bf16 copy of at least `numel` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and torch.is_tensor(args[0]) and \
+                args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16 and \
+                args[0].numel() >= self.numel:
+            self.seen.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def _spy_y_dtypes(m, monkeypatch, wide=None) -> list:
+    """The dtype of y of every call of the chunked kernels' op, in order; with
+    wide (a list), the op stores y in float32 while wide[0] is true (its
+    out_dtype, the argument after num_stages, replaced)."""
+    mod = m._impl.module
+    op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
+    real, seen = getattr(mod, op), []
+
+    def spy(*args):
+        if wide and wide[0]:
+            assert args[12] in (torch.float32, torch.bfloat16), args[12]
+            args = args[:12] + (torch.float32,) + args[13:]
+        out = real(*args)
+        seen.append(out[0].dtype)
+        return out
+    monkeypatch.setattr(mod, op, spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_the_kernel_writes_the_output_in_the_inputs_dtype(name, compiled, monkeypatch,
+                                                          bf16_dots):
+    """bf16 inputs: the output kernel stores y in bf16 (accumulated in float32),
+    no float32 output-sized tensor is converted to bf16 after it, and the
+    output is within bf16's error of the dense interpreter's; float32 inputs
+    keep a float32 y."""
+    m = compiled(name)
+    seen = _spy_y_dtypes(m, monkeypatch)
+    want = compiled(name, "dense")(**to_device(make_inputs(name, T=40), torch.float64))
+    args, _ = _bf16_call(name)
+    record = _OutputCasts(want.numel())
+    with record:
+        y = m(**args)
+    assert y.dtype == torch.bfloat16 and seen == [torch.bfloat16], seen
+    assert record.seen == [], record.seen
+    assert rel_err(y, want) < 2e-2
+    seen.clear()
+    y = m(**to_device(make_inputs(name, T=40), torch.float32))
+    assert y.dtype == torch.float32 and seen == [torch.float32], seen
+    assert rel_err(y, want) < 1e-4
+
+
+@pytest.mark.parametrize("name", DIRECT)
+def test_the_output_in_the_inputs_dtype_with_gradients(name, compiled, monkeypatch, bf16_dots):
+    """With a gradient: the forward's kernel stores y in bf16 where the backward
+    does not read it (the division's quotient, linear attention's, stays
+    float32), the backward's runs in float32. The forward and the token
+    inputs' gradients within bf16's error of the dense interpreter's, and
+    every gradient as with the kernel's float32 y (SSD's A_log and dt_bias
+    sum bf16 products: farther from dense either way)."""
+    m = compiled(name)
+    wide = [False]
+    seen = _spy_y_dtypes(m, monkeypatch, wide)
+    args, tokens = _bf16_call(name, T=37)
+    args = {n: x.requires_grad_(True) for n, x in args.items()}
+    exact = {n: x.requires_grad_(True) for n, x in
+             to_device(make_inputs(name, T=37), torch.float64).items()}
+    want = compiled(name, "dense")(**exact)
+    w = torch.randn_like(want)
+    ref = torch.autograd.grad((want * w).sum(), list(exact.values()), allow_unused=True)
+    grads = []
+    for flag in (False, True):
+        wide[0] = flag
+        seen.clear()
+        y = m(**args)
+        assert y.dtype == torch.bfloat16 and rel_err(y, want) < 2e-2
+        first = torch.float32 if name == "linear_attention" or flag else torch.bfloat16
+        assert seen == [first], seen
+        grads.append(torch.autograd.grad((y.float() * w.float()).sum(), list(args.values()),
+                                         allow_unused=True))
+        assert all(dt == torch.float32 for dt in seen[1:]), seen
+    for n, g, g32, r in zip(args, *grads, ref):
+        if r is None or float(r.abs().max()) == 0:
+            continue
+        assert g is not None and g.dtype == args[n].dtype, n
+        assert rel_err(g, g32) < 1e-3, n
+        if n in tokens:
+            assert rel_err(g, r) < 3e-2, n

@@ -90,9 +90,12 @@ class ChunkedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None,
-                divide=False):
+                divide=False, out_dtype=None):
         extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}),
-                     **({"divide": True} if divide else {}))
+                     **({"divide": True} if divide else {}),
+                     # y in the inputs' dtype (the forward's run only; a saved
+                     # quotient stays float32: the caller passes none then)
+                     **({} if out_dtype is None else {"out_dtype": out_dtype}))
         y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
         ctx.save_for_backward(q, k, v, a, state, final, scale, skip, y if divide else None)
@@ -157,8 +160,8 @@ class ChunkedFn(torch.autograd.Function):
                 dk = _wide(w)[..., None] * dk
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw, None, _wide(dy * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
-                 if need_d else None, None)
+                 dw, None, (_wide(dy) * _wide(chunk_heads(v, H))).sum((0, 1, 3)).to(d.dtype)
+                 if need_d else None, None, None)
         return grads[:len(ctx.needs_input_grad)]
 
 

@@ -57,7 +57,8 @@ def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
 
 
 def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None,
-                          ones_column=False, skip=None, divide=False, leaves=None):
+                          ones_column=False, skip=None, divide=False, leaves=None,
+                          out_dtype=None):
     """run(q, k, v, a, state, chunk, *config, chunk_states=..., key_scale=...)
     -> (y, final state[, entering states]), with the adjoint backward when
     anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
@@ -67,7 +68,11 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     gets d_h v_t added (a skip term, added in the output kernel's epilogue).
     leaves: None, or the inputs of the maps the kernels compute on load
     (run.prologue, codegen/triton/prologue.py); q and k are then the maps'
-    inputs, and a or key_scale None where a map computes them."""
+    inputs, and a or key_scale None where a map computes them. out_dtype:
+    None, or the dtype the output kernel stores y in (the inputs', when y is
+    the mixer's output as is; it accumulates in float32 either way): the
+    backward's runs keep float32, and so does a forward whose y the backward
+    reads (the quotient, with divide)."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
     if ones_column:
         scaled["ones_column"] = True
@@ -81,16 +86,21 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
                if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        if divide:  # the backward reads the saved quotient: float32
+            out_dtype = None
         if leaves is not None:
             if not torch.compiler.is_compiling():
-                return MappedChunkedFn.apply(fwd, run.prologue, chunk, ones_column, divide, q, k,
-                                             v, a, state, key_scale, skip, *leaves)
+                return MappedChunkedFn.apply(fwd, run.prologue, chunk, ones_column, divide,
+                                             out_dtype, q, k, v, a, state, key_scale, skip,
+                                             *leaves)
             # traced: the maps as torch ops before the kernels (inductor fuses them)
             q, k, a, key_scale = run.prologue(q, k, a, key_scale, leaves, _heads(v, leaves))
         return ChunkedFn.apply(fwd, chunk, q, k, v, a, state, key_scale, ones_column, skip,
-                               divide)
+                               divide, out_dtype)
     if leaves is not None:
         scaled["leaves"] = leaves
+    if out_dtype is not None:
+        scaled["out_dtype"] = out_dtype
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
@@ -110,9 +120,11 @@ class MappedChunkedFn(torch.autograd.Function):
     backward on the mapped tensors and takes the maps' gradients by autograd."""
 
     @staticmethod
-    def forward(ctx, fwd, prologue, chunk, ones, divide, q, k, v, a, state, w, d, *leaves):
+    def forward(ctx, fwd, prologue, chunk, ones, divide, out_dtype, q, k, v, a, state, w, d,
+                *leaves):
         extra = dict(leaves=list(leaves), **({} if w is None else {"key_scale": w}),
                      **({"ones_column": True} if ones else {}),
+                     **({} if out_dtype is None else {"out_dtype": out_dtype}),
                      **({} if d is None else {"skip": d}), **({"divide": True} if divide else {}))
         y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.prologue, ctx.chunk, ctx.ones = fwd, prologue, chunk, ones
@@ -126,17 +138,17 @@ class MappedChunkedFn(torch.autograd.Function):
         needs = ctx.needs_input_grad
         inputs, mapped = recompute_maps(
             lambda q, k, a, w, *ls: ctx.prologue(q, k, a, w, list(ls), final.shape[1]),
-            [q, k, a, w, *leaves], [needs[5], needs[6], needs[8], needs[10], *needs[12:]])
+            [q, k, a, w, *leaves], [needs[6], needs[7], needs[9], needs[11], *needs[13:]])
         need = [m is not None and m.requires_grad for m in mapped]
         plain = [None if m is None else m.detach() for m in mapped]
         inner = SimpleNamespace(  # ChunkedFn's context, on the mapped tensors
             saved_tensors=(plain[0], plain[1], v, plain[2], S0, final, plain[3], d, quotient),
             fwd=ctx.fwd, chunk=ctx.chunk, ones=ctx.ones,
-            needs_input_grad=(False, False, need[0], need[1], needs[7], need[2], needs[9],
-                              need[3], False, needs[11], False))
+            needs_input_grad=(False, False, need[0], need[1], needs[8], need[2], needs[10],
+                              need[3], False, needs[12], False, False))
         g = ChunkedFn.backward(inner, dy, dS)
         gq, gk, ga, gw, *gleaves = grads_through_maps(inputs, mapped, (g[2], g[3], g[5], g[7]))
-        return (None,) * 5 + (gq, gk, g[4], ga, g[6], gw, g[9]) + tuple(gleaves)
+        return (None,) * 6 + (gq, gk, g[4], ga, g[6], gw, g[9]) + tuple(gleaves)
 
 
 def divided(out, divide):
