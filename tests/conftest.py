@@ -62,6 +62,35 @@ def assert_gradients_equal_dense(m, d, base: dict, wrt=None, tol: float = 1e-4):
         assert g is not None and rel_err(g.cpu(), r) < tol, n
 
 
+def assert_one_launch_per_step(m, x: dict, want, launches: list, kernel: str, start: int,
+                               state, key: str, sizes=(1, 1, 1, 5, 16, 1, 1)):
+    """From `state` (after x's first `start` tokens), steps of `sizes` tokens
+    (1: m.step; more: a block with initial_state) each exactly one launch of
+    `kernel` (`launches`: the launches fixture's record), each equal to
+    `want` (dense on all of x), the state float32, contiguous and one buffer
+    throughout (updated in place). Returns the last state and the next token."""
+    tokens = set(m.program.inputs)
+    buffers, t = set(), start
+    for size in sizes:
+        del launches[:]
+        part = {n: (v[:, t:t + size] if n in tokens else v) for n, v in x.items()}
+        if size == 1:
+            got, state = m.step(state, **{n: (v[:, 0] if n in tokens else v)
+                                          for n, v in part.items()})
+            ref = want[:, t]
+        else:
+            got, state = m(**part, initial_state=state, return_state=True)
+            ref = want[:, t:t + size]
+        assert launches == [kernel], (t, launches)
+        assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-4, t
+        s = state.tensors[key]
+        assert s.dtype == torch.float32 and s.is_contiguous()
+        buffers.add(s.data_ptr())
+        t += size
+    assert len(buffers) == 1  # the first step's buffer, updated in place since
+    return state, t
+
+
 def assert_steps_in_place(m, x: dict, want, key: str, at: int = 18):
     """The decode steps' in-place protocol (runtime/triton/recurrent.py
     step_state) on x (float32, on the device) with `want` the dense output:

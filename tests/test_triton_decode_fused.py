@@ -16,7 +16,8 @@ run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
-from conftest import assert_steps_in_place, compiled_mixers, rel_err, to_device
+from conftest import (assert_one_launch_per_step, assert_steps_in_place, compiled_mixers,
+                      rel_err, to_device)
 
 from mixerc.inputs import random_inputs
 from test_triton_prologue import CONST_DECAY, mapped_program
@@ -87,28 +88,12 @@ def test_steps_are_one_fused_launch_equal_dense(src, G, compiled, launches, monk
     want = d(**args)
     x = to_device(args, torch.float32)
     tokens = set(m.program.inputs)
-    block = lambda a, b: {n: (v[:, a:b] if n in tokens else v) for n, v in x.items()}  # noqa
-    step = lambda t: {n: (v[:, t] if n in tokens else v) for n, v in x.items()}  # noqa
-    y, state = m(**block(0, 9), return_state=True)
+    y, state = m(**{n: (v[:, :9] if n in tokens else v) for n, v in x.items()},
+                 return_state=True)
     assert rel_err(y.cpu(), want[:, :9]) < 1e-4
     no_torch_paths(mod, monkeypatch)
-    kernel = decode_kernel(mod)
-    buffers = set()
-    t = 9
-    for size in (1, 1, 1, 5, 16, 1, 1):
-        del launches[:]
-        if size == 1:
-            y, state = m.step(state, **step(t))
-            got, ref = y, want[:, t]
-        else:
-            y, state = m(**block(t, t + size), initial_state=state, return_state=True)
-            got, ref = y, want[:, t:t + size]
-        assert launches == [kernel], (t, launches)
-        assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-4, t
-        (s,) = state.tensors.values()
-        buffers.add(s.data_ptr())
-        t += size
-    assert len(buffers) == 1  # the first step's buffer, updated in place since
+    (key,) = mod.STATE_KEYS
+    assert_one_launch_per_step(m, x, want, launches, decode_kernel(mod), 9, state, key)
 
 
 @pytest.mark.parametrize("src", ["linear_attention", "ssd"])

@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import (assert_gradients_equal_dense, assert_prefill_then_decode, compiled_mixers,
                       rel_err, to_device)
+from test_triton_scan_prologue import forward_source, on_device
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_cache")
@@ -98,16 +99,6 @@ def args_of(m, B=2, T=37, H=2, K=12, V=8, seed=1, gate_mean=0.0):
     if "dt" in m.program.inputs:
         args["dt"] = r(B, T, H)
     return args
-
-
-def on_device(args, dtype):
-    """Token inputs ([B, T, ...]) in dtype, params in float32 (float64 with it)."""
-    return {n: x.to(device=DEVICE, dtype=dtype if (x.dim() >= 3 or dtype == f64)
-                    else torch.float32) for n, x in args.items()}
-
-
-def forward_source(m) -> str:
-    return m.source().split("\ndef forward(")[1].split("\ndef ")[0]
 
 
 def host_of(m):

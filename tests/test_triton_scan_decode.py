@@ -20,7 +20,8 @@ interpreter (conftest sets TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
-from conftest import assert_steps_in_place, compiled_mixers, rel_err, to_device
+from conftest import (assert_one_launch_per_step, assert_steps_in_place, compiled_mixers,
+                      rel_err, to_device)
 from reference import make_inputs
 from test_triton_decode_fused import no_torch_paths
 from test_triton_scan import GROUPED, STRICT, grouped_inputs, strict_inputs
@@ -121,24 +122,9 @@ def test_steps_are_one_launch_equal_dense(name, compiled, launches, monkeypatch,
         y, state = m(**block(0, 21), return_state=True)
         assert rel_err(y.cpu(), want[:, :21]) < 1e-4
         no_torch_paths(mod, monkeypatch)
-        kernel = scan_kernel(mod)
-        buffers = set()
-        t = 21
-        for size in (1, 1, 1, 5, 16, 1, 1):
-            del launches[:]
-            if size == 1:
-                got, state = m.step(state, **step(t))
-                ref = want[:, t]
-            else:
-                got, state = m(**block(t, t + size), initial_state=state, return_state=True)
-                ref = want[:, t:t + size]
-            assert launches == [kernel], (t, launches)
-            assert not got.isnan().any() and rel_err(got.cpu(), ref) < 1e-4, t
-            s = state.tensors[key]
-            assert s.dtype == torch.float32 and s.is_contiguous()
-            buffers.add(s.data_ptr())
-            t += size
-    assert t == 47 and len(buffers) == 1  # the first step's buffer, updated in place since
+        state, t = assert_one_launch_per_step(m, to_device(args, torch.float32), want,
+                                              launches, scan_kernel(mod), 21, state, key)
+    assert t == 47
     _, s_ref = compiled(src, "torch")(**args, return_state=True)
     assert rel_err(state.tensors[key].cpu(), s_ref.tensors[key]) < 1e-4
 
