@@ -213,9 +213,9 @@ def test_adjoint_saves_no_chunk_intermediates(compiled, monkeypatch):
 
 
 def test_float32_decay_gradient_does_not_degrade_with_length(compiled):
-    """da is a reverse cumulative sum of q.dq - k.dk, terms that cancel more
-    the longer the sum; the backward restarts it at every chunk boundary from
-    the chunk states, so float32 keeps its digits at T = 1024 (64 chunks)."""
+    """da_j sums the pair terms across j; the backward sums them by chunks
+    from the chunk states (no running sum over the whole sequence), so
+    float32 keeps its digits at T = 2048 (128 chunks)."""
     m = compiled("ssd")
     args = make_inputs("ssd", B=1, T=2048, seed=7)
     w = torch.randn(1, 2048, 4, 3, dtype=f64, generator=torch.Generator().manual_seed(8))

@@ -212,15 +212,18 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
     decay per channel), the chunk-local cumulative log-decays of its chunked
     kernels (at its K and default chunk, float32 log-decays as the module
     passes them) and the split combine of a softmax's decode step (at its
-    V). The chunked scalar-decay family's decode kernel is rendered per
-    mixer, with its own compile meta."""
-    from mixerc.runtime.triton import cache, per_channel, recurrent
+    V), and the log-decay gradient of a chunked scalar-decay term's backward
+    (at its K and V and default chunk). The chunked scalar-decay family's
+    decode kernel is rendered per mixer, with its own compile meta."""
+    from mixerc.runtime.triton import cache, chunked, per_channel, recurrent
     out = []
     for host, kernel, kind in (("recurrent_step", recurrent._mx_recurrent_step,
                                 ("per_channel",)),
                                ("chunk_cumsum", per_channel._mx_chunk_cumsum,
                                 ("per_channel",)),
-                               ("combine_splits", cache._mx_combine, ("flash",))):
+                               ("combine_splits", cache._mx_combine, ("flash",)),
+                               ("chunked_kernels_apply", chunked._mx_decay_grad,
+                                ("chunked_kernel_has_decay",))):
         dims = [(fn, *d) for fn, d in shapes.items() if fn.startswith(kind)]
         if host not in vars(mod) or not dims:
             continue
@@ -231,6 +234,12 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
                    "num_warps": 4, "num_stages": 1}
             # a contiguous a's channel stride: 1, which a launch specializes on
             constexprs = {"stride_k": 1, "BLOCK_T": cfg["chunk"], "BLOCK_K": cfg["block_k"]}
+        elif host == "chunked_kernels_apply":  # the backward's decay gradient
+            block = max(16, min(chunked.DECAY_GRAD_BLOCK, _pow2(max(D, DV))))
+            cfg = {"chunk": mod.DEFAULT_CONFIG[f"{key}.chunk"], "block_k": block,
+                   "block_v": block, "num_warps": chunked.DECAY_GRAD_WARPS, "num_stages": 1}
+            constexprs = {"SCALED": "key_scale" in fn, "BT": cfg["chunk"], "BK": block,
+                          "BV": block, "PRECISION": "ieee" if mm_dtype == "fp32" else "tf32"}
         elif kind[0] == "per_channel":
             bk = max(16, _pow2(D))
             bv = max(16, min(_pow2(DV), 4096 // bk))  # as recurrent_step launches it

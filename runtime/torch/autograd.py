@@ -21,10 +21,11 @@ Given dy and dS (the gradient of the returned state), the adjoints are
     dS0  = sum_t exp(cs_t) q_t dy_t^T + exp(cs_T) dS
          = exp(a_0) * (final state of the reversed dv problem), because that
          state sums exp(cs_t - a_0) q_t dy_t^T (b skips a_0);
-    dcs_t = q_t . dq_t - k_t . dk_t  (+ <dS, S> at the last step), and
-    da    = the reverse cumulative sum of dcs (cs_t sums a_r over r <= t),
-         restarted at every chunk boundary from the chunk states (see
-         _decay_grad) so that float32 does not lose digits as T grows.
+    da_j  = the sum of the pair terms exp(cs_t - cs_s) (q_t . k_s)(dy_t . v_s)
+         over s < j <= t (only they hold a_j), by chunks from the chunk
+         states the dq and dk runs compute anyway (see _decay_grad), with no
+         difference of large sums: q . dq - k . dk per token cancels its
+         diagonal and lost digits in float32 and half precision.
 
 So the backward saves only the inputs and the final state (O(T)), never a
 chunk intermediate, and costs three forward passes. It is made of torch ops,
@@ -123,7 +124,7 @@ class ChunkedFn(torch.autograd.Function):
         rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
         unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
         b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
-        states = need_a and n > 1
+        states = need_a  # the decay gradient reads the states at the chunks' edges
         dq = dk = dv = da = dS0 = dw = None
         if need_q or need_a:  # per-head gradients of q and k first (the decay reads them)
             # w_s scales column s of the scores: here the keys' (v's) rows
@@ -148,11 +149,9 @@ class ChunkedFn(torch.autograd.Function):
                 dS0 = last if a is None else decay[..., None, None] * last
                 dS0 = dS0.to(S0.dtype)
         k_heads = None if dk is None else _wide(chunk_heads(k, H))
-        if need_a:
-            scaled = k_heads if w is None else _wide(w)[..., None] * k_heads
-            da = _decay_grad(_wide(chunk_heads(q, H)), scaled, _wide(a), dq,
-                             dk, dS, final, C, out[2] if states else None,
-                             back[2] if states else None).to(a.dtype)
+        if need_a:  # the backend's decay gradient kernel where it has one
+            da = getattr(fwd, "decay_grad", _decay_grad)(q, k, w, v, dy, a, C, out[2],
+                                                         back[2]).to(a.dtype)
         if w is not None:  # d(w k)/dw = k, d(w k)/dk = w
             if need_w:
                 dw = (k_heads * dk).sum(-1).to(w.dtype)
@@ -194,24 +193,45 @@ def chunk_fold_heads(g, like):
     return g.to(like.dtype)
 
 
-def _decay_grad(q, k, a, dq, dk, dS, final, C, fwd_states, adj_states):
-    """da_r = sum_{t >= r} dcs_t. Summed over the whole sequence, the terms of
-    dcs cancel more and more (da_r only counts the pairs s < r <= t), so
-    float32 would lose digits as T grows (~1e-3 on SSD's A_log at T = 2048).
-    Instead, at each chunk boundary r = cC, da_r = exp(a_r) <S_{r-1}, G_r>
-    exactly: S_{r-1} the forward state after step r-1, G_r = sum_{t >= r}
-    exp(cs_t - cs_r) q_t dy_t^T + exp(cs_T - cs_r) dS. Both are chunk states
-    the dq and dk runs computed anyway (transposed: their k, v are the
-    forward's v, k and dy, q). Only the steps inside one chunk are summed
-    from dcs."""
-    dcs = (q * dq).sum(-1) - (k * dk).sum(-1)                    # [B, T, H]
-    if dS is not None:
-        dcs[:, -1] += (dS * final).sum((-1, -2))
-    if fwd_states is None:  # a single chunk
-        return dcs.flip(1).cumsum(1).flip(1)
-    T = q.shape[1]
-    local = to_chunks(dcs, C).flip(-1).cumsum(-1).flip(-1)       # [B, H, n, C]
-    S, G = fwd_states[:, :, 1:], adj_states.flip(2)[:, :, :-1]   # before / after cC
-    edge = torch.exp(to_chunks(a, C)[:, :, 1:, 0]) * (S * G).sum((-1, -2))
-    edge = F.pad(edge, (0, 1))  # nothing after the last chunk
-    return from_chunks((local + edge[..., None])[..., None], T)[..., 0]
+def _decay_grad(q, k, w, v, dy, a, C, fwd_states, adj_states):
+    """da_j = the sum of W(s, t) = exp(cs_t - cs_s) (q_t . k_s) (dy_t . v_s)
+    over the pairs s < j <= t (only those pairs' decay holds a_j), by chunks
+    [c0, c1), summing only terms of one sign structure (no difference of
+    large sums):
+      - both in the chunk: the quadrant of P = W on the chunk's pairs;
+      - s before the chunk (the initial state too), t in it at or after j:
+        e_t = exp(l_t) q_t^T S_in dy_t, summed over t >= j;
+      - s in it before j, t after the chunk (dS too):
+        f_s = exp(l_end - l_s) k_s^T G_out v_s, summed over s < j;
+      - s before and t after: exp(l_end) <S_in, G_out>;
+    with l the chunk-local cumulative log-decay, S_in the forward state
+    entering the chunk and G_out = sum_{t >= c1} exp(cs_t - cs_{c1-1})
+    q_t dy_t^T (+ dS), the states the dq and dk runs computed anyway
+    ([V, K] there: their k, v are the forward's v, k and dy, q).
+    The older q . dq - k . dk per token cancels its large diagonal terms
+    and lost digits (10x fla's error on SSD's A_log in half precision),
+    because the dq and dk runs round those terms differently.
+    q, k, v at divisors of the H heads of dy [B, T, H, V]; w None or the
+    keys' scale [B, T, H]; a [B, T, H]; the states [B, H, n, V, K]."""
+    T, H = dy.shape[1], dy.shape[2]
+    q, k, v, dy, a = (_wide(chunk_heads(x, H)) for x in (q, k, v, dy, a))
+    if w is not None:
+        k = _wide(w)[..., None] * k
+    qc, kc, vc, dyc = (to_chunks(x, C) for x in (q, k, v, dy))  # [B, H, n, C, *]
+    local = to_chunks(a, C).cumsum(-1)                               # [B, H, n, C]
+    end = local[..., -1:]
+    after = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # [t, j]: t >= j
+    before = after.tril(-1)                                               # [t, s]: s < t
+    L = torch.where(before, local[..., :, None] - local[..., None, :], -torch.inf).exp()
+    P = (qc @ kc.transpose(-1, -2)) * (dyc @ vc.transpose(-1, -2)) * L  # [.., t, s]
+    R = P.cumsum(-1) - P                                 # R[t, j] = sum_{s < j} P[t, s]
+    quadrant = (R * after).sum(-2)  # sum over t >= j
+    S = fwd_states.to(q.dtype)
+    G = adj_states.flip(2).to(q.dtype)  # at the chunks' ends; the last: dS
+    G = torch.cat([torch.exp(to_chunks(a, C)[:, :, 1:, 0])[..., None, None] * G[:, :, :-1],
+                   G[:, :, -1:]], 2)
+    e = torch.exp(local) * ((qc @ S.transpose(-1, -2)) * dyc).sum(-1)
+    f = torch.exp(end - local) * ((kc @ G.transpose(-1, -2)) * vc).sum(-1)
+    through = torch.exp(end) * (S * G).sum((-1, -2))[..., None]
+    da = quadrant + e.flip(-1).cumsum(-1).flip(-1) + (f.cumsum(-1) - f) + through
+    return from_chunks(da[..., None], T)[..., 0]

@@ -18,9 +18,11 @@ them in torch here; a decode step's kernel computes them too."""
 from types import SimpleNamespace
 
 import torch
+import triton
+import triton.language as tl
 
-from mixerc.runtime.torch.autograd import ChunkedFn, chunk_heads
-from mixerc.runtime.triton.ops import grads_through_maps, recompute_maps
+from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads
+from mixerc.runtime.triton.ops import custom_op, grads_through_maps, recompute_maps
 
 def chunk_dots_dtype(*xs):
     """The dots' operand dtype: the narrowest of the operands' (a float32
@@ -83,6 +85,7 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
 
     def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
+    fwd.decay_grad = decay_grad  # the backward's decay gradient: one kernel
     tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
                if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
@@ -172,3 +175,140 @@ def scaled_keys(k, key_scale, H):
     """w_s k_s at the H heads (a torch step's token, or float64 inputs on
     the torch backend's chunks, read the keys per head)."""
     return key_scale[..., None] * chunk_heads(k, H).to(key_scale.dtype)
+
+
+# the decay gradient kernel's K and V blocks: its [C, C] pair tiles (scores,
+# their gradient) stay live across both loops beside a [C, BLOCK] state-dot
+# accumulator per side
+DECAY_GRAD_BLOCK = 32
+DECAY_GRAD_WARPS = 8
+
+
+def decay_grad(q, k, w, v, dy, a, C, fwd_states, adj_states):
+    """The backward's log-decay gradient (runtime/torch/autograd.py
+    _decay_grad: the formula, and the float64 path) by one kernel launch, a
+    program per chunk and head: q, k, v [B, T, Hx, *] at divisors of the H
+    heads of dy [B, T, H, V] (read where they are), in their dtype; w None or
+    the keys' scale [B, T, H] (scales the pair terms' columns, k stays as
+    given); a [B, T, H]; the dq and dk runs' chunk states [B, H, n, V, K]
+    (float32). Float32 [B, T, H]. A custom op, so torch.compile traces it."""
+    if q.dtype == torch.float64 or not q.is_cuda and not _interpreted():
+        return _decay_grad(q, k, w, v, dy, a, C, fwd_states, adj_states)
+    return _decay_grad_op()(q, k, w, v, dy, a, C, fwd_states, adj_states)
+
+
+def _decay_grad_op():
+    return custom_op("mixerc::chunked_decay_grad", _launch_decay_grad,
+                     lambda q, k, w, v, dy, a, C, S, G: dy.new_empty(dy.shape[:3],
+                                                                      dtype=torch.float32))
+
+
+def _launch_decay_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None,
+                       v: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, C: int,
+                       S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    B, T, H, DV = dy.shape
+    DK = q.shape[-1]
+    n = S.shape[2]
+    # the dots read one dtype: the inputs' where dy came in it too
+    dtype = q.dtype if q.dtype == k.dtype == v.dtype == dy.dtype else torch.float32
+    # unit channel strides (a gradient of a sum comes expanded: all strides 0)
+    q, k, v, dy = (x.to(dtype).contiguous() for x in (q, k, v, dy))
+    a = a.float().contiguous()
+    w = a if w is None else w.float().contiguous()  # a placeholder without a scale
+    S, G = S.float().contiguous(), G.float().contiguous()
+    da = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    if da.numel():
+        block = max(16, min(DECAY_GRAD_BLOCK, triton.next_power_of_2(max(DK, DV))))
+        _mx_decay_grad[(n, B * H)](
+            q, k, v, dy, a, w, S, G, da, T, H, H // q.shape[2], H // k.shape[2],
+            H // v.shape[2], DK, DV, n, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *dy.stride()[:3], *a.stride(), *S.stride()[:3], SCALED=w is not a, BT=C, BK=block,
+            BV=block, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            num_warps=DECAY_GRAD_WARPS)
+    return da
+
+
+def _interpreted():
+    import os
+    return bool(os.environ.get("TRITON_INTERPRET"))
+
+
+@triton.jit
+def _mx_decay_grad(Q, K, V, DO, A, KS, SIN, GOUT, DA, T, H, rep_q, rep_k, rep_v, n_k, n_v, n,
+                   sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sy_b, sy_t, sy_h,
+                   sa_b, sa_t, sa_h, ss_b, ss_h, ss_c, SCALED: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # chunk c of head (b, h): da_j = quadrant + e + f + through (the formula
+    # in runtime/torch/autograd.py _decay_grad), every pair term in float32
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = c * BT + tl.arange(0, BT)
+    in_t = t < T
+    a = tl.load(A + b * sa_b + t * sa_t + h * sa_h, mask=in_t, other=0.0)
+    local = tl.cumsum(a, 0)              # l_t: the chunk's cumulative log-decay
+    end = tl.sum(a, 0)                   # l at the chunk's last step
+    # G_out = exp(a_c1) G_c1 (the dk run's state at the next chunk's start);
+    # the last chunk's is dS itself (a_c1 = 0: nothing past T)
+    c1 = (c + 1) * BT
+    end_out = end + tl.load(A + b * sa_b + c1 * sa_t + h * sa_h, mask=c1 < T, other=0.0)
+    # q, k, v at their heads: head h reads head h // rep of each (rep = H / Hx)
+    base_q = Q + b * sq_b + (h // rep_q) * sq_h
+    base_k = K + b * sk_b + (h // rep_k) * sk_h
+    base_v = V + b * sv_b + (h // rep_v) * sv_h
+    base_y = DO + b * sy_b + h * sy_h
+    s_in = SIN + b * ss_b + h * ss_h + c * ss_c               # [V, K], entering chunk c
+    g_out = GOUT + b * ss_b + h * ss_h + (n - 1 - c) * ss_c    # the dk run's reversed chunks
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, n_k, BK):
+        m = in_t[:, None] & (k0 + rk < n_k)[None, :]
+        q = tl.load(base_q + t[:, None] * sq_t + (k0 + rk)[None, :], mask=m, other=0.0)
+        k = tl.load(base_k + t[:, None] * sk_t + (k0 + rk)[None, :], mask=m, other=0.0)
+        qk = tl.dot(q, tl.trans(k), qk, input_precision=PRECISION)
+    dv = tl.zeros([BT, BT], dtype=tl.float32)
+    e = tl.zeros([BT], dtype=tl.float32)     # q_t^T S_in dy_t
+    f = tl.zeros([BT], dtype=tl.float32)     # k_s^T G_out v_s
+    through = 0.0  # <S_in, G_out>
+    for v0 in range(0, n_v, BV):
+        mv = in_t[:, None] & (v0 + rv < n_v)[None, :]
+        y = tl.load(base_y + t[:, None] * sy_t + (v0 + rv)[None, :], mask=mv, other=0.0)
+        vv = tl.load(base_v + t[:, None] * sv_t + (v0 + rv)[None, :], mask=mv, other=0.0)
+        dv = tl.dot(y, tl.trans(vv), dv, input_precision=PRECISION)
+        qs = tl.zeros([BT, BV], dtype=tl.float32)
+        kg = tl.zeros([BT, BV], dtype=tl.float32)
+        for k0 in range(0, n_k, BK):
+            m = in_t[:, None] & (k0 + rk < n_k)[None, :]
+            q = tl.load(base_q + t[:, None] * sq_t + (k0 + rk)[None, :], mask=m, other=0.0)
+            k = tl.load(base_k + t[:, None] * sk_t + (k0 + rk)[None, :], mask=m, other=0.0)
+            ms = (v0 + rv < n_v)[:, None] & (k0 + rk < n_k)[None, :]
+            at = (v0 + rv)[:, None] * n_k + (k0 + rk)[None, :]
+            s_tile = tl.load(s_in + at, mask=ms, other=0.0)
+            g_tile = tl.load(g_out + at, mask=ms, other=0.0)
+            qs = tl.dot(q.to(tl.float32), tl.trans(s_tile), qs, input_precision=PRECISION)
+            kg = tl.dot(k.to(tl.float32), tl.trans(g_tile), kg, input_precision=PRECISION)
+            through += tl.sum(tl.sum(s_tile * g_tile, 1), 0)
+        e += tl.sum(qs * y.to(tl.float32), 1)
+        f += tl.sum(kg * vv.to(tl.float32), 1)
+
+    if SCALED:  # the keys are w_s k_s: the pair terms' columns and f_s take w_s
+        w = tl.load(KS + b * sa_b + t * sa_t + h * sa_h, mask=in_t, other=0.0)
+        qk = qk * w[None, :]
+        f = f * w
+    rows = tl.arange(0, BT)
+    before = rows[None, :] < rows[:, None]                   # [t, s]: s < t
+    # the pairs inside the chunk; the decay never exponentiates a positive sum
+    gap = tl.where(before, local[:, None] - local[None, :], 0.0)
+    p = tl.where(before, qk * dv * tl.exp(gap), 0.0)
+    r = tl.cumsum(p, 1) - p                                  # r[t, j] = sum_{s < j} p[t, s]
+    quadrant = tl.sum(tl.where(rows[:, None] >= rows[None, :], r, 0.0), 0)  # over t >= j
+    e = tl.exp(local) * e
+    f = tl.exp(end_out - local) * f
+    e_after = tl.sum(e, 0) - tl.cumsum(e, 0) + e              # sum over t >= j
+    f_before = tl.cumsum(f, 0) - f                            # sum over s < j
+    da = quadrant + e_after + f_before + tl.exp(end_out) * through
+    tl.store(DA + (b * T + t) * H + h, da, mask=in_t)
