@@ -73,13 +73,27 @@ def _tool(name: str) -> str:
     return path if os.path.exists(path) else name
 
 
-def signature(kernel, constexprs: dict, mm_dtype: str) -> dict:
+def stores_y_in_mm_dtype(name: str) -> bool:
+    """Whether kernel `name` is a decode step's, whose y (Y) a half-precision
+    step stores in the inputs' dtype where y is the mixer's output as is
+    (accumulated in float32: codegen/triton/terms/chunked.py writes_output):
+    the chunked family's decode kernel, the scan's forward as a decode step
+    launches it (`_fwd_decode`) and the recurrence kernel. The table compiles
+    them so; a float32 Y (y combined after the kernel) converts nothing."""
+    return name.endswith(("_decode_kernel", "_fwd_decode")) or name == "_mx_recurrent_step"
+
+
+def signature(kernel, constexprs: dict, mm_dtype: str, y_dtype: str = "fp32") -> dict:
+    """The kernel's argument types: q, k, v and the like in the matmuls'
+    dtype, the output Y in y_dtype, other pointers float32."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in MM_POINTERS:
             sig[name] = "*" + mm_dtype
+        elif name == "Y":
+            sig[name] = "*" + y_dtype
         elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name == "SEEN":  # a cache's tokens per sequence (int64, as torch keeps them)
@@ -117,15 +131,16 @@ def aligned(kernel, sig: dict) -> dict:
 
 
 def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_stages: int,
-                   mm_dtype: str = "bf16", options: dict | None = None):
+                   mm_dtype: str = "bf16", options: dict | None = None, y_dtype: str = "fp32"):
     """Triton's compiled kernel for `target` (no GPU needed); options: more
-    of Triton's compile options, as the launch passes them (e.g. maxnreg)."""
+    of Triton's compile options, as the launch passes them (e.g. maxnreg);
+    y_dtype: the output Y's (signature)."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     arch = TARGETS[target][0]
-    sig = signature(kernel, constexprs, mm_dtype)
+    sig = signature(kernel, constexprs, mm_dtype, y_dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
                     attrs=aligned(kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -289,8 +304,9 @@ def _fit(kernel, function: str, name: str, cfg: dict, target: str, mm_dtype: str
     try:
         constexprs, warps, stages, *options = settings()
         constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+        y_dtype = mm_dtype if stores_y_in_mm_dtype(name) else "fp32"
         inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype,
-                               options[0] if options else None), target, fit, keep_asm)
+                               options[0] if options else None, y_dtype), target, fit, keep_asm)
     except Exception as e:  # noqa: BLE001
         fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return fit

@@ -63,7 +63,8 @@ def per_channel_kernels(*tensors) -> bool:
     return not any(torch.is_tensor(x) and x.dtype == torch.float64 for x in tensors)
 
 
-def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None):
+def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None,
+                      out_dtype=None):
     """run(q, k, v, a, state, *config, bwd_block_k, decode=...) -> (y, final
     state): the rendered host, whose custom op carries the backward's
     kernels as its gradient. Without a gradient, a few tokens may take the
@@ -74,7 +75,9 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None):
     the cumsum kernel computes it on load (run.mapped, its map by torch ops
     run.prologue, codegen/triton/terms/per_channel.py). With a gradient
     MappedPerChannelFn; while torch.compile traces with a gradient, and for a
-    decode step (a few tokens), the map by torch ops first."""
+    decode step (a few tokens), the map by torch ops first. out_dtype: None,
+    or the dtype a decode step's kernel stores y in (the inputs', when y is
+    the mixer's output as is); every other path returns y in float32."""
     tensors = [x for x in (q, k, v, a, state, *(leaves or ())) if x is not None]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
@@ -94,7 +97,7 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None):
         else:
             return run.mapped(q, k, v, leaves, state, *config, bwd_block_k)
     return run(q, k, v, a, torch_state(state) if grad else state, *config, bwd_block_k,
-               decode=decode)
+               decode=decode, out_dtype=out_dtype)
 
 
 class MappedPerChannelFn(torch.autograd.Function):

@@ -64,7 +64,7 @@ def _mx_recurrent_step(Q, K, V, A, S_IN, S_OUT, Y, T, H, n_hq, n_hk, n_hv, n_k, 
         else:
             s = s + k[:, None] * v[None, :]
             y = tl.sum(q[:, None] * s, 0)
-        tl.store(Y + (bt * H + h) * n_v + offs_v, y, mask=v_ok)
+        tl.store(Y + (bt * H + h) * n_v + offs_v, y, mask=v_ok)  # in Y's dtype
     tl.store(S_OUT + tile, s, mask=ok)
 
 
@@ -82,17 +82,20 @@ def _alias(buf, record):
     return out
 
 
-def recurrent_step(q, k, v, a, state, strict, what, heads=None):
-    """(y [B, T, H, V] float32, state after the T tokens [B, H, K, V] float32).
+def recurrent_step(q, k, v, a, state, strict, what, heads=None, out_dtype=None):
+    """(y [B, T, H, V], state after the T tokens [B, H, K, V] float32).
 
     q, k, v: [B, T, Hq, K], [B, T, Hk, K], [B, T, Hv, V], at divisors of the
     H heads (default: v's); a: None, [B, T, H] or [B, T, H, K]; state:
     [B, H, K, V] or None (zeros). `what` names the term in the error for a
-    state that was already continued."""
+    state that was already continued. y is accumulated in float32 and
+    stored in out_dtype where it is float16 or bfloat16 (the inputs', when y
+    is the mixer's output as is: no float32 y converted after), else float32."""
     B, T, _, DV = v.shape
     H = heads or v.shape[2]
     DK = q.shape[-1]
-    y = torch.empty(B, T, H, DV, dtype=torch.float32, device=v.device)
+    out_dtype = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    y = torch.empty(B, T, H, DV, dtype=out_dtype, device=v.device)
 
     def launch(source, out):
         block_k = max(16, triton.next_power_of_2(DK))

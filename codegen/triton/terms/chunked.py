@@ -143,13 +143,16 @@ def emit(tp, mp, w, key, values):
     return y
 
 
-def writes_output(mp, w, skip) -> bool:
+def writes_output(mp, w, skip, divides=None) -> bool:
     """Whether the term's y is a mixer output as is (or its value columns,
     the division fused): the matrix's single term, nothing around it
     (wrappers, scales), its skip term and division in the kernel, and the
     node that ends it one of the program's outputs read by no other node.
     The kernel then stores y in the inputs' dtype (no float32 y converted
-    after; runtime/call.py's conversion is a no-op)."""
+    after; runtime/call.py's conversion is a no-op). skip: whether the
+    term's kernels add the skip term; divides: whether they divide by the
+    normalizer (None: these kernels', fuses_divide). The per-channel decode
+    kernels ask too (terms/scan.py, terms/per_channel.py: no division)."""
     if len(mp.terms) != 1:
         return False
     tp = mp.terms[0]
@@ -158,7 +161,7 @@ def writes_output(mp, w, skip) -> bool:
     if mp.skip is not None and not skip:
         return False
     if mp.divide is not None:
-        if not fuses_divide(mp) or len(mp.applies) != 2:
+        if not (fuses_divide(mp) if divides is None else divides) or len(mp.applies) != 2:
             return False
         end = mp.divide
     elif len(mp.applies) != 1 or mp.normalizer:

@@ -151,6 +151,9 @@ def emit(tp, mp, w, key, values):
     body = w.lines[start:]
     del w.lines[start:]
     w.names = names
+    from . import scan  # (scan imports this module)
+    if scan.writes_output(mp, w, False):  # a decode step stores y in the inputs' dtype
+        extra += ", out_dtype=MM_DTYPE"
     y = w.fresh("y")
     w.line(f"if per_channel_kernels({q}, {k}, {vals}, {reads}, {read}):  # Triton kernels")
     if dm is not None:
