@@ -87,13 +87,16 @@ def test_every_kernel_fits_sm90a_and_sm80(report):
 
 
 def test_chunked_kernels_fit_sm90a_and_sm80(report):
-    """The chunked scalar-decay kernels (states and output; linear attention
+    """The chunked scalar-decay kernels (states and output, the backward's
+    log-decay gradient; linear attention
     without a decay and its normalizer fused, RetNet and SSD with one, SSD
     with grouped q and k and its key scale fused) at their
     default config: no spills, shared memory within the limit, the dots on
     tensor cores."""
     fits = report["chunked"]
-    assert len(fits) == 4 * 2 * 3  # mixers x targets x (states, output, decode step)
+    # mixers x targets x (states, output, decode step), and the backward's
+    # decay gradient kernel of the three with a decay
+    assert len(fits) == 4 * 2 * 3 + 3 * 2
     # linear attention's normalizer, SSD's key scale and skip term computed in
     # the kernels, and the maps before them (feature maps, decays, scales: MAP)
     assert {f["kernel"] for f in fits} == {
@@ -106,7 +109,7 @@ def test_chunked_kernels_fit_sm90a_and_sm80(report):
         # the decode step: one kernel per mixer, its maps, scale, normalizer and skip fused
         "chunked_kernel_maps_ones_decode_kernel", "chunked_kernel_has_decay_maps_decode_kernel",
         "chunked_kernel_has_decay_key_scale_maps_skip_decode_kernel",
-        "chunked_kernel_has_decay_key_scale_maps_ones_decode_kernel"}
+        "chunked_kernel_has_decay_key_scale_maps_ones_decode_kernel", "_mx_decay_grad"}
     for f in fits:
         where = f"{f['mixer']} {f['target']} {f['kernel']}"
         assert not f["error"], where + ": " + f["error"]
