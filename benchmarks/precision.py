@@ -16,6 +16,7 @@ bf16 row is only meaningful on a GPU.
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -86,14 +87,9 @@ def main():
     ap.add_argument("--T", type=int, default=130)
     T = ap.parse_args().T
     import mixerc
-    try:
-        import fla  # noqa: F401
-    except ImportError:
-        fla_ok = False
-    else:
-        fla_ok = True
-    if not CUDA:
-        interpreter_patches() if fla_ok else None
+    fla_ok = importlib.util.find_spec("fla") is not None
+    if not CUDA and fla_ok:
+        interpreter_patches()
     args = inputs(T)
     dense = mixerc.compile("ssd", backend="dense")
     want = grads(dense, args, f64)
