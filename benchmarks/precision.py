@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore")
 f64 = torch.float64
 
 
-def interpreter_patches():
+def interpreter_patches(fla_ok):
     """Our bf16 dots, and fla's two patches (see the module docstring)."""
     import numpy as np
     import triton.language as tl
@@ -39,6 +39,8 @@ def interpreter_patches():
 
     from mixerc.runtime.triton.interpreter import bf16_dots_patch
     setattr(*bf16_dots_patch())
+    if not fla_ok:
+        return
     autotuner.Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
 
     class ScalarRange:  # fla calls .to() on its loop variables
@@ -88,8 +90,8 @@ def main():
     T = ap.parse_args().T
     import mixerc
     fla_ok = importlib.util.find_spec("fla") is not None
-    if not CUDA and fla_ok:
-        interpreter_patches()
+    if not CUDA:
+        interpreter_patches(fla_ok)
     args = inputs(T)
     dense = mixerc.compile("ssd", backend="dense")
     want = grads(dense, args, f64)
