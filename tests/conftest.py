@@ -240,3 +240,24 @@ def run_without_interpreter(script: str, timeout: int):
                          env=env, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def torch_ops_of(fn) -> list:
+    """(op name, [(shape, dtype) of each tensor argument], dtype keyword) of
+    every aten op fn() dispatches, in order (a backward's too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.ops.append((func.overloadpacket.__name__,
+                             [(tuple(a.shape), a.dtype) for a in args if torch.is_tensor(a)],
+                             kwargs.get("dtype")))
+            return func(*args, **kwargs)
+    with Log() as log:
+        fn()
+    return log.ops

@@ -271,13 +271,16 @@ def test_custom_op_opcheck(compiled):
     g = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20, 4, 20, 20
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    for S0, scale in ((None, None), (r(B, H, K, V), r(B, T, H))):  # SSD's delta, or none
+    # SSD's delta, or none; the last one a backward's run on reversed time
+    for S0, scale, reverse in ((None, None, False), (r(B, H, K, V), r(B, T, H), False),
+                               (r(B, H, K, V), None, True)):
         args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [], False, S0 is None)
+                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [], False, S0 is None,
+                reverse)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
     args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
-            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, False)
+            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, False, False)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -303,8 +306,8 @@ def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
     else:  # elu + 1 features and the ones column, divided in the epilogue
         head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,
                 H, 16, 16, 16, 4, 1, torch.float32, True, True, [], True)
-    y, final, states = op(*head, False)
-    y_kept, final_kept, states_kept = op(*head, True)
+    y, final, states = op(*head, False, False)
+    y_kept, final_kept, states_kept = op(*head, True, False)
     assert states.dtype == torch.bfloat16 and states_kept.dtype == torch.float32
     # within one bf16 rounding (Triton's interpreter truncates where a GPU rounds)
     assert ((states.float() - states_kept).abs() <= states_kept.abs() * 2 ** -7).all()

@@ -282,7 +282,7 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped, keep_states = rest[-3:]
+        leaves, mapped, keep_states, _reverse = rest[-4:]
         assert key_scale is None and a is None and mapped and not keep_states
         seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)

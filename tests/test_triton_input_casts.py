@@ -214,7 +214,9 @@ def test_the_kernel_writes_the_output_in_the_inputs_dtype(name, compiled, monkey
 def test_the_output_in_the_inputs_dtype_with_gradients(name, compiled, monkeypatch, bf16_dots):
     """With a gradient: the forward's kernel stores y in bf16 where the backward
     does not read it (the division's quotient, linear attention's, stays
-    float32), the backward's runs in float32. The forward and the token
+    float32), the backward's runs in bf16 where their result is the gradient
+    as is (SSD's in float32: folded over groups, scaled; linear attention's
+    dq and dk: its feature maps' chain rule follows). The forward and the token
     inputs' gradients within bf16's error of the dense interpreter's, and
     every gradient as with the kernel's float32 y (SSD's A_log and dt_bias
     sum bf16 products: farther from dense either way)."""
@@ -238,11 +240,19 @@ def test_the_output_in_the_inputs_dtype_with_gradients(name, compiled, monkeypat
         assert seen == [first], seen
         grads.append(torch.autograd.grad((y.float() * w.float()).sum(), list(args.values()),
                                          allow_unused=True))
-        assert all(dt == torch.float32 for dt in seen[1:]), seen
+        # the backward's dq, dk and dv runs: a gradient that needs nothing more
+        # (no fold over groups, key scale, skip term or feature map's chain
+        # rule) is stored in bf16 (the spy makes every run float32 while
+        # `wide` is set)
+        f32, bf16 = torch.float32, torch.bfloat16
+        runs = {"retnet": [bf16] * 3, "ssd": [f32] * 3, "linear_attention": [f32, f32, bf16]}
+        assert seen[1:] == ([f32] * 3 if flag else runs[name]), seen
     for n, g, g32, r in zip(args, *grads, ref):
         if r is None or float(r.abs().max()) == 0:
             continue
         assert g is not None and g.dtype == args[n].dtype, n
-        assert rel_err(g, g32) < 1e-3, n
+        # one bf16 ulp at most: where a run stores the gradient in bf16, Triton's
+        # interpreter truncates, where torch (the float32 runs' cast) and a GPU round
+        assert rel_err(g, g32) < (8e-3 if name != "ssd" else 1e-3), n
         if n in tokens:
             assert rel_err(g, r) < 3e-2, n

@@ -118,7 +118,7 @@ def test_the_op_receives_what_the_user_passed(src, compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped, _keep_states = rest[-3:]
+        leaves, mapped, _keep_states, _reverse = rest[-4:]
         seen.append((q, k, a, key_scale, mapped))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)

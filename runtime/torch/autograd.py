@@ -120,48 +120,80 @@ class ChunkedFn(torch.autograd.Function):
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.
-        pad = n * C - T
-        rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
-        unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
-        b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
+        # A backend's kernels may run them in place (fwd.reversed: nothing
+        # flipped or padded in memory, the outputs in forward order); they also
+        # store a gradient that needs nothing more in its input's dtype.
+        in_place = getattr(fwd, "reversed", None) if reversible(q, k, v, dy) else None
+        if in_place is None:
+            pad = n * C - T
+            rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
+            unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
+            b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
+            reversed_fwd, narrow = fwd, lambda x, plain: {}  # noqa: E731
+        else:
+            rev = unrev = lambda x: x  # noqa: E731
+            reversed_fwd, b = in_place, a
+            narrow = lambda x, plain: {"out_dtype": x.dtype} if plain and x.shape[2] == H else {}  # noqa: E731
+        # (q's and k's gradient is not final where a map's chain rule follows)
+        final_q, final_k = getattr(ctx, "final", (True, True))
         states = need_a  # the decay gradient reads the states at the chunks' edges
         dq = dk = dv = da = dS0 = dw = None
-        if need_q or need_a:  # per-head gradients of q and k first (the decay reads them)
+        if need_q or need_a:
             # w_s scales column s of the scores: here the keys' (v's) rows
             out = fwd(dy, v, k, a, None if S0 is None else S0.transpose(-1, -2), C,
-                      chunk_states=states, **_scaled(w))
+                      chunk_states=states, **_scaled(w), **narrow(q, final_q))
             dq = out[0]
         if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
-            back = fwd(rev(v), rev(dy), rev(q), b, None if dS is None else dS.transpose(-1, -2),
-                       C, chunk_states=states)
+            back = reversed_fwd(rev(v), rev(dy), rev(q), b,
+                                None if dS is None else dS.transpose(-1, -2), C,
+                                chunk_states=states, **narrow(k, final_k and w is None))
             dk = unrev(back[0])
         if need_v or need_S0:
-            dv, last = fwd(rev(k), rev(q), rev(dy), b, dS, C)[:2]
-            # here w scales the queries' (k's) rows: the output's rows
-            dv = unrev(dv) if w is None else _wide(w)[..., None] * unrev(dv)
+            # the ones column's gradient is dropped: unless dS0 (whose last
+            # column is the normalizer's state) is wanted, the dv run reads
+            # dy's value columns only (a whole block less at V = 128)
+            ones = ctx.ones and need_S0
+            dyv = dy[..., :-1] if ctx.ones and not need_S0 else dy
+            dSv = dS[..., :-1] if dS is not None and ctx.ones and not need_S0 else dS
+            dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C,
+                                    **narrow(v, w is None and d is None))[:2]
+            dv = unrev(dv)
+            if w is not None:  # here w scales the queries' (k's) rows: the output's rows
+                dv = dv.mul_(_wide(w)[..., None]) if in_place else _wide(w)[..., None] * dv
             if d is not None:  # the skip term d_h v_t
-                dv = dv + d.to(dv.dtype)[:, None] * dy
+                dv = dv.addcmul_(dyv, d.to(dv.dtype)[:, None]) if in_place else \
+                    dv + d.to(dv.dtype)[:, None] * dyv
             dv = chunk_fold_heads(dv, v)
-            if ctx.ones:
+            if ones:
                 dv = dv[..., :-1]
             if need_S0:
                 decay = None if a is None else torch.exp(a[:, 0].to(last.dtype))
                 dS0 = last if a is None else decay[..., None, None] * last
                 dS0 = dS0.to(S0.dtype)
-        k_heads = None if dk is None else _wide(chunk_heads(k, H))
         if need_a:  # the backend's decay gradient kernel where it has one
             da = getattr(fwd, "decay_grad", _decay_grad)(q, k, w, v, dy, a, C, out[2],
                                                          back[2]).to(a.dtype)
-        if w is not None:  # d(w k)/dw = k, d(w k)/dk = w
+        if w is not None:  # d(w k)/dw = k, d(w k)/dk = w, k at its groups
+            dk_groups = dk.reshape(B, T, k.shape[2], H // k.shape[2], dk.shape[-1])
+            w_groups = _wide(w).reshape(B, T, k.shape[2], H // k.shape[2])
             if need_w:
-                dw = (k_heads * dk).sum(-1).to(w.dtype)
+                dw = torch.einsum("btgrk,btgk->btgr", dk_groups,
+                                  _wide(k)).reshape(B, T, H).to(w.dtype)
             if need_k:
-                dk = _wide(w)[..., None] * dk
+                dk = torch.einsum("btgrk,btgr->btgk", dk_groups, w_groups)
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw, None, (_wide(dy) * _wide(chunk_heads(v, H))).sum((0, 1, 3)).to(d.dtype)
+                 dw, None, (_wide(dy) * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
                  if need_d else None, None, None)
         return grads[:len(ctx.needs_input_grad)]
+
+
+def reversible(*xs) -> bool:
+    """Whether a backend's kernels take the reversed problems in place (its
+    fwd.reversed) on these [B, T, ...] tensors: their path only, not
+    float64 nor a single step."""
+    return (all(x.dtype != torch.float64 for x in xs) and xs[0].shape[0] > 0
+            and xs[0].shape[1] > 1)
 
 
 def _ones(ones: bool) -> dict:

@@ -15,6 +15,7 @@ column and its division, a skip term): see ChunkedFn; the paths without the
 kernels (float64, a single torch step while traced or with gradients) apply
 them in torch here; a decode step's kernel computes them too."""
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -86,6 +87,12 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
     fwd.decay_grad = decay_grad  # the backward's decay gradient: one kernel
+
+    def reversed_run(q, k, v, a, state, chunk, chunk_states=False, **extra):
+        # the dk and dv runs on reversed time, read and written in place
+        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, reverse=True,
+                   **extra)
+    fwd.reversed = reversed_run
     tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
                if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
@@ -147,6 +154,8 @@ class MappedChunkedFn(torch.autograd.Function):
         inner = SimpleNamespace(  # ChunkedFn's context, on the mapped tensors
             saved_tensors=(plain[0], plain[1], v, plain[2], S0, final, plain[3], d, quotient),
             fwd=ctx.fwd, chunk=ctx.chunk, ones=ctx.ones,
+            # q's and k's gradients are final unless a map's chain rule follows
+            final=(mapped[0] is inputs[0], mapped[1] is inputs[1]),
             needs_input_grad=(False, False, need[0], need[1], needs[8], need[2], needs[10],
                               need[3], False, needs[12], False, False))
         g = ChunkedFn.backward(inner, dy, dS)
@@ -229,7 +238,6 @@ def _launch_decay_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None,
 
 
 def _interpreted():
-    import os
     return bool(os.environ.get("TRITON_INTERPRET"))
 
 
