@@ -9,7 +9,7 @@ the kernels in the inputs' dtype (no float32 gradient converted after)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, compiled_mixers, rel_err, to_device, torch_ops_of
+from conftest import DEVICE, compiled_mixers, rel_err, torch_ops_of
 from reference import make_inputs
 
 pytest.importorskip("triton")
