@@ -140,19 +140,20 @@ def test_the_programs_have_maps(compiled):
 
 def test_gate_forward_computes_no_map(compiled):
     """The gate's generated forward: no logsigmoid and no / 16 in torch before
-    the chunked kernels (the float64 branch alone computes it, and the scan's
-    branch by the rendered map); their host is told gk as given (leaves=) and
-    no log-decay; no float32 copy of gk outside the float64 branch."""
+    the chunked kernels or the scan (the float64 branch alone computes it);
+    both hosts are told gk as given (leaves=) and no log-decay
+    (tests/test_triton_scan_maps.py: the scan's); no float32 copy of gk
+    outside the float64 branch."""
     forward = forward_source(compiled(GATE))
     lines = forward.splitlines()
     call = next(i for i, ln in enumerate(lines) if "per_channel_apply(" in ln)
-    assert "leaves=[gk_in])" in lines[call + 1] and ", None, state" in lines[call + 1]
+    assert "leaves=[gk_in]" in lines[call + 1] and ", None, state" in lines[call + 1]
     f64_branch = next(i for i, ln in enumerate(lines) if "else:  # float64" in ln)
     before = [ln.split("#")[0] for ln in lines[:f64_branch]]
     text = "\n".join(before)
-    assert not re.search(r"logsigmoid|/ 16|gk\.to\(", text), text
-    scan = [ln for ln in before if re.match(r"\s*log_decay\w* = ", ln)]
-    assert len(scan) == 1 and "_prologue([gk_in], H)" in scan[0], scan
+    assert not re.search(r"logsigmoid|/ 16|gk\.to\(|_prologue\(|log_decay\w* = ", text), text
+    scan = [ln for ln in before if "per_channel_scan(" in ln]
+    assert len(scan) == 1 and ", None, None, " in scan[0] and "leaves=[gk_in]" in scan[0], scan
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -214,6 +215,24 @@ def test_every_gradient_equals_dense(src, compiled, monkeypatch, poisoned):
     torch.manual_seed(0)
     assert_gradients_equal_dense(m, d, args_of(m, B=2, T=70, seed=3))
     assert [c[0] for c in calls] == ["mapped"]
+
+
+def test_the_backward_maps_on_load_too(compiled, monkeypatch, launches):
+    """The backward's cumulative log-decays come from the leaves by the mapped
+    cumsum kernel (as the forward's: the shared cumsum of a written log-decay
+    never runs), and the map runs in torch only for the leaves' gradient:
+    not at all when no leaf needs one."""
+    m, d = compiled(GATE), compiled(GATE, "dense")
+    host = host_of(m)
+    maps = []
+    prologue = host.prologue
+    monkeypatch.setattr(host, "prologue", lambda *a: maps.append(1) or prologue(*a))
+    assert_gradients_equal_dense(m, d, args_of(m, T=37, seed=4))
+    assert launches.count(host.__name__ + "_fwd_cumsum") == 2  # forward and backward
+    assert "_mx_chunk_cumsum" not in launches and maps == [1]
+    del launches[:], maps[:]
+    assert_gradients_equal_dense(m, d, args_of(m, T=37, seed=4), wrt=["q", "k", "v"])
+    assert launches.count(host.__name__ + "_fwd_cumsum") == 2 and maps == []
 
 
 def test_gradients_through_a_carried_state(compiled):
@@ -285,10 +304,10 @@ def test_a_map_the_kernel_does_not_take_keeps_the_torch_map(compiled):
     assert_gradients_equal_dense(m, d, args)
 
 
-def test_the_scan_branch_computes_the_map_in_torch():
-    """The same term on the scan (algorithm="scan"): it reads the log-decay the
-    rendered map computes in torch, in its branch only; forward and every
-    gradient equal dense."""
+def test_the_scan_branch_computes_the_map_on_load():
+    """The same term on the scan (algorithm="scan"): its kernel computes the
+    map from the leaves too (tests/test_triton_scan_maps.py); forward and
+    every gradient equal dense."""
     get = compiled_mixers(algorithm="scan")
     m, d = get(FIXED[2]), get(FIXED[2], "dense")
     args = args_of(m, T=29, seed=12)

@@ -165,9 +165,10 @@ def runs_on(tp, plan=None) -> str:
                           " (the chunks compute them in torch first)")
         dm = None if mp is None else per_channel.decay_map(tp, mp)
         if dm is not None:
-            algorithm += ("; the chunks' cumsum kernel computes on load (never written to "
-                          "HBM; the backward recomputes it by torch): " + dm.describe() +
-                          " (the scan and a decode step compute it in torch first)")
+            algorithm += ("; the chunks' cumsum kernel computes on load, and so does the "
+                          "scan (never written to HBM; the backward recomputes it by "
+                          "torch): " + dm.describe() + " (and a decode step's recurrence "
+                          "kernel)")
         skip = mp is not None and scan.fuses_skip(mp, plan.program.groups)
         if skip:
             algorithm += ("; the skip term: the scan adds it in its epilogue, the chunks "

@@ -74,10 +74,11 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None,
     leaves: None, or the inputs of the log-decay's map (a is then None):
     the cumsum kernel computes it on load (run.mapped, its map by torch ops
     run.prologue, codegen/triton/terms/per_channel.py). With a gradient
-    MappedPerChannelFn; while torch.compile traces with a gradient, and for a
-    decode step (a few tokens), the map by torch ops first. out_dtype: None,
-    or the dtype a decode step's kernel stores y in (the inputs', when y is
-    the mixer's output as is); every other path returns y in float32."""
+    MappedPerChannelFn; while torch.compile traces with a gradient the map by
+    torch ops first; a decode step (a few tokens) the recurrence with the map
+    on load (run.mapped_step). out_dtype: None, or the dtype a decode step's
+    kernel stores y in (the inputs', when y is the mixer's output as is);
+    every other path returns y in float32."""
     tensors = [x for x in (q, k, v, a, state, *(leaves or ())) if x is not None]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
@@ -91,8 +92,9 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None,
         if grad and not torch.compiler.is_compiling():
             return MappedPerChannelFn.apply(run, tuple(config), bwd_block_k, q, k, v,
                                             torch_state(state), *leaves)
-        if grad or (decode and q.shape[1] <= DECODE_TOKENS):
-            # traced (inductor fuses the map) or a decode step (a few tokens)
+        if decode and q.shape[1] <= DECODE_TOKENS:  # one launch, the map on load
+            return run.mapped_step(q, k, v, leaves, state, out_dtype)
+        if grad:  # traced: the map by torch ops (inductor fuses it)
             a = run.prologue(leaves, q.shape[2])
         else:
             return run.mapped(q, k, v, leaves, state, *config, bwd_block_k)
@@ -103,9 +105,10 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None,
 class MappedPerChannelFn(torch.autograd.Function):
     """The per-channel kernels with the log-decay computed on load from its
     map's leaves (the forward stores nothing mapped: q, k, v, the state and
-    the leaves). The backward recomputes the map by torch ops (run.prologue),
-    runs the backward's kernels on it (run.backward_op) and chains the
-    log-decay's gradient through the map by autograd (runtime/triton/ops.py
+    the leaves). The backward's kernels take the leaves too (run.mapped_backward:
+    the cumsum kernel maps them on load again), and where a leaf needs a
+    gradient the map is recomputed by torch ops (run.prologue) to chain the
+    log-decay's gradient through it by autograd (runtime/triton/ops.py
     recompute_maps, grads_through_maps), as MappedChunkedFn does."""
 
     @staticmethod
@@ -121,11 +124,13 @@ class MappedPerChannelFn(torch.autograd.Function):
     def backward(ctx, dy, d_final):
         q, k, v, state, *leaves = ctx.saved_tensors
         needs = ctx.needs_input_grad  # run, config, bwd_block_k, q, k, v, state, *leaves
-        inputs, mapped = recompute_maps(lambda *ls: [ctx.run.prologue(list(ls), q.shape[2])],
-                                        leaves, needs[7:])
-        dq, dk, dv, da, d_state = ctx.run.backward_op(q, k, v, mapped[0].detach(), state, dy,
-                                                      d_final, *ctx.config)
-        gleaves = grads_through_maps(inputs, mapped, [da])
+        dq, dk, dv, da, d_state = ctx.run.mapped_backward(q, k, v, list(leaves), state, dy,
+                                                          d_final, *ctx.config)
+        gleaves = [None] * len(leaves)
+        if any(needs[7:]):  # the map by torch, for its gradient only
+            inputs, mapped = recompute_maps(
+                lambda *ls: [ctx.run.prologue(list(ls), q.shape[2])], leaves, needs[7:])
+            gleaves = grads_through_maps(inputs, mapped, [da])
         return (None, None, None, dq, dk, dv, None if state is None else d_state, *gleaves)
 
 

@@ -6,7 +6,8 @@ which differentiates its forward and backward custom ops (registered by
 runtime/triton/ops.py custom_op_pair without autograd: the forward's
 checkpoints are saved beside the inputs), and MappedScanFn, for a forward
 that computes maps on load (Mamba's delta from dt and dt_bias, the values'
-scale, a skip term: codegen/triton/terms/scan.py)."""
+scale, a skip term, or a [B, T, H, K] log-decay that does not factor from
+its leaves: GLA's logsigmoid(gk) / 16; codegen/triton/terms/scan.py)."""
 
 import torch
 import triton
@@ -134,36 +135,40 @@ class ScanFn(torch.autograd.Function):
 
 def scan_mapped_apply(ops, prologue, q, k, v, dt, a, state, block_h, num_warps, leaves, skip):
     """(y, final state) by a forward op that computes maps on load: leaves
-    (None: dt and v as given) and a skip term d [H] (or None); prologue(v, dt,
-    leaves, skip) -> (values, dt, d v) computes the same by torch ops. With a
-    gradient: MappedScanFn, or while torch.compile traces the maps as torch
-    ops before ScanFn (inductor fuses them) and the skip term after it."""
+    (None: dt, a and v as given) and a skip term d [H] (or None);
+    prologue(v, dt, leaves, skip) -> (values, dt, d v or None, the log-decay
+    [B, T, H, K] or None) computes the same by torch ops (a None log-decay:
+    `a` as given, or the kernel's factors; with an unfactored map of leaves
+    `a` is None). With a gradient: MappedScanFn, or while torch.compile traces
+    the maps as torch ops before ScanFn (inductor fuses them) and the skip
+    term after it."""
     tensors = (q, k, v, dt, a, state, skip, *(leaves or ()))
     if scan_needs_grad(*tensors):
         if not torch.compiler.is_compiling():
             return MappedScanFn.apply(ops, (block_h, num_warps), prologue, q, k, v, dt, a,
                                       state, skip, *(leaves or ()))
-        v, dt, extra = prologue(v, dt, leaves, skip)
-        y, final = ScanFn.apply(ops, (block_h, num_warps), q, k, v, dt, a, state)
+        v, dt, extra, mapped_a = prologue(v, dt, leaves, skip)
+        y, final = ScanFn.apply(ops, (block_h, num_warps), q, k, v, dt,
+                                a if mapped_a is None else mapped_a, state)
         return (y if extra is None else y + extra), final
     return _mapped_forward(ops, (block_h, num_warps), q, k, v, dt, a, state, skip, leaves,
                            0)[:2]
 
 
 def _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, leaves, seg):
-    """The forward op on the raw inputs (the kernel maps them)."""
+    """The forward op on the raw inputs (the kernel maps them; the rendered
+    launch reads the leaves as it needs them: contiguous, or by strides)."""
     q, k, v, dt, a, state = _scan_inputs(q, k, v, dt, a, state)
-    return ops[0](q, k, v, dt, a, state, *cfg, seg,
-                  [] if leaves is None else [x.contiguous() for x in leaves], leaves is not None,
-                  None if skip is None else skip.to(torch.float32).contiguous())
+    return ops[0](q, k, v, dt, a, state, *cfg, seg, [] if leaves is None else list(leaves),
+                  leaves is not None, None if skip is None else skip.to(torch.float32).contiguous())
 
 
 class MappedScanFn(torch.autograd.Function):
     """ScanFn for a forward that computes maps on load: it runs on the raw
     inputs and stores nothing mapped (the inputs, the leaves, the
     checkpoints); the backward recomputes the maps by torch ops (`prologue`),
-    runs the reverse scan on the mapped values and decay step, and takes the
-    maps' (and the skip term's) gradients by autograd."""
+    runs the reverse scan on the mapped values, decay step and log-decay,
+    and takes the maps' (and the skip term's) gradients by autograd."""
 
     @staticmethod
     def forward(ctx, ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves):
@@ -188,11 +193,14 @@ class MappedScanFn(torch.autograd.Function):
         dy = dy.to(torch.float32).contiguous()
         if dfinal is not None:
             dfinal = dfinal.to(torch.float32).contiguous()
-        mv, mdt = (None if m is None else m.detach().to(torch.float32).contiguous()
-                   for m in mapped[:2])
-        gq, gk, gv, gdt, ga, gs = ctx.ops[1](dy, dfinal, *_scan_inputs(q, k, mv, mdt, a, None)[:5],
-                                             ck, *ctx.cfg, SCAN_SEGMENT)
-        gv_, gdt_, gskip, *gleaves = grads_through_maps(inputs, mapped, (gv, gdt, dy))
+        mv, mdt, ma = (None if m is None else m.detach().to(torch.float32).contiguous()
+                       for m in (mapped[0], mapped[1], mapped[3]))
+        gq, gk, gv, gdt, ga, gs = ctx.ops[1](
+            dy, dfinal, *_scan_inputs(q, k, mv, mdt, a if ma is None else ma, None)[:5],
+            ck, *ctx.cfg, SCAN_SEGMENT)
+        # the log-decay's gradient: a's (as given or its factor), or through its map
+        gv_, gdt_, gskip, *gleaves = grads_through_maps(
+            inputs, mapped, (gv, gdt, dy, None if ma is None else ga))
         gq, gk, ga, gs = (None if want is None else g.to(want)
                           for g, want in zip((gq, gk, ga, gs), ctx.dtypes))
         return (None, None, None, gq, gk, gv_, gdt_, ga, gs, gskip, *gleaves)

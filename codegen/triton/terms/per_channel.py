@@ -19,9 +19,13 @@ and [H, K] or [H] params (fla's GLA gate: logsigmoid(gk) / 16) is computed
 by the chunk-cumsum kernel as it loads them (`decay_map`, rendered by
 codegen/triton/prologue.py's scalar_map at the heads and the contracted
 dim), so the only [B, T, H, K] float32 tensor written is the cumulative
-sum; the backward recomputes it by torch ops and chains its gradient
-through it (runtime/triton/per_channel.py MappedPerChannelFn), and a
-decode step or torch.compile with a gradient computes it in torch.
+sum; the backward's cumulative sums come from the leaves by the same kernel,
+and where a leaf needs a gradient it recomputes the map by torch ops and
+chains the log-decay's gradient through it (runtime/triton/per_channel.py
+MappedPerChannelFn). A decode step is one launch of a recurrence kernel
+that computes the map on load too (the template's `_fwd_step`, which the
+scan's decode steps launch as well: terms/scan.py); torch.compile with a
+gradient computes it in torch.
 """
 
 import hashlib

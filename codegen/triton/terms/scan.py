@@ -32,8 +32,12 @@ branch (per_channel.py, and float64's torch code) still computes delta,
 delta * x and a factored [B, T, H, K] log-decay in torch, and adds the skip
 term after its kernels; a log-decay that is a map of [B, T, H, K] and
 [H, K] values (GLA's logsigmoid(gk) / 16) its cumsum kernel computes on
-load (per_channel.py decay_map), while the scan reads it computed by the
-same map in torch, in its branch only.
+load (per_channel.py decay_map), and so does the scan: it takes the same
+leaves (per token [B, T, H, K] by their strides, [H, K] and [H] params)
+and computes the map as they load (the template's `a_map`), so neither
+branch writes the mapped log-decay; the scan's backward recomputes it by
+torch (MappedScanFn), and a decode step runs the chunked branch's
+recurrence kernel that computes it on load (its `_mapped_step`).
 """
 
 import hashlib
@@ -228,15 +232,14 @@ def emit(tp, mp, w, key, values):
     node = tp.operands["log_decay"].node
     split = decay_factors(node, mp.heads, dim)
     dm = per_channel.decay_map(tp, mp) if split is None else None
-    reads, first = None, []
-    if dm is not None:  # a map of its leaves, which the chunked branch's cumsum kernel
-        # computes on load: the scan's [B, T, H, K] log-decay in its branch only, by
-        # the same map in torch (the leaves as given)
-        leaves_pc = per_channel.leaf_values(w, dm, mp, dim)
-        pc = per_channel.kernel_function(tp, mp, w, key, dm)
-        dt, a, reads = "None", w.fresh("log_decay"), ", ".join(leaves_pc)
-        first = [f"    {a} = {pc}_prologue([{reads}], {w.size_expr(mp.heads)})  # "
-                 f"{dm.describe()}"]
+    reads, extra, runs = None, "", ""
+    if dm is not None:  # a map of its leaves, which the scan computes on load (as the
+        # chunked branch's cumsum kernel does): the leaves as given, no log-decay
+        reads = ", ".join(per_channel.leaf_values(w, dm, mp, dim))
+        dt, a = "None", "None"
+        # a decode step: the chunked branch's kernels' step, the map on load
+        step = per_channel.kernel_function(tp, mp, w, key, dm) + "_mapped_step"
+        extra += f", leaves=[{reads}]"
     elif split is None:  # materialized: [B, T, H, K]; an input as given (the host widens it)
         dt, a = "None", w.canon_raw(node, mp.heads, (dim,), hint="log_decay")
     else:  # the factors, multiplied in the kernel
@@ -250,7 +253,6 @@ def emit(tp, mp, w, key, values):
             dt = w.assign(dt, hint="decay_step")
         rate = " * ".join(_fixed_code(w, x, mp.heads, dim) for x in fixed)
         a = w.assign(f"-({rate})" if negated else rate, hint="decay_rate")
-    extra, runs = "", ""
     if pro is not None:  # the maps' leaves as given: per token [b, t, H], per head [H]
         leaves = [w.canon_raw(x, mp.heads, (), hint=x.name) if kind == "token" else
                   w.per_head(x, mp.heads, hint=x.name) for x, kind in zip(pro.leaves, pro.kinds)]
@@ -266,6 +268,10 @@ def emit(tp, mp, w, key, values):
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls,
                  maps=pro is not None, skip=skip,
+                 a_map=(dm.map.triton, dm.map.torch) if dm else None,
+                 a_kinds=tuple(dm.kinds) if dm else (),
+                 a_names=tuple(x.name for x in dm.leaves) if dm else (),
+                 a_step=step if dm else None,
                  leaf_kinds=tuple(pro.kinds) if pro else (),
                  leaf_names=tuple(x.name for x in pro.leaves) if pro else (),
                  dt_map=(pro.dt.triton, pro.dt.torch) if pro else None,
@@ -288,9 +294,8 @@ def emit(tp, mp, w, key, values):
     knobs = ", ".join(w.config_key(key, p, tp) for p in KERNEL_KNOBS)
     w.line(f"if {algorithm} == 'scan' and scan_runs({q}, {k}, {v}, {dt}, {reads or a}, "
            f"{read}{runs}):")
-    w.lines.extend(first)
-    if pro is not None or skip:
-        w.line(f"    # {_comment(pro, skip)}")
+    if pro is not None or skip or dm is not None:
+        w.line(f"    # {_comment(pro, skip, dm)}")
     w.line(f"    {y}, {write} = {fn}({q}, {k}, {v}, {dt}, {a}, {read}, {knobs}{extra})")
     w.line("else:  # the chunked kernels (with their backward), or the torch backend for float64")
     # the chunked branch's values (the materialized log-decay) stay in it
@@ -320,9 +325,11 @@ def writes_output(mp, w, skip) -> bool:
     return chunked.writes_output(mp, w, skip, divides=False)
 
 
-def _comment(pro, skip) -> str:
+def _comment(pro, skip, dm=None) -> str:
     """What the scan computes that the forward does not, in a comment."""
     parts = ["computed on load from the leaves: " + pro.describe()] if pro else []
+    if dm is not None:
+        parts.append("computed on load from the leaves: " + dm.describe())
     if skip:
         parts.append("the skip term added in the epilogue")
     return "; ".join(parts)
