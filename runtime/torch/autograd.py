@@ -152,9 +152,9 @@ class ChunkedFn(torch.autograd.Function):
             # the ones column's gradient is dropped: unless dS0 (whose last
             # column is the normalizer's state) is wanted, the dv run reads
             # dy's value columns only (a whole block less at V = 128)
-            ones = ctx.ones and need_S0
-            dyv = dy[..., :-1] if ctx.ones and not need_S0 else dy
-            dSv = dS[..., :-1] if dS is not None and ctx.ones and not need_S0 else dS
+            trim = ctx.ones and not need_S0
+            dyv = dy[..., :-1] if trim else dy
+            dSv = dS[..., :-1] if trim and dS is not None else dS
             dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C,
                                     **narrow(v, w is None and d is None))[:2]
             dv = unrev(dv)
@@ -164,7 +164,7 @@ class ChunkedFn(torch.autograd.Function):
                 dv = dv.addcmul_(dyv, d.to(dv.dtype)[:, None]) if in_place else \
                     dv + d.to(dv.dtype)[:, None] * dyv
             dv = chunk_fold_heads(dv, v)
-            if ones:
+            if ctx.ones and not trim:
                 dv = dv[..., :-1]
             if need_S0:
                 decay = None if a is None else torch.exp(a[:, 0].to(last.dtype))

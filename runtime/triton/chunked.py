@@ -73,9 +73,9 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     (run.prologue, codegen/triton/prologue.py); q and k are then the maps'
     inputs, and a or key_scale None where a map computes them. out_dtype:
     None, or the dtype the output kernel stores y in (the inputs', when y is
-    the mixer's output as is; it accumulates in float32 either way): the
-    backward's runs keep float32, and so does a forward whose y the backward
-    reads (the quotient, with divide)."""
+    the mixer's output as is; it accumulates in float32 either way): a
+    forward whose y the backward reads (the quotient, with divide) keeps
+    float32; the backward's runs choose their own (ChunkedFn)."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
     if ones_column:
         scaled["ones_column"] = True
@@ -242,6 +242,13 @@ def _interpreted():
 
 
 @triton.jit
+def _mx_rows(base, t, stride_t, cols, in_t, n_cols):
+    # the tile of rows t (in_t: before T) and columns cols (< n_cols) at base
+    return tl.load(base + t[:, None] * stride_t + cols[None, :],
+                   mask=in_t[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
 def _mx_decay_grad(Q, K, V, DO, A, KS, SIN, GOUT, DA, T, H, rep_q, rep_k, rep_v, n_k, n_v, n,
                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sy_b, sy_t, sy_h,
                    sa_b, sa_t, sa_h, ss_b, ss_h, ss_c, SCALED: tl.constexpr,
@@ -274,25 +281,22 @@ def _mx_decay_grad(Q, K, V, DO, A, KS, SIN, GOUT, DA, T, H, rep_q, rep_k, rep_v,
 
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in range(0, n_k, BK):
-        m = in_t[:, None] & (k0 + rk < n_k)[None, :]
-        q = tl.load(base_q + t[:, None] * sq_t + (k0 + rk)[None, :], mask=m, other=0.0)
-        k = tl.load(base_k + t[:, None] * sk_t + (k0 + rk)[None, :], mask=m, other=0.0)
+        q = _mx_rows(base_q, t, sq_t, k0 + rk, in_t, n_k)
+        k = _mx_rows(base_k, t, sk_t, k0 + rk, in_t, n_k)
         qk = tl.dot(q, tl.trans(k), qk, input_precision=PRECISION)
     dv = tl.zeros([BT, BT], dtype=tl.float32)
     e = tl.zeros([BT], dtype=tl.float32)     # q_t^T S_in dy_t
     f = tl.zeros([BT], dtype=tl.float32)     # k_s^T G_out v_s
     through = 0.0  # <S_in, G_out>
     for v0 in range(0, n_v, BV):
-        mv = in_t[:, None] & (v0 + rv < n_v)[None, :]
-        y = tl.load(base_y + t[:, None] * sy_t + (v0 + rv)[None, :], mask=mv, other=0.0)
-        vv = tl.load(base_v + t[:, None] * sv_t + (v0 + rv)[None, :], mask=mv, other=0.0)
+        y = _mx_rows(base_y, t, sy_t, v0 + rv, in_t, n_v)
+        vv = _mx_rows(base_v, t, sv_t, v0 + rv, in_t, n_v)
         dv = tl.dot(y, tl.trans(vv), dv, input_precision=PRECISION)
         qs = tl.zeros([BT, BV], dtype=tl.float32)
         kg = tl.zeros([BT, BV], dtype=tl.float32)
-        for k0 in range(0, n_k, BK):
-            m = in_t[:, None] & (k0 + rk < n_k)[None, :]
-            q = tl.load(base_q + t[:, None] * sq_t + (k0 + rk)[None, :], mask=m, other=0.0)
-            k = tl.load(base_k + t[:, None] * sk_t + (k0 + rk)[None, :], mask=m, other=0.0)
+        for k0 in range(0, n_k, BK):  # q and k again: kept, they would spill
+            q = _mx_rows(base_q, t, sq_t, k0 + rk, in_t, n_k)
+            k = _mx_rows(base_k, t, sk_t, k0 + rk, in_t, n_k)
             ms = (v0 + rv < n_v)[:, None] & (k0 + rk < n_k)[None, :]
             at = (v0 + rv)[:, None] * n_k + (k0 + rk)[None, :]
             s_tile = tl.load(s_in + at, mask=ms, other=0.0)
