@@ -209,8 +209,9 @@ def _fitness(file, output, target, configs, dims, dtype):
             (out / f"{p.name}_triton.py").write_text(m._impl.generate(standalone=True)[0])
             for f in fits:
                 cfg = "_".join(str(v) for v in f.config.values())
+                run = f"_{f.run}" if f.run else ""  # a backward run's launch of the kernel
                 for kind, text in f.files.items():
-                    (out / f"{f.kernel}_{cfg}.{kind}").write_text(text)
+                    (out / f"{f.kernel}{run}_{cfg}.{kind}").write_text(text)
         except OSError as e:
             raise MixerValueError(f"cannot write {output}: {e.strerror or e}") from None
         click.echo(f"wrote {out}/: the module and each kernel's PTX and SASS")

@@ -289,3 +289,59 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     monkeypatch.setattr(mod, op, spy)
     m(**to_device(args_of(m, 2, T=40), torch.float32))
     assert seen == [(2, 2, 4, 4)], seen
+
+
+NORMALIZED_DECAY = """mixer normalized_decay {
+  dims H, D, V
+  input q : [H, D]
+  input k : [H, D]
+  input v : [H, V]
+  input u : [H]
+  let M = decay(-softplus(u)) * ((elu(q) + 1) @ (elu(k) + 1)^T) * (s <= t)
+  out y = (M @ v) / (M @ 1)
+}"""
+
+
+@pytest.mark.parametrize("V", [5, 8])
+def test_normalizer_gradient_with_initial_and_final_state(V, compiled):
+    """The normalizer's kernels through ChunkedFn, directly: the ones column
+    and the division in the kernels, a nonzero initial state and a used final
+    state (so the dv run reads the ones column's gradient too), the dq and dk
+    runs' contraction over [v, 1] padded with zero columns to a multiple of 8
+    (V = 5: two; V = 8: seven); the gradients of q, k, v, a and S0 against a
+    float64 recurrence."""
+    import inspect
+
+    from mixerc.runtime.triton.chunked import chunked_kernels_apply
+    mod = compiled(NORMALIZED_DECAY)._impl.module
+    fn = next(f for n, f in vars(mod).items() if n.startswith("chunked_kernel_") and
+              inspect.isfunction(f) and "ones_column" in inspect.signature(f).parameters)
+    g = torch.Generator().manual_seed(V)
+    B, T, H, K = 2, 35, 3, 12
+    u = lambda *s: torch.rand(*s, dtype=f64, generator=g)  # noqa: E731
+    base = [u(B, T, H, K), u(B, T, H, K), torch.randn(B, T, H, V, dtype=f64, generator=g),
+            -u(B, T, H) * 0.5, u(B, H, K, V + 1)]
+    ref = [x.clone().requires_grad_() for x in base]
+    got = [x.float().to(DEVICE).requires_grad_() for x in base]
+
+    def recurrence(q, k, v, a, S):
+        ys = []
+        for i in range(T):
+            kv = k[:, i, :, :, None] * torch.cat([v[:, i], torch.ones_like(v[:, i, :, :1])], -1)[
+                :, :, None]
+            S = torch.exp(a[:, i])[..., None, None] * S + kv
+            n = torch.einsum("bhk,bhkv->bhv", q[:, i], S)
+            ys.append(torch.cat([n[..., :-1] / n[..., -1:], n[..., -1:]], -1))
+        return torch.stack(ys, 1), S
+
+    wy, ws = torch.randn(B, T, H, V + 1, dtype=f64, generator=g), torch.randn(
+        B, H, K, V + 1, dtype=f64, generator=g)
+    y, S = recurrence(*ref)
+    want = torch.autograd.grad((y * wy).sum() + (S * ws).sum(), ref)
+    q, k, v, a, S0 = got
+    y2, S2 = chunked_kernels_apply(fn, q, k, v, a, S0, 16, 16, 16, 4, 2, ones_column=True,
+                                   divide=True)
+    assert rel_err(y2.detach().cpu(), y) < 1e-5 and rel_err(S2.detach().cpu(), S) < 1e-5
+    have = torch.autograd.grad((y2 * wy.float()).sum() + (S2 * ws.float()).sum(), got)
+    for name, h, x in zip(["q", "k", "v", "a", "S0"], have, want):
+        assert h.shape == x.shape and rel_err(h.cpu(), x) < 1e-4, name

@@ -1,6 +1,7 @@
 """GPU fitness without a GPU: every Triton kernel of the standard library's
 softmax mixers (forward, backward, decode step) and the chunked kernels of its
-scalar-decay ones compile for sm_90a and sm_80 at the default config (bf16,
+scalar-decay ones (as the forward and the backward's runs launch them)
+compile for sm_90a and sm_80 at the default config (bf16,
 D = 128 / K = V = 64) with no spills, within the architecture's shared memory,
 on matrix instructions
 (HGMMA on sm_90a, HMMA on sm_80); the tuner's screen drops a config that
@@ -48,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         for target in ("sm_90a", "sm_80"):
             for f in fitness.check(m._impl, sizes, target):
                 out["chunked"].append(dict(mixer=name[:20], target=target, kernel=f.kernel,
-                                           regs=f.registers, spill=f.spill_bytes,
+                                           run=f.run, regs=f.registers, spill=f.spill_bytes,
                                            shared=f.shared, limit=f.shared_limit,
                                            mma=f.mma, error=f.error))
     # the tuner's screen: a forward block of 128 x 128 on 4 warps spills at D = 128
@@ -87,16 +88,22 @@ def test_every_kernel_fits_sm90a_and_sm80(report):
 
 
 def test_chunked_kernels_fit_sm90a_and_sm80(report):
-    """The chunked scalar-decay kernels (states and output, the backward's
-    log-decay gradient; linear attention
-    without a decay and its normalizer fused, RetNet and SSD with one, SSD
-    with grouped q and k and its key scale fused) at their
-    default config: no spills, shared memory within the limit, the dots on
-    tensor cores."""
+    """The chunked scalar-decay kernels (states and output, as the forward
+    and as the backward's dq, dk and dv runs launch them, the backward's
+    log-decay gradient; linear attention without a decay and its normalizer
+    fused, RetNet and SSD with one, SSD with grouped q and k and its key
+    scale fused) at their default config: no spills, shared memory within
+    the limit, the dots on tensor cores."""
     fits = report["chunked"]
-    # mixers x targets x (states, output, decode step), and the backward's
-    # decay gradient kernel of the three with a decay
-    assert len(fits) == 4 * 2 * 3 + 3 * 2
+    # mixers x targets x (states, output: the forward's and three runs', decode
+    # step), and the backward's decay gradient kernel of the three with a decay
+    assert len(fits) == 4 * 2 * (2 * 4 + 1) + 3 * 2
+    runs = {(f["mixer"], f["target"], f["kernel"]): set() for f in fits}
+    for f in fits:
+        runs[f["mixer"], f["target"], f["kernel"]].add(f["run"])
+    for (_, _, kernel), seen in runs.items():
+        assert seen == ({"", "dq", "dk", "dv"} if kernel.endswith(("_states", "_fwd"))
+                        else {""}), (kernel, seen)
     # linear attention's normalizer, SSD's key scale and skip term computed in
     # the kernels, and the maps before them (feature maps, decays, scales: MAP)
     assert {f["kernel"] for f in fits} == {
@@ -111,7 +118,7 @@ def test_chunked_kernels_fit_sm90a_and_sm80(report):
         "chunked_kernel_has_decay_key_scale_maps_skip_decode_kernel",
         "chunked_kernel_has_decay_key_scale_maps_ones_decode_kernel", "_mx_decay_grad"}
     for f in fits:
-        where = f"{f['mixer']} {f['target']} {f['kernel']}"
+        where = f"{f['mixer']} {f['target']} {f['kernel']} [{f['run']}]"
         assert not f["error"], where + ": " + f["error"]
         assert f["spill"] == 0 and f["shared"] <= f["limit"], where
         assert f["regs"] <= 255, where

@@ -41,6 +41,7 @@ class KernelFit:
     function: str       # the generated host function (e.g. flash_exact)
     kernel: str         # the @triton.jit kernel
     config: dict
+    run: str = ""       # which launch of it: "" the forward's, else a backward run's (dq, dk, dv)
     registers: int = 0
     spill_bytes: int = 0  # local memory per thread (spills and stack)
     shared: int = 0
@@ -51,6 +52,11 @@ class KernelFit:
     tma: int = 0
     error: str = ""
     files: dict = field(default_factory=dict)  # asm kind -> text (ptx, sass)
+
+    @property
+    def label(self) -> str:
+        """The kernel, and the backward's run that launches it so where one does."""
+        return f"{self.kernel} [{self.run}]" if self.run else self.kernel
 
     @property
     def fits(self) -> bool:
@@ -83,17 +89,18 @@ def stores_y_in_mm_dtype(name: str) -> bool:
     return name.endswith(("_decode_kernel", "_fwd_decode")) or name == "_mx_recurrent_step"
 
 
-def signature(kernel, constexprs: dict, mm_dtype: str, y_dtype: str = "fp32") -> dict:
+def signature(kernel, constexprs: dict, mm_dtype: str, dtypes: dict | None = None) -> dict:
     """The kernel's argument types: q, k, v and the like in the matmuls'
-    dtype, the output Y in y_dtype, other pointers float32."""
+    dtype, other pointers float32, but pointers named in dtypes (e.g. the
+    output Y: "bf16") in theirs."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in (dtypes or {}):
+            sig[name] = "*" + dtypes[name]
         elif name in MM_POINTERS:
             sig[name] = "*" + mm_dtype
-        elif name == "Y":
-            sig[name] = "*" + y_dtype
         elif name in INT_POINTERS:
             sig[name] = "*i32"
         elif name == "SEEN":  # a cache's tokens per sequence (int64, as torch keeps them)
@@ -131,16 +138,17 @@ def aligned(kernel, sig: dict) -> dict:
 
 
 def compile_kernel(kernel, constexprs: dict, target: str, num_warps: int, num_stages: int,
-                   mm_dtype: str = "bf16", options: dict | None = None, y_dtype: str = "fp32"):
+                   mm_dtype: str = "bf16", options: dict | None = None,
+                   dtypes: dict | None = None):
     """Triton's compiled kernel for `target` (no GPU needed); options: more
     of Triton's compile options, as the launch passes them (e.g. maxnreg);
-    y_dtype: the output Y's (signature)."""
+    dtypes: pointers' dtypes other than the signature's defaults."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     arch = TARGETS[target][0]
-    sig = signature(kernel, constexprs, mm_dtype, y_dtype)
+    sig = signature(kernel, constexprs, mm_dtype, dtypes)
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
                     attrs=aligned(kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -195,11 +203,13 @@ def kernels_of(module) -> list:
 
 
 def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: str = "bf16",
-          keep_asm: bool = False) -> list:
+          keep_asm: bool = False, runs: bool = True) -> list:
     """KernelFit per kernel and config of a triton-backend runner.
 
     configs: "default" (the module's default config), "all" (every config
-    of its space, the tuner's candidates) or one config of the module."""
+    of its space, the tuner's candidates) or one config of the module.
+    runs: also the backward's launches of a kernel with other constexprs
+    (KernelFit.run: the chunked family's dq, dk and dv runs)."""
     if target not in TARGETS:
         from mixerc.errors import MixerValueError
         raise MixerValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -216,7 +226,7 @@ def check(runner, sizes: dict, target: str, configs: str = "default", mm_dtype: 
                                  f"{function}_compile_meta in the module"))
             continue
         out.extend(_check_meta(kernel, function, name, meta, key, D, DV, mod, configs,
-                               target, mm_dtype, keep_asm))
+                               target, mm_dtype, keep_asm, runs))
     out += _runtime_kernels(mod, shapes, target, mm_dtype, keep_asm)
     return out
 
@@ -272,7 +282,7 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
 
 
 def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm_dtype,
-                keep_asm) -> list:
+                keep_asm, runs=True) -> list:
     """KernelFit per config of a kernel whose module has `<kernel>_compile_meta`
     or `<function>_compile_meta`: meta(D, DV, cfg, mm_dtype) -> (constexprs,
     num_warps, num_stages[, more compile options]), its knobs (config key
@@ -287,26 +297,36 @@ def _check_meta(kernel, function, name, meta, key, D, DV, mod, which, target, mm
         choices = [mod.CONFIG_SPACE[f"{key}.{k}"] for k in meta.knobs]
         cfgs = [dict(zip(meta.knobs, c)) for c in itertools.product(*choices)]
     shown = getattr(meta, "shown", dict)  # the config as the table shows it
+    # the backward's runs of the kernel, where they launch it otherwise
+    # (other constexprs, dims, dtypes): meta.adjoints(D, DV, cfg, mm_dtype)
+    # -> label -> settings
+    adjoints = getattr(meta, "adjoints", None) if runs else None
     out = []
     for cfg in cfgs:
         out.append(_fit(kernel, function, name, shown(cfg), target, mm_dtype, keep_asm,
                         lambda: meta(D, DV, cfg, mm_dtype)))
+        for run, settings in (adjoints(D, DV, cfg, mm_dtype) if adjoints else {}).items():
+            out.append(_fit(kernel, function, name, shown(cfg), target, mm_dtype, keep_asm,
+                            lambda: settings, run=run))
     return out
 
 
 def _fit(kernel, function: str, name: str, cfg: dict, target: str, mm_dtype: str,
-         keep_asm: bool, settings) -> KernelFit:
+         keep_asm: bool, settings, run: str = "") -> KernelFit:
     """The KernelFit of one kernel at one config: settings() -> (constexprs,
     num_warps, num_stages) and optionally a dict of more compile options the
-    launch passes (maxnreg); a config the compiler rejects (e.g. out of
-    resources) is a fit with an error, reported in the table."""
-    fit = KernelFit(function, name, cfg)
+    launch passes (maxnreg) and one of pointers' dtypes (signature); a config
+    the compiler rejects (e.g. out of resources) is a fit with an error,
+    reported in the table. run: which launch (a backward run's label)."""
+    fit = KernelFit(function, name, cfg, run)
     try:
-        constexprs, warps, stages, *options = settings()
+        constexprs, warps, stages, *more = settings()
         constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-        y_dtype = mm_dtype if stores_y_in_mm_dtype(name) else "fp32"
+        options, dtypes = (list(more) + [None, None])[:2]
+        if dtypes is None and stores_y_in_mm_dtype(name):
+            dtypes = {"Y": mm_dtype}
         inspect(compile_kernel(kernel, constexprs, target, warps, stages, mm_dtype,
-                               options[0] if options else None, y_dtype), target, fit, keep_asm)
+                               options or None, dtypes), target, fit, keep_asm)
     except Exception as e:  # noqa: BLE001
         fit.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return fit
@@ -351,7 +371,7 @@ def _config_text(config: dict) -> str:
 
 def table(fits: list, target: str) -> str:
     """The fitness table, one line per kernel and config."""
-    w = max([32] + [len(f.kernel) for f in fits])
+    w = max([32] + [len(f.label) for f in fits])
     # sm_90a's warp-level HMMA (tiles under 64 rows) next to its HGMMA
     hm = (lambda x: f" {x:>5}") if TARGETS[target][2] != "HMMA" else (lambda x: "")
     cfgs = [_config_text(f.config) for f in fits]
@@ -361,11 +381,11 @@ def table(fits: list, target: str) -> str:
     lines = [head, "-" * len(head)]
     for f, cfg in zip(fits, cfgs):
         if f.error:
-            lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {'-':>4} {'-':>6} {'-':>13} {'-':>6}"
+            lines.append(f"{f.label:<{w}} {cfg:<{cw}} {'-':>4} {'-':>6} {'-':>13} {'-':>6}"
                          f"{hm('-')} {'-':>4}  does not compile: {f.error}")
             continue
         shared = f"{f.shared // 1024}/{f.shared_limit // 1024} KB"
         verdict = "ok" if f.fits else "dropped: " + f.why_not()
-        lines.append(f"{f.kernel:<{w}} {cfg:<{cw}} {f.registers:>4} {f.spill_bytes:>5}B "
+        lines.append(f"{f.label:<{w}} {cfg:<{cw}} {f.registers:>4} {f.spill_bytes:>5}B "
                      f"{shared:>13} {f.mma:>6}{hm(f.hmma)} {f.tma:>4}  {verdict}")
     return "\n".join(lines)

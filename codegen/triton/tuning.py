@@ -58,7 +58,7 @@ class TritonTuningProblem(ModuleTuningProblem):
         for fit in _fits(self.backend, tuple(sorted(self.sizes.items())), target, dtype,
                          tuple(sorted(config.items()))):
             if not fit.fits:
-                return f"{fit.kernel} on {target}: {fit.why_not()}"
+                return f"{fit.label} on {target}: {fit.why_not()}"
         return None
 
 

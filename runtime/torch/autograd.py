@@ -59,13 +59,14 @@ def chunked_apply(fwd, q, k, v, a, state, chunk):
     return fwd(q, k, v, a, state, chunk)
 
 
-def quotient_grad(dy, y):
+def quotient_grad(dy, y, extra=0):
     """The gradient of [n, m] from the gradient dy of y = [n / m, m] (a
     kernel that divided by the normalizer m, its last column, and kept it):
-    dn = dy_n / m, dm = dy_m - sum dn . y_n."""
+    dn = dy_n / m, dm = dy_m - sum dn . y_n; then `extra` zero columns."""
     m = y[..., -1:]
     g = dy[..., :-1] / m
-    return torch.cat([g, dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True)], -1)
+    return torch.cat([g, dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True),
+                      g.new_zeros(*g.shape[:-1], extra)], -1)
 
 
 class ChunkedFn(torch.autograd.Function):
@@ -110,20 +111,33 @@ class ChunkedFn(torch.autograd.Function):
         need_q, need_k, need_v, need_a, need_S0 = ctx.needs_input_grad[2:7]
         need_w = w is not None and ctx.needs_input_grad[7]
         need_d = d is not None and ctx.needs_input_grad[9]
-        if ctx.ones:  # the adjoint runs read the ones column the forward added
-            v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
         B, T, H = q.shape[0], q.shape[1], final.shape[1]
+        width = v.shape[-1] + int(ctx.ones)  # y's columns: the values' and the ones'
+        given = [] if dy is None else [dy]
+        in_place = getattr(fwd, "reversed", None) if reversible(q, k, v, *given) else None
+        # The dq and dk runs contract over [v, 1] and dy's columns. On the
+        # kernels, zero columns after them make rows of a multiple of 8
+        # elements, which load as aligned vectors (at V + 1 columns their
+        # states kernel spills on sm_80); zeros add nothing to any sum. dy
+        # holds them from here on (the dv run reads its first columns).
+        extra = -width % 8 if ctx.ones and in_place is not None else 0
         if dy is None:
-            dy = torch.zeros(B, T, H, v.shape[-1], dtype=_wide(v).dtype, device=q.device)
-        if quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
-            dy = quotient_grad(dy, quotient)
+            dy = torch.zeros(B, T, H, width + extra, dtype=_wide(v).dtype, device=q.device)
+        elif quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
+            dy = quotient_grad(dy, quotient, extra)
+        elif extra:
+            dy = F.pad(dy, (0, extra))
+        if ctx.ones:  # the adjoint runs read the ones column the forward added
+            v = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], extra)],
+                          -1)
+        # the states as the dq and dk runs read them
+        S0c, dSc = (x if x is None or not extra else F.pad(x, (0, extra)) for x in (S0, dS))
         n = -(-T // C)
         # Reversed problems are zero-padded in front (zero steps with log-decay 0
         # carry the state unchanged) so their chunks line up with the forward's.
         # A backend's kernels may run them in place (fwd.reversed: nothing
         # flipped or padded in memory, the outputs in forward order); they also
         # store a gradient that needs nothing more in its input's dtype.
-        in_place = getattr(fwd, "reversed", None) if reversible(q, k, v, dy) else None
         if in_place is None:
             pad = n * C - T
             rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
@@ -140,12 +154,12 @@ class ChunkedFn(torch.autograd.Function):
         dq = dk = dv = da = dS0 = dw = None
         if need_q or need_a:
             # w_s scales column s of the scores: here the keys' (v's) rows
-            out = fwd(dy, v, k, a, None if S0 is None else S0.transpose(-1, -2), C,
+            out = fwd(dy, v, k, a, None if S0c is None else S0c.transpose(-1, -2), C,
                       chunk_states=states, **_scaled(w), **narrow(q, final_q))
             dq = out[0]
         if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
             back = reversed_fwd(rev(v), rev(dy), rev(q), b,
-                                None if dS is None else dS.transpose(-1, -2), C,
+                                None if dSc is None else dSc.transpose(-1, -2), C,
                                 chunk_states=states, **narrow(k, final_k and w is None))
             dk = unrev(back[0])
         if need_v or need_S0:
@@ -153,7 +167,7 @@ class ChunkedFn(torch.autograd.Function):
             # column is the normalizer's state) is wanted, the dv run reads
             # dy's value columns only (a whole block less at V = 128)
             trim = ctx.ones and not need_S0
-            dyv = dy[..., :-1] if trim else dy
+            dyv = dy[..., :width - int(trim)]
             dSv = dS[..., :-1] if trim and dS is not None else dS
             dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C,
                                     **narrow(v, w is None and d is None))[:2]
@@ -183,7 +197,9 @@ class ChunkedFn(torch.autograd.Function):
                 dk = torch.einsum("btgrk,btgr->btgk", dk_groups, w_groups)
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw, None, (_wide(dy) * chunk_heads(v, H)).sum((0, 1, 3)).to(d.dtype)
+                 dw, None,
+                 (_wide(dy[..., :width]) * chunk_heads(v[..., :width], H)).sum((0, 1, 3))
+                 .to(d.dtype)
                  if need_d else None, None, None)
         return grads[:len(ctx.needs_input_grad)]
 

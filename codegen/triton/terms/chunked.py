@@ -130,7 +130,10 @@ def emit(tp, mp, w, key, values):
         scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
     if writes_output(mp, w, skip):  # y goes to the user as is: stored in the inputs' dtype
         scale += ", out_dtype=MM_DTYPE"
-    fn = kernel_function(tp, mp, w, ones=ones, skip=skip, pro=pro)
+    # q or k read at fewer heads than the matrix's: their gradients are folded
+    # over the groups after the backward's runs (which then keep float32)
+    gathered = tuple(r for r in ("q", "k") if _heads(tp.operands[r], mp, g) != tuple(mp.heads))
+    fn = kernel_function(tp, mp, w, ones=ones, skip=skip, pro=pro, gathered=gathered)
     # the kernels' dims, for compiling them without tensors (fitness.py)
     w.kernel_dims[fn] = (key, (dim,), [value_dims(a_, mp.heads, g) for a_ in mp.applies])
     config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
@@ -177,9 +180,12 @@ def writes_output(mp, w, skip, divides=None) -> bool:
                    for c in n.children() for x in inside)
 
 
-def kernel_function(tp, mp, w, key=None, ones=False, skip=False, pro=None) -> str:
+def kernel_function(tp, mp, w, key=None, ones=False, skip=False, pro=None,
+                    gathered=()) -> str:
     """The rendered host function of the term's kernels (the name); pro:
-    the maps they compute on load (none by default)."""
+    the maps they compute on load (none by default); gathered: the roles
+    ("q", "k") the caller passes at fewer heads than the matrix's (the
+    fitness table's backward runs store their gradients in float32)."""
     pro = pro or prologue.Prologue()
     f = tp.flags
     # float64 inputs run the torch backend's chunks (the kernels take float32 and halves)
@@ -187,7 +193,7 @@ def kernel_function(tp, mp, w, key=None, ones=False, skip=False, pro=None) -> st
                           strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls)
     flags = dict(strict=f["strict"], has_decay=f["has_decay"], title=mp.info.cls,
                  key_scale="k_scale" in tp.operands, ones=ones, skip=skip,
-                 fallback=fallback, maps=pro.any, **pro.flags(),
+                 fallback=fallback, maps=pro.any, **pro.flags(), gathered=tuple(gathered),
                  # `what`: who a decode error names, as a literal
                  what=repr(f"mixer {w.program.name}, matrix {mp.name}"))
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]

@@ -71,6 +71,7 @@ def emit(mp, w, lo, up, diag):
     dim = lo.flags["dim"]
     heads = {r: chunked._heads(lo.operands[r], mp, g) for r in ("q", "k")}
     stacked = {}
+    gathered = []  # q, k read at fewer heads than the matrix's (kernel_function)
     for role in ("q", "k", "log_decay", "k_scale"):
         if role not in lo.operands:
             continue
@@ -82,7 +83,10 @@ def emit(mp, w, lo, up, diag):
             # per token only (Hydra's B and C): [B, T, 1, K], one group that all the
             # kernels' heads read, never a copy per head
             read = lambda n, tail=tail, role=role: w.canon_mm(n, (), tail, hint=role)  # noqa: E731,E501
+            gathered.append(role)
         elif role in ("q", "k"):
+            if hd != tuple(mp.heads):
+                gathered.append(role)
             read = lambda n, hd=hd, tail=tail, role=role: w.canon_mm(n, hd, tail, hint=role)  # noqa: E731,E501
         else:
             read = lambda n, role=role: w.canon(n, mp.heads, (), hint=role)  # noqa: E731
@@ -97,7 +101,7 @@ def emit(mp, w, lo, up, diag):
         dn = w.canon(diag.operands["d"].node, mp.heads, (), hint="diag")
         d = w.assign(f"torch.broadcast_to({dn}, (batch, time, {w.size_expr(mp.heads)}))",
                      hint="diag")
-    runs = [chunked.kernel_function(tp, mp, w, key=None) for tp in (lo, up)]
+    runs = [chunked.kernel_function(tp, mp, w, key=None, gathered=gathered) for tp in (lo, up)]
     fn = w.function("triton_quasiseparable.py.jinja", base="quasiseparable_kernel")
     key = f"{mp.key}.term{lo.index}"
     # the kernels' dims, for compiling them without tensors (fitness.py)
