@@ -4,7 +4,7 @@ templates/triton_chunked.py.jinja `_decode_kernel`), of the per-channel
 scan (Mamba-1: templates/triton_scan.py.jinja `_decode`) and of the
 recurrence kernel (GLA: runtime/triton/recurrent.py `_mx_recurrent_step`)
 accumulates in float32 and stores y in the inputs' dtype when y is the
-mixer's output as is (codegen/triton/terms/chunked.py writes_output), as
+mixer's output as is (codegen/triton/terms/output.py writes_output), as
 the chunked forward's output kernel does with `out_dtype`: no float32 y is
 written and then converted by another launch (twice the bytes per step at
 bf16).

@@ -82,7 +82,7 @@ def _tool(name: str) -> str:
 def stores_y_in_mm_dtype(name: str) -> bool:
     """Whether kernel `name` is a decode step's, whose y (Y) a half-precision
     step stores in the inputs' dtype where y is the mixer's output as is
-    (accumulated in float32: codegen/triton/terms/chunked.py writes_output):
+    (accumulated in float32: codegen/triton/terms/output.py):
     the chunked family's decode kernel, the scan's forward as a decode step
     launches it (`_fwd_decode`) and the recurrence kernel. The table compiles
     them so; a float32 Y (y combined after the kernel) converts nothing."""

@@ -25,7 +25,7 @@ import hashlib
 
 from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.codegen.triton import prologue
-from mixerc.codegen.triton.terms import poly, scan
+from mixerc.codegen.triton.terms import output, poly, scan
 from mixerc.plan import value_dims
 
 # defaults from the static fitness table (`mixerc compile --target`, bf16):
@@ -128,7 +128,8 @@ def emit(tp, mp, w, key, values):
     skip = fuses_skip(mp) and not isinstance(values, str)
     if skip:  # y = M @ u + d * u: d * u added in the output kernel's epilogue
         scale += f", skip={w.value(mp.skip[1], hint='skip')}"  # [H]: dims == heads
-    if writes_output(mp, w, skip):  # y goes to the user as is: stored in the inputs' dtype
+    # y goes to the user as is: stored in the inputs' dtype
+    if output.writes_output(mp, w, skip, divides=fuses_divide(mp)):
         scale += ", out_dtype=MM_DTYPE"
     # q or k read at fewer heads than the matrix's: their gradients are folded
     # over the groups after the backward's runs (which then keep float32)
@@ -144,40 +145,6 @@ def emit(tp, mp, w, key, values):
     w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config}"
            f"{scale})")
     return y
-
-
-def writes_output(mp, w, skip, divides=None) -> bool:
-    """Whether the term's y is a mixer output as is (or its value columns,
-    the division fused): the matrix's single term, nothing around it
-    (wrappers, scales), its skip term and division in the kernel, and the
-    node that ends it one of the program's outputs read by no other node.
-    The kernel then stores y in the inputs' dtype (no float32 y converted
-    after; runtime/call.py's conversion is a no-op). skip: whether the
-    term's kernels add the skip term; divides: whether they divide by the
-    normalizer (None: these kernels', fuses_divide). The per-channel decode
-    kernels ask too (terms/scan.py, terms/per_channel.py: no division)."""
-    if len(mp.terms) != 1:
-        return False
-    tp = mp.terms[0]
-    if tp.wrappers or any(n in tp.operands for n in ("in_scale", "out_scale")):
-        return False
-    if mp.skip is not None and not skip:
-        return False
-    if mp.divide is not None:
-        if not (fuses_divide(mp) if divides is None else divides) or len(mp.applies) != 2:
-            return False
-        end = mp.divide
-    elif len(mp.applies) != 1 or mp.normalizer:
-        return False
-    else:
-        end = mp.skip[0] if mp.skip is not None else mp.applies[0]
-    if not any(o is end for o in w.program.outs.values()):
-        return False
-    # nothing else reads it, nor the applications inside it (another reader
-    # would see a rounded y)
-    inside = [end] + list(mp.applies)
-    return not any(c is x for n in w.program.nodes() if not any(n is x for x in inside)
-                   for c in n.children() for x in inside)
 
 
 def kernel_function(tp, mp, w, key=None, ones=False, skip=False, pro=None,

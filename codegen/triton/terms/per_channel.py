@@ -36,6 +36,8 @@ from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.codegen.triton import prologue
 from mixerc.plan import value_dims
 
+from . import output
+
 # defaults from the static fitness table (`mixerc compile examples/gla.mx
 # --target sm_90a|sm_80`, K = V = 128, bf16): no spills on both, HGMMA on
 # sm_90a (chunks of 64 rows; registers are tight there: block_v = 64 spills).
@@ -155,8 +157,7 @@ def emit(tp, mp, w, key, values):
     body = w.lines[start:]
     del w.lines[start:]
     w.names = names
-    from . import scan  # (scan imports this module)
-    if scan.writes_output(mp, w, False):  # a decode step stores y in the inputs' dtype
+    if output.writes_output(mp, w, False, divides=False):  # a decode step: y in the inputs' dtype
         extra += ", out_dtype=MM_DTYPE"
     y = w.fresh("y")
     w.line(f"if per_channel_kernels({q}, {k}, {vals}, {reads}, {read}):  # Triton kernels")

@@ -49,7 +49,7 @@ from mixerc.codegen.torch.terms import chunked as torch_chunked
 from mixerc.codegen.triton import prologue
 from mixerc.plan import value_dims
 
-from . import per_channel
+from . import output, per_channel
 
 # defaults from the static fitness table (`mixerc compile examples/mamba.mx
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
@@ -263,7 +263,7 @@ def emit(tp, mp, w, key, values):
         d = w.per_head(mp.skip[1], mp.heads, hint="skip")
         extra += f", skip={d}"
         runs += f", {d}"
-    if writes_output(mp, w, skip):  # a decode step stores y in the inputs' dtype
+    if output.writes_output(mp, w, skip, divides=False):  # a decode step: y in the inputs' dtype
         extra += ", out_dtype=MM_DTYPE"
     flags = dict(strict=f["strict"], factored=split is not None,
                  what=torch_chunked._term_name(w, mp, key), title=mp.info.cls,
@@ -314,15 +314,6 @@ def emit(tp, mp, w, key, values):
     w.lines.extend("    " + ln for ln in body)
     w.line(f"    {y} = {y_chunks}")
     return y
-
-
-def writes_output(mp, w, skip) -> bool:
-    """Whether the term's y is a mixer output as is (terms/chunked.py
-    writes_output; skip: whether the kernels add the skip term, no division
-    in them): its decode steps' kernels then store y in the inputs' dtype,
-    accumulated in float32 (no float32 y converted after)."""
-    from . import chunked  # (chunked imports this module)
-    return chunked.writes_output(mp, w, skip, divides=False)
 
 
 def _comment(pro, skip, dm=None) -> str:
