@@ -71,10 +71,13 @@ def test_bf16_backward_flips_nothing_and_converts_no_gradient(name, compiled, bf
     big = (2, 37)  # [B, T, ...]: a tensor with a row per token
     copies = [o for o in ops if o[0] in ("flip", "constant_pad_nd") and o[1][0][0][:2] == big]
     assert not copies, copies
-    if name == "retnet":  # dq, dk and dv need nothing more: stored in bf16 by the kernels
-        wide = [o for o in ops if o[0] == "_to_copy" and o[1][0][1] == torch.float32
+    narrowed = [o for o in ops if o[0] == "_to_copy" and o[1][0][1] == torch.float32
                 and o[2] == torch.bfloat16 and len(o[1][0][0]) == 4]
-        assert not wide, wide
+    if name == "retnet":  # dq, dk and dv need nothing more: stored in bf16 by the kernels
+        assert not narrowed, narrowed
+    if name == "linear_attention":  # the quotient's gradient [dn, dm, 0, 0] (V = 5: 8
+        # columns) is written in bf16 once, not converted by each run that reads it
+        assert not [o for o in narrowed if o[1][0][0][-1] == 8], narrowed
     ref = {n: t.clone().requires_grad_() for n, t in args.items()}
     want = dict(zip(ref, torch.autograd.grad((d(**ref) * dy.double().cpu()).sum(),
                                              list(ref.values()))))

@@ -59,14 +59,22 @@ def chunked_apply(fwd, q, k, v, a, state, chunk):
     return fwd(q, k, v, a, state, chunk)
 
 
-def quotient_grad(dy, y, extra=0):
+def quotient_grad(dy, y, extra=0, dtype=None):
     """The gradient of [n, m] from the gradient dy of y = [n / m, m] (a
     kernel that divided by the normalizer m, its last column, and kept it):
-    dn = dy_n / m, dm = dy_m - sum dn . y_n; then `extra` zero columns."""
+    dn = dy_n / m, dm = dy_m - sum dn . y_n; then `extra` zero columns. In
+    `dtype` where given (the kernels' dots dtype: written converted once,
+    not converted again by each run that reads it)."""
     m = y[..., -1:]
     g = dy[..., :-1] / m
-    return torch.cat([g, dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True),
-                      g.new_zeros(*g.shape[:-1], extra)], -1)
+    dm = dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True)
+    if dtype is None:
+        return torch.cat([g, dm, g.new_zeros(*g.shape[:-1], extra)], -1)
+    out = torch.empty(*g.shape[:-1], g.shape[-1] + 1 + extra, dtype=dtype, device=g.device)
+    out[..., :g.shape[-1]] = g
+    out[..., g.shape[-1]:g.shape[-1] + 1] = dm
+    out[..., g.shape[-1] + 1:] = 0
+    return out
 
 
 class ChunkedFn(torch.autograd.Function):
@@ -124,7 +132,12 @@ class ChunkedFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros(B, T, H, width + extra, dtype=_wide(v).dtype, device=q.device)
         elif quotient is not None:  # y = [n / m, m]: the gradient of [n, m]
-            dy = quotient_grad(dy, quotient, extra)
+            # on the kernels in their dots' dtype (the narrowest input's), which
+            # the runs would convert it to each; kept float32 where the decay
+            # gradient or the skip's reads it (sums of products, not dots)
+            narrow_dy = in_place is not None and not (need_a or need_d)
+            dots = min((q.dtype, k.dtype, v.dtype), key=lambda t: torch.finfo(t).bits)
+            dy = quotient_grad(dy, quotient, extra, dots if narrow_dy else None)
         elif extra:
             dy = F.pad(dy, (0, extra))
         if ctx.ones:  # the adjoint runs read the ones column the forward added
