@@ -8,7 +8,10 @@ after a prefill; outputs poisoned before the kernels write (gradients:
 tests/test_triton_per_channel_grad.py). Static fitness: the forward and
 backward kernels and the runtime's (decode step, chunk-local cumsum:
 tests/test_triton_chunk_cumsum.py) compile for sm_90a and sm_80 at their
-default config with no spills (in a subprocess without TRITON_INTERPRET)."""
+default config with no spills (in a subprocess without TRITON_INTERPRET), for
+bf16 and, at the config float32's launches take (chunks of 32, the state
+kernels over K blocks of 32: forward and backward checked here against the
+dense interpreter), float32."""
 
 import textwrap
 
@@ -293,3 +296,86 @@ def test_configs_that_spilled_at_k128_fit():
     for f in fits:
         where = f"{f['target']} {f['kernel']} {f['cfg']} {f['regs']} {f['error']}"
         assert not f["error"] and f["spill"] == 0 and f["shared"] <= f["limit"], where
+
+
+def test_float32_state_kernels_over_k_blocks(compiled, monkeypatch, poisoned):
+    """float32 inputs (the dots in IEEE float32) launch chunks of at most 32
+    steps (the default's 64 capped) and the state kernels over K blocks of
+    32 channels, their partial y and dv summed after them
+    (runtime/triton/per_channel.py FP32_CHUNK, FP32_BLOCK): forward and
+    backward against the dense interpreter in float64 (< 1e-4) at K = 40 (two
+    K blocks, the second partial), V = 36 (two value blocks), T = 75 (not a
+    multiple of the chunk) in two calls (the second from the first's state:
+    the initial state's gradient), batch 2. The compile meta the fitness
+    table compiles float32 at is the one these launches take."""
+    m = compiled("gla")
+    mod = m._impl.module
+    calls = []
+    original = mod.per_channel_op
+
+    def spy(*args):
+        calls.append(args[5:])  # chunk, sub, block_v, num_warps, num_stages, bwd_block_k
+        return original(*args)
+    monkeypatch.setattr(mod, "per_channel_op", spy)
+    g = torch.Generator().manual_seed(21)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    B, T, H, K, V, T0 = 2, 75, 2, 40, 36, 29
+    args = dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V),
+                g=torch.nn.functional.logsigmoid(r(B, T, H, K) + 2))
+    w = torch.randn(B, T, H, V, generator=g, dtype=f64)
+    leaves = {n: x.to(DEVICE, torch.float32).requires_grad_(True) for n, x in args.items()}
+    y1, s1 = m(**{n: x[:, :T0] for n, x in leaves.items()}, return_state=True)
+    y2 = m(**{n: x[:, T0:] for n, x in leaves.items()}, initial_state=s1)
+    y = torch.cat([y1, y2], 1)
+    (y * w.to(y)).sum().backward()
+    ref = {n: x.clone().requires_grad_(True) for n, x in args.items()}
+    y_ref = compiled("gla", "dense")(**ref)
+    (y_ref * w).sum().backward()
+    assert [c[0] for c in calls] == [32, 32]  # the default's chunks of 64, capped
+    assert rel_err(y.detach().cpu(), y_ref) < 1e-4
+    for n in args:
+        assert rel_err(leaves[n].grad.cpu(), ref[n].grad) < 1e-4, n
+    # the launches' blocks (per_channel_meta) and warps are the compile meta's for fp32
+    key, D, DV = m._impl.kernel_shapes({"H": H, "K": K, "V": V})["per_channel"]
+    cfg = {k: mod.DEFAULT_CONFIG[key + "." + k] for k in mod.per_channel_compile_meta.knobs}
+    constexprs, warps, _ = mod.per_channel_compile_meta(D, DV, cfg, "fp32")
+    meta = mod.per_channel_meta(leaves["q"], leaves["v"], calls[0][0], cfg["tri_sub"],
+                                cfg["block_v"])
+    assert meta["BLOCK_K"] == constexprs["BLOCK_K"] == 32 and constexprs["SPLIT_K"]
+    assert meta["BLOCK_T"] == constexprs["BLOCK_T"] == 32
+    assert meta["BLOCK_V"] == constexprs["BLOCK_V"] == 32
+    assert warps == mod.per_channel_warps(cfg["num_warps"], meta["BLOCK_K"], meta["BLOCK_V"],
+                                          meta["FP32"]) == 8
+
+
+# float32 inputs at K = V = 128 and 64: the launched config (the default, its
+# chunks and state blocks capped for float32: per_channel_apply, per_channel_meta)
+FITNESS_FP32 = textwrap.dedent("""
+    import json
+    import mixerc
+    from mixerc.codegen.triton import fitness
+    m = mixerc.compile("gla", backend="triton")
+    out = []
+    for K in (128, 64):
+        for target in ("sm_90a", "sm_80"):
+            for f in fitness.check(m._impl, {"H": 16, "K": K, "V": K}, target,
+                                   mm_dtype="fp32"):
+                out.append(dict(K=K, target=target, kernel=f.kernel, regs=f.registers,
+                                spill=f.spill_bytes, shared=f.shared, limit=f.shared_limit,
+                                error=f.error))
+    print(json.dumps(out))
+""")
+
+
+def test_float32_kernels_fit_sm90a_and_sm80():
+    """float32 inputs (IEEE float32 dots: FMAs) at the config their launch
+    takes compile with no spills for sm_90a and sm_80 at K = V = 128 and 64,
+    every kernel (before chunks of 32 and K blocks of 32 for the state
+    kernels, K = 128: the forward spilled 5224 / 6040 B, bwd_dv 5184 / 5680 B,
+    bwd_states 0 / 4432 B)."""
+    fits = run_without_interpreter(FITNESS_FP32, timeout=900)
+    assert len({f["kernel"] for f in fits}) == 9 and len(fits) == 9 * 2 * 2
+    for f in fits:
+        where = f"K={f['K']} {f['target']} {f['kernel']} {f['regs']} {f['error']}"
+        assert not f["error"] and f["spill"] == 0 and f["shared"] <= f["limit"], where
+        assert f["regs"] <= 255, where

@@ -254,7 +254,10 @@ def _runtime_kernels(mod, shapes: dict, target: str, mm_dtype: str, keep_asm: bo
             continue
         fn, key, D, DV = dims[0]
         if host == "chunk_cumsum":
-            cfg = {"chunk": mod.DEFAULT_CONFIG[f"{key}.tri_chunk"],  # as chunk_cumsum launches it
+            # the chunk as chunk_cumsum launches it (float32's capped: per_channel_apply)
+            chunk = per_channel.per_channel_chunk(mod.DEFAULT_CONFIG[f"{key}.tri_chunk"],
+                                                  mm_dtype == "fp32")
+            cfg = {"chunk": chunk,
                    "block_k": max(16, min(_pow2(D), per_channel.CUMSUM_BLOCK_K)),
                    "num_warps": 4, "num_stages": 1}
             # a contiguous a's channel stride: 1, which a launch specializes on

@@ -33,19 +33,50 @@ INTRA_BLOCK_K = 32
 PER_CHANNEL_STATE_ENTRIES = 4096
 
 
-def per_channel_block_v(block_v, block_k, dv):
+# float32 inputs: the dots in IEEE float32 are FMAs (no tensor cores), each
+# thread holding its rows and columns of both operands over the contraction.
+# Triton 3.9, K = V = 128, the default config (chunks of 64, whole-K state
+# tiles [128, 32], 8 warps): the forward spilled 5224 B (sm_90a) / 6040 B
+# (sm_80), bwd_dv 5184 / 5680 B, bwd_states 0 / 4432 B. Whole-K tiles spill
+# at any chunk (chunks of 16: 632 B); K blocks of 32 at chunks of 64 (472 B),
+# at 4 warps (8 B on sm_80) and with 64 value columns (32 B). So float32
+# takes chunks of at most FP32_CHUNK steps, and the state kernels (forward,
+# bwd_states, bwd_dv) take K over programs in blocks of FP32_BLOCK channels:
+# [32, 32] state tiles at FP32_WARPS warps or more (211-221 registers at the
+# default, at most 231 over the tuner's space, no spills on either target),
+# each block's partial y or dv summed after them.
+FP32_CHUNK = 32
+FP32_BLOCK = 32
+FP32_WARPS = 8
+
+
+def per_channel_chunk(chunk, fp32):
+    """The chunk a launch takes: the config's, at most FP32_CHUNK for float32
+    inputs (fp32: whether q is float32)."""
+    return min(chunk, FP32_CHUNK) if fp32 else chunk
+
+
+def per_channel_block_k(block_k, fp32):
+    """The state kernels' key channels per program: all of them (block_k: K
+    as a power of two, at least 16), or FP32_BLOCK for float32 inputs."""
+    return min(block_k, FP32_BLOCK) if fp32 else block_k
+
+
+def per_channel_block_v(block_v, block_k, dv, fp32=False):
     """The chunk kernels' value block: the config's, at most the value dim
-    (a power of two, at least 16) and PER_CHANNEL_STATE_ENTRIES / block_k."""
+    (a power of two, at least 16) and PER_CHANNEL_STATE_ENTRIES / block_k
+    (block_k: the whole K's block), and FP32_BLOCK for float32 inputs."""
     return max(16, min(block_v, triton.next_power_of_2(dv),
-                       PER_CHANNEL_STATE_ENTRIES // block_k))
+                       PER_CHANNEL_STATE_ENTRIES // block_k, FP32_BLOCK if fp32 else block_v))
 
 
-def per_channel_warps(num_warps, block_k, block_v):
+def per_channel_warps(num_warps, block_k, block_v, fp32=False):
     """The chunk kernels' warps: the config's, at least one per 512 entries of
-    the [block_k, block_v] state tile (16 float32 registers a thread). Triton
-    3.9, K = 128, 32 value columns, bf16: at 4 warps the forward spilled 128 B
-    (sm_90a) and 224 B (sm_80), bwd_dv 112 B and 296 B; at 8 none."""
-    return max(num_warps, block_k * block_v // 512)
+    the [block_k, block_v] state tile (16 float32 registers a thread), and at
+    least FP32_WARPS for float32 inputs. Triton 3.9, K = 128, 32 value
+    columns, bf16: at 4 warps the forward spilled 128 B (sm_90a) and 224 B
+    (sm_80), bwd_dv 112 B and 296 B; at 8 none."""
+    return max(num_warps, block_k * block_v // 512, FP32_WARPS if fp32 else 1)
 
 
 def per_channel_dqk_warps(num_warps, chunk):
@@ -78,8 +109,11 @@ def per_channel_apply(run, q, k, v, a, state, config, bwd_block_k, leaves=None,
     torch ops first; a decode step (a few tokens) the recurrence with the map
     on load (run.mapped_step). out_dtype: None, or the dtype a decode step's
     kernel stores y in (the inputs', when y is the mixer's output as is);
-    every other path returns y in float32."""
+    every other path returns y in float32. config: (chunk, sub, block_v,
+    num_warps, num_stages), the chunk capped for float32 (per_channel_chunk)."""
     tensors = [x for x in (q, k, v, a, state, *(leaves or ())) if x is not None]
+    if q.dtype == torch.float32:  # float32's chunks: at most FP32_CHUNK steps (no spills)
+        config = (per_channel_chunk(config[0], True), *config[1:])
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if q.shape[1] == 0:  # no tokens: the state passes through (torch ops)
         B, _, H, K = q.shape

@@ -45,7 +45,10 @@ from . import output
 # do v^T); only 16: 32 and 64 spill (triton 3.9, V = 128, bf16, the default
 # blocks: 32 spills 56 B on sm_80 at K = 32, 64 and 128; 64 spills 504 B on
 # sm_80 and 80 B on sm_90a at K = 64 and 128), 16 fits both. block_v: the
-# kernels cap it at large K (runtime/triton/per_channel.py per_channel_block_v)
+# kernels cap it at large K (runtime/triton/per_channel.py per_channel_block_v).
+# float32 inputs launch chunks of at most 32 and the state kernels over K blocks
+# of 32 (runtime/triton/per_channel.py FP32_CHUNK, FP32_BLOCK: IEEE dots spill
+# otherwise)
 DEFAULTS = {"tri_chunk": 64, "tri_sub": 16, "block_v": 32, "num_warps": 8, "num_stages": 2,
             "bwd_block_k": 16}
 CHOICES = {"tri_chunk": [32, 64], "tri_sub": [16, 32], "block_v": [32, 64, 128],
