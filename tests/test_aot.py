@@ -55,7 +55,11 @@ def test_standalone_module_matches_mixerc(name, tmp_path):
     subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path), f"mixer_{name}",
                     str(tmp_path / "args.pt"), str(tmp_path / "sizes.pt")], check=True)
     out = torch.load(tmp_path / "args.pt.out")
-    assert rel_err(out["y"], m(**args)) < 1e-12
+    # the same code on the same float64 inputs, in another process: MKL may sum
+    # in another order there (its threads and kernels vary with load and with
+    # the buffers' alignment), which the chunked forms' decays amplify (seen:
+    # retnet 5.7e-10 once in a loaded CI run); a wrong module is off by far more
+    assert rel_err(out["y"], m(**args)) < 1e-9
     if name in CAUSAL:
         tok = {k: (v[:, 20] if k in m.program.inputs else v) for k, v in args.items()}
         assert rel_err(out["step"], m(**args)[:, 20]) < 1e-10
