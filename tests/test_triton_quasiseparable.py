@@ -6,8 +6,8 @@ against the dense interpreter: Hydra and hand-written pairs (different
 decays per direction, q and k at group heads or shared, with and without the
 diagonal, strict, non-strict and shifted passes), forward in float32
 (< 1e-4), float16 and bfloat16 (< 2e-2; bf16 through the test-only dot
-patch), gradients of every input and param (through the separate passes'
-adjoint backward), T not a multiple of the chunk, batch > 1, outputs
+patch), gradients of every input and param (each pass's adjoint runs, no
+forward recomputed), T not a multiple of the chunk, batch > 1, outputs
 poisoned; the launches counted, so a silent fallback to one call per pass
 fails. Without a GPU the kernels run in Triton's interpreter."""
 
@@ -150,12 +150,29 @@ def test_forward_equals_dense(src, compiled, bf16_dots):
         assert rel_err(m(**to_device(args, f64)).cpu(), want) < 1e-9
 
 
-# the strict pair's gradient is the separate strict passes' (tests/test_triton_chunked.py)
-@pytest.mark.parametrize("src", [PROGRAMS[0], GROUPED, MIXED], ids=["hydra", "grouped", "mixed"])
+@pytest.mark.parametrize("src", [PROGRAMS[0], GROUPED, STRICT, MIXED],
+                         ids=["hydra", "grouped", "strict", "mixed"])
 def test_gradients_equal_dense(src, compiled):
     m, d = compiled(src), compiled(src, "dense")
     base = args_of(m, T=21, seed=2)
     assert_gradients_equal_dense(m, d, base)
+
+
+def test_backward_recomputes_no_forward(compiled, monkeypatch):
+    """The backward is the passes' adjoint runs from dy: three states and
+    three output launches per pass (dq, dk, dv) and a decay gradient each,
+    no fused launch and no forward of a pass recomputed (which would add a
+    states and an output launch per pass)."""
+    m = compiled("hydra")
+    xs = {n: x.requires_grad_() for n, x in to_device(args_of(m, T=40), torch.float32).items()}
+    y = m(**xs)
+    launches = Launches(monkeypatch)
+    y.backward(torch.randn_like(y))
+    seen = launches.seen
+    assert not [n for n in seen if n.startswith("quasiseparable_kernel")], seen
+    assert len([n for n in seen if n.endswith("_states")]) == 2 * 3, seen
+    assert len([n for n in seen if n.endswith("_fwd")]) == 2 * 3, seen
+    assert seen.count("_mx_decay_grad") == 2, seen
 
 
 def test_every_output_element_is_written(compiled, poisoned):

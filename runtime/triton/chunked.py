@@ -84,15 +84,7 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     if skip is not None:
         scaled["skip"] = skip
 
-    def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
-        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
-    fwd.decay_grad = decay_grad  # the backward's decay gradient: one kernel
-
-    def reversed_run(q, k, v, a, state, chunk, chunk_states=False, **extra):
-        # the dk and dv runs on reversed time, read and written in place
-        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, reverse=True,
-                   **extra)
-    fwd.reversed = reversed_run
+    fwd = kernel_runs(run, config)
     tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
                if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
@@ -115,6 +107,23 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     # torch.compile traces, which sees through the custom op only)
     return run(q, k, v, a, state, chunk, *config,
                decode=not torch.compiler.is_compiling(), **scaled)
+
+
+def kernel_runs(run, config):
+    """The chunked kernels' function `run` at `config`, as ChunkedFn's
+    backward calls it (fwd(q, k, v, a, state, chunk, chunk_states=..., ...)),
+    with the kernels' decay gradient (fwd.decay_grad) and their runs on
+    reversed time, read and written in place (fwd.reversed)."""
+    def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
+        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
+    fwd.decay_grad = decay_grad  # the backward's decay gradient: one kernel
+
+    def reversed_run(q, k, v, a, state, chunk, chunk_states=False, **extra):
+        # the dk and dv runs on reversed time, read and written in place
+        return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, reverse=True,
+                   **extra)
+    fwd.reversed = reversed_run
+    return fwd
 
 
 def _heads(v, leaves):

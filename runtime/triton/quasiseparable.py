@@ -7,15 +7,18 @@ writes y once, are rendered into the generated module
 `launch`.
 
 `quasiseparable_apply` is what a generated module calls: the two launches
-when no gradient is needed; with one, today's separate passes (each the
-chunked kernels' adjoint backward, runtime/triton/chunked.py, on flipped
-copies for the upper pass) recompute the forward under autograd, so the
-gradient is theirs; float64 and empty inputs take the separate passes."""
+forward; with a gradient, the backward is each pass's adjoint backward
+(the chunked kernels', runtime/torch/autograd.py ChunkedFn, on flipped
+copies for the upper pass), without recomputing the forward; float64 and
+empty inputs take the separate passes under autograd."""
+
+from types import SimpleNamespace
 
 import torch
 
+from mixerc.runtime.torch.autograd import ChunkedFn
 from mixerc.runtime.torch.tokens import shift_tokens
-from mixerc.runtime.triton.chunked import chunked_kernels_apply
+from mixerc.runtime.triton.chunked import chunked_kernels_apply, kernel_runs
 
 
 def _separate(runs, q, k, v, a, w, diag, modes, chunk, config):
@@ -34,30 +37,6 @@ def _separate(runs, q, k, v, a, w, diag, modes, chunk, config):
     return y if diag is None else y + diag[..., None] * v
 
 
-class _QuasiseparableFn(torch.autograd.Function):
-    """The two launches forward; the backward recomputes the separate passes
-    under autograd and takes their gradient (no adjoint of the fused
-    launches yet)."""
-
-    @staticmethod
-    def forward(ctx, launch, runs, modes, chunk, config, q, k, v, a, w, diag):
-        ctx.save_for_backward(q, k, v, a, w, diag)
-        ctx.args = runs, modes, chunk, config
-        return launch(q, k, v, a, w, diag, modes, chunk, *config)
-
-    @staticmethod
-    def backward(ctx, dy):
-        runs, modes, chunk, config = ctx.args
-        saved = [None if x is None else x.detach().requires_grad_(x.requires_grad)
-                 for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            y = _separate(runs, *saved, modes, chunk, config)
-            wanted = [x for x in saved if x is not None and x.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, dy.to(y.dtype), allow_unused=True))
-        return (None,) * 5 + tuple(None if x is None or not x.requires_grad else next(grads)
-                                   for x in saved)
-
-
 def quasiseparable_apply(launch, runs, q, k, v, a, w, diag, modes, chunk, *config):
     """y [B, T, H, V] of a quasiseparable matrix's lower pass, its reversed
     twin and its diagonal. launch: the generated module's host function of
@@ -72,3 +51,56 @@ def quasiseparable_apply(launch, runs, q, k, v, a, w, diag, modes, chunk, *confi
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return _QuasiseparableFn.apply(launch, runs, modes, chunk, config, q, k, v, a, w, diag)
     return launch(q, k, v, a, w, diag, modes, chunk, *config)
+
+
+class _QuasiseparableFn(torch.autograd.Function):
+    """The two launches forward; the backward is each pass's adjoint backward
+    (ChunkedFn's, on the chunked kernels), from dy and the inputs: nothing of
+    the forward is recomputed (the adjoint runs need no y)."""
+
+    @staticmethod
+    def forward(ctx, launch, runs, modes, chunk, config, q, k, v, a, w, diag):
+        ctx.save_for_backward(q, k, v, a, w, diag)
+        ctx.args = runs, modes, chunk, config
+        return launch(q, k, v, a, w, diag, modes, chunk, *config)
+
+    @staticmethod
+    def backward(ctx, dy):
+        runs, modes, chunk, config = ctx.args
+        return (None,) * 5 + _adjoint(runs, modes, chunk, config, *ctx.saved_tensors, dy,
+                                      ctx.needs_input_grad[5:])
+
+
+def _adjoint(runs, modes, chunk, config, q, k, v, a, w, diag, dy, need):
+    """The gradients of q, k, v, a, w and diag (None where not needed): the
+    passes' as ChunkedFn.backward takes them on the operands _separate runs
+    (the upper pass on flipped copies), dy through the upper pass's flip and
+    a shift's adjoint (it reads one step ahead), summed over the passes for v."""
+    need_q, need_k, need_v, need_a, need_w, need_d = need
+    B, T, H = v.shape[:3]
+    grads = {"q": [], "k": [], "a": [], "w": []}
+    dv = None
+    for d in range(2):
+        rev = (lambda x: x.flip(1)) if d else (lambda x: x)  # noqa: E731
+        g = rev(dy)
+        if modes[d] == 2:  # y = shift(pass): the pass's dy is g one step ahead
+            g, _ = shift_tokens(g, -1, None)
+        inner = SimpleNamespace(
+            # ChunkedFn's context of the pass (its final state only gives H: none here)
+            saved_tensors=(rev(q[d]), rev(k[d]), rev(v), rev(a[d]), None,
+                           v.new_empty(B, H, 0, 0), None if w is None else rev(w[d]), None,
+                           None),
+            fwd=kernel_runs(runs[d], config), chunk=chunk, ones=False,
+            needs_input_grad=(False, False, need_q, need_k, need_v, need_a, False,
+                              need_w and w is not None, False, False, False, False))
+        _, _, gq, gk, gv, ga, _, gw, *_ = ChunkedFn.backward(inner, g, None)
+        for name, x in (("q", gq), ("k", gk), ("a", ga), ("w", gw)):
+            grads[name].append(None if x is None else rev(x))
+        if gv is not None:
+            dv = rev(gv) if dv is None else dv + rev(gv)
+    if diag is not None and need_v:  # y += diag_t v_t
+        dv = dv + diag[..., None] * dy
+    ddiag = (dy * v).sum(-1).to(diag.dtype) if diag is not None and need_d else None
+    stacked = {n: None if any(x is None for x in gs) else torch.stack(
+        [x.to(like.dtype) for x in gs]) for (n, gs), like in zip(grads.items(), (q, k, a, w))}
+    return (stacked["q"], stacked["k"], dv, stacked["a"], stacked["w"], ddiag)

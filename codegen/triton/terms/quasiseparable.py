@@ -113,7 +113,7 @@ def emit(mp, w, lo, up, diag):
     modes = (_mode(lo, False), _mode(up, True))
     y = w.fresh("y")
     w.line(f"# both passes and the diagonal: one states and one output launch ({fn}; "
-           "with a gradient the separate passes)")
+           "the backward: each pass's adjoint runs)")
     w.line(f"{y} = quasiseparable_apply({fn}, ({runs[0]}, {runs[1]}), {stacked['q']}, "
            f"{stacked['k']}, {v}, {stacked['log_decay']}, {stacked.get('k_scale', 'None')}, "
            f"{d}, {modes}, {config})")
