@@ -138,8 +138,9 @@ def test_the_op_receives_what_the_user_passed(src, compiled, monkeypatch):
     with torch.no_grad():
         m(**args)
     (what, (q, k, v, dt, a, state, *cfg)), = calls
-    seg, leaves, mapped, skip = cfg[2:]
+    seg, leaves, mapped, skip, out_dtype = cfg[2:]
     assert what == "fwd" and dt is None and mapped and a.shape == (6, 4)
+    assert out_dtype == torch.float32  # (y stored in a half input's dtype: float32 here)
     assert leaves[0].data_ptr() == args["dt"].data_ptr() and leaves[0].shape == (2, 29, 6)
     assert v.data_ptr() == args["x"].data_ptr()  # the values (or their raw factor) as given
     assert (skip is not None) == ("D * x" in src or src == "mamba")
@@ -263,7 +264,7 @@ def test_h3_skip_in_the_scan(compiled, monkeypatch, poisoned):
     args = make_inputs("h3", B=2, T=40, seed=12)
     with torch.no_grad():
         y = m(**to_device(args, torch.float32))
-    (what, (*_, leaves, mapped, skip)), = calls
+    (what, (*_, leaves, mapped, skip, _)), = calls
     assert not mapped and skip is not None
     assert rel_err(y.cpu(), d(**args)) < 1e-5
     torch.manual_seed(1)
@@ -281,6 +282,6 @@ def test_constant_values_scale(compiled, monkeypatch):
         args = args_of(m, T=T, seed=T)
         with torch.no_grad():
             assert rel_err(m(**to_device(args, torch.float32)).cpu(), d(**args)) < 1e-5, T
-    assert [c[0] for c in calls] == ["fwd"] and calls[0][1][-2]  # mapped
+    assert [c[0] for c in calls] == ["fwd"] and calls[0][1][-3]  # mapped (then skip, out_dtype)
     torch.manual_seed(2)
     assert_gradients_equal_dense(m, d, args_of(m, T=37, seed=6))

@@ -206,7 +206,10 @@ class Writer(Emitter):
             width = _Lazy(lambda vdims=vdims: self.size_expr(vdims))  # only if sliced
             src = ("b", "t") + tuple(mp.heads) + tuple(vdims)
             if len(mp.heads) == 1 and len(vdims) <= 1:  # no reshape: slice or index
-                shaped = y if single and vdims else f"{y}[..., {off}]" if not vdims else \
+                # (one vector's [..., 1] squeezed, not indexed: its backward is
+                # a view, where an index's writes a zeroed copy of dy)
+                shaped = y if single and vdims else f"{y}.squeeze(-1)" if single else \
+                    f"{y}[..., {off}]" if not vdims else \
                     f"{y}[..., {off}:{off} + {width}]" if off else f"{y}[..., :{width}]"
             else:
                 sl = y if single else f"{y}[..., {off}:{off} + {width}]" if off else \

@@ -28,7 +28,8 @@ from mixerc.codegen.torch.emit import BINARY as TORCH_BINARY
 from mixerc.codegen.torch.emit import UNARY as TORCH_UNARY
 from mixerc.codegen.names import literal
 from mixerc.codegen.torch.emit import axes_of, fold, number_kind
-from mixerc.codegen.triton.tiles import BINARY, UNARY, triton_literal
+# (tiles' local derivatives: a scalar map's chain rule in a backward kernel)
+from mixerc.codegen.triton.tiles import BINARY, UNARY, Seed, _local, _m, triton_literal
 
 # the ops a map may use: smooth elementwise math (no comparisons or masks)
 OPS = {"neg", "exp", "log", "sqrt", "softplus", "sigmoid", "silu", "elu", "relu", "tanh",
@@ -195,4 +196,80 @@ def _render(node, leaf_name, memo) -> tuple | None:
             return UNARY[n.op].format(x=args[0][0]), TORCH_UNARY[n.op].format(x=args[0][1])
         (ta, pa), (tb, pb) = args
         return BINARY[n.op].format(a=ta, b=tb), TORCH_BINARY[n.op].format(a=pa, b=pb)
+    return go(node)
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def scalar_grads(node, leaves: list, seed: str, memo=None) -> dict:
+    """{i: Triton source of d(node)/d(l_i) times `seed`} for the leaves of
+    `leaves` (l0, l1, ... by their place, as scalar_map names them) that
+    `node` reads: reverse mode over the elementwise maps with the local
+    derivatives of codegen/triton/tiles.py, so a backward kernel can take a
+    map's chain rule on the values it loads (the per-channel scan's:
+    Mamba's delta = softplus(dt + dt_bias) to dt and dt_bias). `seed` is a
+    source expression (a name in the kernel); a map that is a product of
+    several IR nodes is passed as one (product_node)."""
+    memo = {} if memo is None else memo
+    names = {id(x): f"l{i}" for i, x in enumerate(leaves)}
+    order, seen, stack = [], set(), [(node, False)]
+    while stack:  # post-order, without recursion (deep programs)
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        if id(n) not in names and isinstance(n, ir.Map) and number_kind(n, memo) != "const":
+            stack.extend((a, False) for a in reversed(n.args))
+    root = Seed(ir.Type(ir.MATRIX))
+    adjoint, out = {id(node): root}, {}
+    for n in reversed(order):
+        g = adjoint.get(id(n))
+        if g is None:
+            continue
+        if id(n) in names:
+            out[int(names[id(n)][1:])] = g
+            continue
+        if not isinstance(n, ir.Map) or number_kind(n, memo) == "const":
+            continue
+        for i, a in enumerate(n.args):
+            if number_kind(a, memo) == "const":
+                continue
+            local = _local(n, i, g)
+            if local is not None:
+                prev = adjoint.get(id(a))
+                adjoint[id(a)] = local if prev is None else _m("add", prev, local)
+    return {i: _render_grad(g, names, root, seed, memo) for i, g in sorted(out.items())}
+
+
+def product_node(nodes: list, negated: bool = False):
+    """One IR node for the product of `nodes` (negated: its negation), for
+    scalar_grads on a map that _product renders from several."""
+    out = nodes[0]
+    for n in nodes[1:]:
+        out = _m("mul", out, n)
+    return _m("neg", out) if negated else out
+
+
+def _render_grad(node, names, root, seed, memo) -> str:
+    """Triton source of a gradient's IR (leaves by `names`, the seed node
+    `root` as `seed`); masks (relu's, elu's, abs's derivatives) as tl.where."""
+    def go(n):
+        if n is root:
+            return seed
+        if id(n) in names:
+            return names[id(n)]
+        if number_kind(n, memo) == "const":
+            return triton_literal(fold(n))
+        args = [go(a) for a in n.args]
+        if len(args) == 1:
+            return UNARY[n.op].format(x=args[0])
+        if n.op == "mul" and n.args[0].type.boolean != n.args[1].type.boolean:
+            mask, val = args if n.args[0].type.boolean else args[::-1]
+            return f"tl.where({mask}, {val}, 0.0)"
+        return BINARY[n.op].format(a=args[0], b=args[1])
     return go(node)

@@ -7,7 +7,9 @@ runtime/triton/ops.py custom_op_pair without autograd: the forward's
 checkpoints are saved beside the inputs), and MappedScanFn, for a forward
 that computes maps on load (Mamba's delta from dt and dt_bias, the values'
 scale, a skip term, or a [B, T, H, K] log-decay that does not factor from
-its leaves: GLA's logsigmoid(gk) / 16; codegen/triton/terms/scan.py)."""
+its leaves: GLA's logsigmoid(gk) / 16; codegen/triton/terms/scan.py),
+whose backward takes the maps' chain rule in its kernel where the template
+renders it (Mamba's) and by torch autograd otherwise."""
 
 import torch
 import triton
@@ -133,7 +135,16 @@ class ScanFn(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def scan_mapped_apply(ops, prologue, q, k, v, dt, a, state, block_h, num_warps, leaves, skip):
+def scan_out_dtype(out_dtype):
+    """y's dtype in a forward op given the dtype the mixer outputs (None:
+    y is not an output as is): a half as given (stored rounded from float32
+    accumulators; no cast after the kernel, and a backward receives dy in it,
+    which its kernel widens), else float32."""
+    return out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def scan_mapped_apply(ops, prologue, q, k, v, dt, a, state, block_h, num_warps, leaves, skip,
+                      fused_grad=False, out_dtype=None):
     """(y, final state) by a forward op that computes maps on load: leaves
     (None: dt, a and v as given) and a skip term d [H] (or None);
     prologue(v, dt, leaves, skip) -> (values, dt, d v or None, the log-decay
@@ -141,40 +152,53 @@ def scan_mapped_apply(ops, prologue, q, k, v, dt, a, state, block_h, num_warps, 
     `a` as given, or the kernel's factors; with an unfactored map of leaves
     `a` is None). With a gradient: MappedScanFn, or while torch.compile traces
     the maps as torch ops before ScanFn (inductor fuses them) and the skip
-    term after it."""
+    term after it. fused_grad: the backward op takes the maps' chain rule in
+    its kernel (a factored log-decay's per-token factor and the values'
+    scale: Mamba's; the template's `maps`), given the leaves. out_dtype: y's
+    where it is the mixer's output as is (scan_out_dtype), without torch.compile."""
     tensors = (q, k, v, dt, a, state, skip, *(leaves or ()))
     if scan_needs_grad(*tensors):
         if not torch.compiler.is_compiling():
-            return MappedScanFn.apply(ops, (block_h, num_warps), prologue, q, k, v, dt, a,
-                                      state, skip, *(leaves or ()))
+            return MappedScanFn.apply(ops, (block_h, num_warps), prologue,
+                                      (fused_grad and leaves is not None, out_dtype), q, k, v,
+                                      dt, a, state, skip, *(leaves or ()))
         v, dt, extra, mapped_a = prologue(v, dt, leaves, skip)
         y, final = ScanFn.apply(ops, (block_h, num_warps), q, k, v, dt,
                                 a if mapped_a is None else mapped_a, state)
         return (y if extra is None else y + extra), final
     return _mapped_forward(ops, (block_h, num_warps), q, k, v, dt, a, state, skip, leaves,
-                           0)[:2]
+                           0, out_dtype)[:2]
 
 
-def _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, leaves, seg):
+def _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, leaves, seg, out_dtype=None):
     """The forward op on the raw inputs (the kernel maps them; the rendered
     launch reads the leaves as it needs them: contiguous, or by strides)."""
     q, k, v, dt, a, state = _scan_inputs(q, k, v, dt, a, state)
     return ops[0](q, k, v, dt, a, state, *cfg, seg, [] if leaves is None else list(leaves),
-                  leaves is not None, None if skip is None else skip.to(torch.float32).contiguous())
+                  leaves is not None, None if skip is None else skip.to(torch.float32).contiguous(),
+                  out_dtype)
 
 
 class MappedScanFn(torch.autograd.Function):
     """ScanFn for a forward that computes maps on load: it runs on the raw
     inputs and stores nothing mapped (the inputs, the leaves, the
-    checkpoints); the backward recomputes the maps by torch ops (`prologue`),
-    runs the reverse scan on the mapped values, decay step and log-decay,
-    and takes the maps' (and the skip term's) gradients by autograd."""
+    checkpoints). Its backward, `fused`: one op whose kernel computes the
+    maps on load again and takes their chain rule (and the skip term's) on
+    the values it holds, so no map or its gradient is a torch tensor
+    (Mamba's: the template's `_mapped_grad_launch`). Otherwise (GLA's
+    unfactored log-decay map, or no leaves) it recomputes the maps by torch
+    ops (`prologue`), runs the reverse scan on the mapped values, decay step
+    and log-decay, and takes the maps' (and the skip term's) gradients by
+    autograd."""
 
     @staticmethod
-    def forward(ctx, ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves):
+    def forward(ctx, ops, cfg, prologue, how, q, k, v, dt, a, state, skip, *leaves):
+        fused, out_dtype = how  # (the fused backward, y's dtype: scan_mapped_apply)
         ls = list(leaves) if leaves else None
-        y, final, ck = _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, ls, SCAN_SEGMENT)
+        y, final, ck = _mapped_forward(ops, cfg, q, k, v, dt, a, state, skip, ls, SCAN_SEGMENT,
+                                       out_dtype)
         ctx.ops, ctx.cfg, ctx.prologue, ctx.mapped = ops, cfg, prologue, ls is not None
+        ctx.fused = fused
         ctx.dtypes = [None if x is None else x.dtype for x in (q, k, a, state)]
         ctx.save_for_backward(q, k, v, dt, a, ck, skip, *leaves)
         ctx.set_materialize_grads(False)
@@ -184,7 +208,11 @@ class MappedScanFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernels: no double backward
     def backward(ctx, dy, dfinal):
         q, k, v, dt, a, ck, skip, *leaves = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # ops, cfg, prologue, q, k, v, dt, a, state, skip, *leaves
+        if ctx.fused:
+            return (None, None, None, None, *_fused_backward(ctx, dy, dfinal, q, k, v, a, ck,
+                                                             skip, leaves))
+        n = ctx.needs_input_grad  # ops, cfg, prologue, how, q, k, v, dt, a, state, skip, *leaves
+        needs = n[:3] + n[4:]  # (as if without how)
         inputs, mapped = recompute_maps(
             lambda v, dt, skip, *ls: ctx.prologue(v, dt, list(ls) if ctx.mapped else None, skip),
             [v, dt, skip, *leaves], [needs[5], needs[6], needs[9], *needs[10:]])
@@ -203,4 +231,22 @@ class MappedScanFn(torch.autograd.Function):
             inputs, mapped, (gv, gdt, dy, None if ma is None else ga))
         gq, gk, ga, gs = (None if want is None else g.to(want)
                           for g, want in zip((gq, gk, ga, gs), ctx.dtypes))
-        return (None, None, None, gq, gk, gv_, gdt_, ga, gs, gskip, *gleaves)
+        return (None, None, None, None, gq, gk, gv_, gdt_, ga, gs, gskip, *gleaves)
+
+
+def _fused_backward(ctx, dy, dfinal, q, k, v, a, ck, skip, leaves):
+    """MappedScanFn's backward in one op (the maps' chain rule in its
+    kernel): the gradients of q, k, v, dt (None: unused), a, the state, the
+    skip's d and the leaves, each in its input's dtype. dy is read in its
+    own dtype (the kernel widens it)."""
+    if dy is None:
+        dy = torch.zeros(*v.shape[:3], ck.shape[-1], dtype=torch.float32, device=v.device)
+    if dfinal is not None:
+        dfinal = dfinal.to(torch.float32).contiguous()
+    q, k, v, _, a, _ = _scan_inputs(q, k, v, None, a, None)
+    gq, gk, gv, ga, gs, *gl, gd = ctx.ops[1](dy.contiguous(), dfinal, q, k, v, None, a, ck,
+                                             *ctx.cfg, SCAN_SEGMENT, leaves, skip)
+    gq, gk, ga, gs = (None if want is None else g.to(want)
+                      for g, want in zip((gq, gk, ga, gs), ctx.dtypes))
+    gd = None if skip is None else gd.to(skip.dtype)
+    return (gq, gk, gv, None, ga, gs, gd, *gl)

@@ -20,9 +20,14 @@ renderer): the log-decay's per-token factor as a map of its leaves (Mamba's
 delta = softplus(dt + dt_bias) from dt per token and dt_bias per channel),
 the values' scale (values = delta * x: x read as given, scaled on load) and a
 skip term d * x (MatrixPlan.skip) in the epilogue, so neither delta nor
-delta * x nor D * x is written before or after the kernel. Its backward
-recomputes the maps by torch ops (runtime/triton/scan.py MappedScanFn), and
-torch.compile with a gradient computes them in torch. A decode step (up to 16
+delta * x nor D * x is written before or after the kernel. Its backward is
+one op whose kernel computes the maps on load again and takes their chain
+rule on the values it holds (prologue.scalar_grads renders each leaf's
+gradient: Mamba's dt and dt_bias from sigmoid(dt + dt_bias); x's, D's and
+the per-head leaves' sums in the kernel; runtime/triton/scan.py
+MappedScanFn), and y is stored in the inputs' half dtype when it is the
+mixer's output as is (no cast after, dy read as given); torch.compile with
+a gradient computes the maps in torch. A decode step (up to 16
 tokens, no gradient) of a factored log-decay is one launch of the same forward
 kernel without checkpoints, the maps and the skip on load and the state
 updated in place (the template's `_decode`); a log-decay that does not factor
@@ -55,8 +60,9 @@ from . import output, per_channel
 # --target sm_90a|sm_80`, N = 16): 32 heads at 4 warps take 80 registers on
 # sm_90a, 85 on sm_80 with the log-decay's factors read; computing delta, the
 # values' scale and the skip on load (MAP, SKIP) 127 and 117; no config spills (runtime/triton/scan.py scan_heads
-# takes fewer heads where K is large: GLA's 128). The backward at N = 16: 96 to
-# 124 registers, no config spills; at GLA's K = 128 (where the cost model picks
+# takes fewer heads where K is large: GLA's 128). The backward at N = 16 with
+# the maps' chain rule in it (MAP, SKIP): 113 to 128 registers at 4 warps, 126
+# to 190 at 2 and 8 (scan_bwd_maxnreg), no config spills; at GLA's K = 128 (where the cost model picks
 # chunks) its 2- and 8-warp configs kept an 8 to 32-byte stack frame under
 # ptxas's 128-register limit, which their launch raises (runtime/triton/scan.py
 # scan_bwd_maxnreg: 176 to 182 registers, no spills). A decode step takes at
@@ -117,6 +123,22 @@ class Maps:
     value: ir.Node | None = None
     leaves: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
+    dt_node: ir.Node | None = None  # the IR dt and w render from (their chain rule)
+    w_node: ir.Node | None = None
+
+    def grads(self) -> tuple:
+        """Per leaf, the Triton source of its gradient through both maps,
+        from the kernel's `g_step` (the decay step's gradient) and `g_w` (the
+        values' scale's): the backward kernel's chain rule on load. One map
+        serving as both (Mamba's delta) is differentiated once, on their sum."""
+        if self.w is not None and self.w.triton == self.dt.triton:
+            parts = [prologue.scalar_grads(self.dt_node, self.leaves, "(g_step + g_w)")]
+        else:
+            parts = [prologue.scalar_grads(self.dt_node, self.leaves, "g_step")]
+            if self.w is not None:
+                parts.append(prologue.scalar_grads(self.w_node, self.leaves, "g_w"))
+        return tuple(" + ".join(f"({p[i]})" for p in parts if i in p) or "0.0"
+                     for i in range(len(self.leaves)))
 
     def describe(self) -> str:
         """The maps in words, for explain."""
@@ -152,7 +174,7 @@ def maps(tp, mp, groups) -> Maps | None:
     parts = [prologue.scalar_map(t, mp.heads, out.leaves, out.kinds, memo) for t in split[0]]
     if None in parts:
         return None
-    out.dt = _product(parts)
+    out.dt, out.dt_node = _product(parts), prologue.product_node(split[0])
     app = mp.applies[0]
     out.value = app.u
     if not isinstance(app.u, ir.Input):
@@ -165,6 +187,7 @@ def maps(tp, mp, groups) -> Maps | None:
             scale = [prologue.scalar_map(f, mp.heads, leaves, kinds, memo) for f in rest]
             if None not in scale:
                 out.w, out.value = _product(scale, negated), raw[-1]
+                out.w_node = prologue.product_node(rest, negated)
                 out.leaves, out.kinds = leaves, kinds
     if out.w is None and all(isinstance(t, ir.Input) for t in split[0]):
         return None  # nothing to compute: the factors and values read as before
@@ -275,7 +298,8 @@ def emit(tp, mp, w, key, values):
                  leaf_kinds=tuple(pro.kinds) if pro else (),
                  leaf_names=tuple(x.name for x in pro.leaves) if pro else (),
                  dt_map=(pro.dt.triton, pro.dt.torch) if pro else None,
-                 w_map=(pro.w.triton, pro.w.torch) if pro and pro.w else None)
+                 w_map=(pro.w.triton, pro.w.torch) if pro and pro.w else None,
+                 leaf_grads=pro.grads() if pro else ())
     # the custom ops' name: a digest of what the kernels are rendered from
     digest = hashlib.sha256(repr(sorted(flags.items())).encode()).hexdigest()[:16]
     fn = w.function("triton_scan.py.jinja", base="per_channel_scan",
