@@ -4,7 +4,8 @@ and dtypes) as ChunkedFn.backward launches them: every launch a bf16
 backward of the standard mixers makes, recorded under the interpreter,
 equals one run of the module's `<function>_adjoint_meta` in each constexpr
 the kernel takes and in the dtypes of the states it writes (SC) and of its
-output (Y). The compiles themselves (0 spills) are test_triton_fitness.py's."""
+output (Y) (and of the raw input X whose feature map's derivative a run
+multiplies in: linear attention's dq and dk runs). The compiles themselves (0 spills) are test_triton_fitness.py's."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ class Recorder:
             given = dict(zip(self.kernel.arg_names, args), **kwargs)
             self.launches.append((self.name, {
                 n: x for n, x in given.items() if not torch.is_tensor(x)}, {
-                n: DTYPES[given[n].dtype] for n in ("SC", "Y") if n in given}))
+                n: DTYPES[given[n].dtype] for n in ("SC", "Y", "X") if n in given}))
             return launch(*args, **kwargs)
         return run
 
@@ -81,6 +82,10 @@ def test_the_adjoint_meta_is_what_the_backward_launches(name, compiled, bf16_dot
                 for n in ("SC", "Y"):
                     if n in arg_names:
                         assert dtypes[n] == want_dtypes[n], (label, kernel_name, n, dtypes)
+                # and the raw input whose feature map's derivative the run takes
+                # (linear attention's dq and dk runs: DMAP)
+                if "X" in arg_names and constexprs.get("DMAP"):
+                    assert dtypes["X"] == want_dtypes["X"], (label, kernel_name, dtypes)
                 found.append(label)
         assert len(found) == 1, (kernel_name, scalars, found)
         matched.add((kernel_name, found[0]))
