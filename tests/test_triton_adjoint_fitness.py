@@ -4,7 +4,8 @@ and dtypes) as ChunkedFn.backward launches them: every launch a bf16
 backward of the standard mixers makes, recorded under the interpreter,
 equals one run of the module's `<function>_adjoint_meta` in each constexpr
 the kernel takes and in the dtypes of the states it writes (SC) and of its
-output (Y). The compiles themselves (0 spills) are test_triton_fitness.py's."""
+output (Y) (and of the raw input X whose feature map's derivative a run
+multiplies in: linear attention's dq and dk runs). The compiles themselves (0 spills) are test_triton_fitness.py's."""
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def record_launches(monkeypatch, names: set, launches: list):
     """Every launch of a kernel named in `names` (the interpreter's or a GPU's
     JIT functions, patched at their class: a custom op may hold an earlier
     module's launch function) appends (name, its scalar arguments, the
-    dtypes of SC and Y)."""
+    dtypes of SC, Y and X)."""
     import triton
     classes = [triton.runtime.jit.JITFunction]
     interp = getattr(triton.runtime, "interpreter", None)
@@ -37,8 +38,9 @@ def record_launches(monkeypatch, names: set, launches: list):
             name = getattr(fn, "__name__", None) or fn.fn.__name__
             if name in names:
                 given = dict(zip(fn.arg_names, args), **kwargs)
-                launches.append((name, {n: x for n, x in given.items() if not torch.is_tensor(x)},
-                                 {n: DTYPES[given[n].dtype] for n in ("SC", "Y") if n in given}))
+                scalars = {n: x for n, x in given.items() if not torch.is_tensor(x)}
+                dtypes = {n: DTYPES[given[n].dtype] for n in ("SC", "Y", "X") if n in given}
+                launches.append((name, scalars, dtypes))
             return _real(fn, *args, **kwargs)
         monkeypatch.setattr(cls, "run", run)
 
@@ -82,6 +84,10 @@ def test_the_adjoint_meta_is_what_the_backward_launches(name, compiled, bf16_dot
                 for n in ("SC", "Y"):
                     if n in arg_names:
                         assert dtypes[n] == want_dtypes[n], (label, kernel_name, n, dtypes)
+                # and the raw input whose feature map's derivative the run takes
+                # (linear attention's dq and dk runs: DMAP)
+                if "X" in arg_names and constexprs.get("DMAP"):
+                    assert dtypes["X"] == want_dtypes["X"], (label, kernel_name, dtypes)
                 found.append(label)
         assert len(found) == 1, (kernel_name, scalars, found)
         matched.add((kernel_name, found[0]))

@@ -118,7 +118,10 @@ def test_the_op_receives_what_the_user_passed(src, compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped, _keep_states, _reverse = rest[-4:]
+        # (leaves, mapped): a list then a bool (the backward's features, a list
+        # of ints, follow them where the kernels map q or k in the backward)
+        leaves, mapped = next(rest[i:i + 2] for i in range(len(rest) - 1)
+                              if isinstance(rest[i], list) and isinstance(rest[i + 1], bool))
         seen.append((q, k, a, key_scale, mapped))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)

@@ -44,6 +44,9 @@ class Map:
     triton: str
     torch: str
     leaves: list = field(default_factory=list)
+    # a feature map's derivative times `y` (Triton source over `x` and `y`), or
+    # None: the backward's dq and dk runs take its chain rule in their epilogue
+    grad: str | None = None
 
 
 @dataclass
@@ -77,7 +80,9 @@ class Prologue:
         out = {}
         for role in ("q", "k", "a", "w"):
             m = getattr(self, role)
-            out[f"{role}_map"] = None if m is None else (m.triton, m.torch)
+            # (triton, torch[, the derivative times y: q's and k's feature maps])
+            out[f"{role}_map"] = None if m is None else (m.triton, m.torch) + (
+                (m.grad,) if role in "qk" else ())
         out["leaf_kinds"] = tuple(self.kinds)
         out["leaf_names"] = tuple(x.name for x in self.leaves)
         return out
@@ -100,7 +105,10 @@ def of(tp, heads: tuple) -> Prologue:
             if leaf is not None and axes_of(leaf) == axes_of(op.node):
                 m = _render(op.node, lambda n, leaf=leaf: "x" if n is leaf else None, memo)
                 if m is not None:
-                    setattr(pro, role, Map(*m, [leaf]))
+                    # (a memo of its own: the derivative's nodes are temporaries,
+                    # whose ids a shared memo would see again on later nodes)
+                    grad = scalar_grads(op.node, [leaf], "y", names=["x"]).get(0)
+                    setattr(pro, role, Map(*m, [leaf], grad))
     if len(heads) != 1:
         return pro
     for role, operand in (("a", "log_decay"), ("w", "k_scale")):
@@ -202,7 +210,7 @@ def _render(node, leaf_name, memo) -> tuple | None:
 # ------------------------------------------------------------------ gradients
 
 
-def scalar_grads(node, leaves: list, seed: str, memo=None) -> dict:
+def scalar_grads(node, leaves: list, seed: str, memo=None, names=None) -> dict:
     """{i: Triton source of d(node)/d(l_i) times `seed`} for the leaves of
     `leaves` (l0, l1, ... by their place, as scalar_map names them) that
     `node` reads: reverse mode over the elementwise maps with the local
@@ -210,9 +218,12 @@ def scalar_grads(node, leaves: list, seed: str, memo=None) -> dict:
     map's chain rule on the values it loads (the per-channel scan's:
     Mamba's delta = softplus(dt + dt_bias) to dt and dt_bias). `seed` is a
     source expression (a name in the kernel); a map that is a product of
-    several IR nodes is passed as one (product_node)."""
+    several IR nodes is passed as one (product_node). names: the leaves'
+    names in the source where not l0, l1, ... (a feature map's `x`: the
+    chunked backward's dq and dk runs' epilogue)."""
     memo = {} if memo is None else memo
-    names = {id(x): f"l{i}" for i, x in enumerate(leaves)}
+    names = {id(x): (names[i] if names else f"l{i}") for i, x in enumerate(leaves)}
+    index = {id(x): i for i, x in enumerate(leaves)}
     order, seen, stack = [], set(), [(node, False)]
     while stack:  # post-order, without recursion (deep programs)
         n, done = stack.pop()
@@ -232,7 +243,7 @@ def scalar_grads(node, leaves: list, seed: str, memo=None) -> dict:
         if g is None:
             continue
         if id(n) in names:
-            out[int(names[id(n)][1:])] = g
+            out[index[id(n)]] = g
             continue
         if not isinstance(n, ir.Map) or number_kind(n, memo) == "const":
             continue

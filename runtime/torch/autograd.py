@@ -96,7 +96,14 @@ class ChunkedFn(torch.autograd.Function):
     skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
     d_h dy_t, dd = sum dy . v per head. divide (with ones): y = [n / m, m]
     (fwd takes divide=True): the backward turns dy into the gradient of
-    [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y."""
+    [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y.
+
+    raw (a backend's context only, with fwd.reversed): (q, k) flags: that
+    operand is a feature map's input, not the map (runtime/triton/chunked.py
+    MappedChunkedFn): the runs that read it map it on load (features=, the
+    slots' maps: 1 q's, 2 k's), the dq (dk) run multiplies its output by the
+    map's derivative at it, and ctx.features() gives both mapped for the
+    decay gradient."""
 
     @staticmethod
     def forward(ctx, fwd, chunk, q, k, v, a, state, scale=None, ones=False, skip=None,
@@ -163,17 +170,29 @@ class ChunkedFn(torch.autograd.Function):
             narrow = lambda x, plain: {"out_dtype": x.dtype} if plain and x.shape[2] == H else {}  # noqa: E731
         # (q's and k's gradient is not final where a map's chain rule follows)
         final_q, final_k = getattr(ctx, "final", (True, True))
+        raw_q, raw_k = getattr(ctx, "raw", (False, False))
+        if (raw_q or raw_k) and in_place is None:
+            raise ValueError("feature maps on load run on the kernels only")
+
+        def mapped(slots, dmap=0, x=None):
+            # the runs on a feature map's input: the q, k and v slots' maps on
+            # load, the output times map dmap's derivative at x
+            if not (raw_q or raw_k):
+                return {}
+            return {"features": tuple(slots) + (dmap,), "raw": x if dmap else None}
         states = need_a  # the decay gradient reads the states at the chunks' edges
         dq = dk = dv = da = dS0 = dw = None
         if need_q or need_a:
             # w_s scales column s of the scores: here the keys' (v's) rows
             out = fwd(dy, v, k, a, None if S0c is None else S0c.transpose(-1, -2), C,
-                      chunk_states=states, **_scaled(w), **narrow(q, final_q))
+                      chunk_states=states, **_scaled(w), **narrow(q, final_q),
+                      **mapped((0, 0, 2 if raw_k else 0), 1 if raw_q else 0, q))
             dq = out[0]
         if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
             back = reversed_fwd(rev(v), rev(dy), rev(q), b,
                                 None if dSc is None else dSc.transpose(-1, -2), C,
-                                chunk_states=states, **narrow(k, final_k and w is None))
+                                chunk_states=states, **narrow(k, final_k and w is None),
+                                **mapped((0, 0, 1 if raw_q else 0), 2 if raw_k else 0, k))
             dk = unrev(back[0])
         if need_v or need_S0:
             # the ones column's gradient is dropped: unless dS0 (whose last
@@ -183,7 +202,8 @@ class ChunkedFn(torch.autograd.Function):
             dyv = dy[..., :width - int(trim)]
             dSv = dS[..., :-1] if trim and dS is not None else dS
             dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C,
-                                    **narrow(v, w is None and d is None))[:2]
+                                    **narrow(v, w is None and d is None),
+                                    **mapped((2 if raw_k else 0, 1 if raw_q else 0, 0)))[:2]
             dv = unrev(dv)
             if w is not None:  # here w scales the queries' (k's) rows: the output's rows
                 dv = dv.mul_(_wide(w)[..., None]) if in_place else _wide(w)[..., None] * dv
@@ -198,7 +218,8 @@ class ChunkedFn(torch.autograd.Function):
                 dS0 = last if a is None else decay[..., None, None] * last
                 dS0 = dS0.to(S0.dtype)
         if need_a:  # the backend's decay gradient kernel where it has one
-            da = getattr(fwd, "decay_grad", _decay_grad)(q, k, w, v, dy, a, C, out[2],
+            qa, ka = ctx.features() if raw_q or raw_k else (q, k)  # q and k mapped
+            da = getattr(fwd, "decay_grad", _decay_grad)(qa, ka, w, v, dy, a, C, out[2],
                                                          back[2]).to(a.dtype)
         if w is not None:  # d(w k)/dw = k, d(w k)/dk = w, k at its groups
             dk_groups = dk.reshape(B, T, k.shape[2], H // k.shape[2], dk.shape[-1])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads
+from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads, reversible
 from mixerc.runtime.triton.ops import custom_op, grads_through_maps, recompute_maps
 
 def chunk_dots_dtype(*xs):
@@ -136,7 +136,12 @@ class MappedChunkedFn(torch.autograd.Function):
     k, the log-decay and the key scale from their leaves): the forward runs
     them on the maps' inputs and stores nothing mapped; the backward
     recomputes the maps by torch ops (`prologue`), runs ChunkedFn's adjoint
-    backward on the mapped tensors and takes the maps' gradients by autograd."""
+    backward on the mapped tensors and takes the maps' gradients by autograd.
+    On the kernels' path (half or float32, T > 1), the feature maps of q and
+    k that `prologue.features` names are not recomputed: the adjoint runs read
+    q and k as given and map them on load, and the dq (dk) run multiplies its
+    output by the map's derivative at the raw input in its epilogue, storing
+    the raw input's gradient (ChunkedFn's `raw`; the kernels' features=)."""
 
     @staticmethod
     def forward(ctx, fwd, prologue, chunk, ones, divide, out_dtype, q, k, v, a, state, w, d,
@@ -155,20 +160,34 @@ class MappedChunkedFn(torch.autograd.Function):
     def backward(ctx, dy, dS):
         q, k, v, a, S0, w, d, final, quotient, *leaves = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        H = final.shape[1]
+        # the feature maps the adjoint runs compute on load (the kernels' path)
+        on_kernels = reversible(q, k, v, *([] if dy is None else [dy]))
+        raw = tuple(f and on_kernels for f in getattr(ctx.prologue, "features", (False, False)))
         inputs, mapped = recompute_maps(
-            lambda q, k, a, w, *ls: ctx.prologue(q, k, a, w, list(ls), final.shape[1]),
-            [q, k, a, w, *leaves], [needs[6], needs[7], needs[9], needs[11], *needs[13:]])
+            lambda q, k, a, w, *ls: ctx.prologue(q, k, a, w, list(ls), H,
+                                                 features=(not raw[0], not raw[1])),
+            [q, k, a, w, *leaves], [needs[6] and not raw[0], needs[7] and not raw[1], needs[9],
+                                    needs[11], *needs[13:]])
         need = [m is not None and m.requires_grad for m in mapped]
         plain = [None if m is None else m.detach() for m in mapped]
+        for i in (0, 1):  # q or k as given, mapped by the runs: its own gradient
+            need[i] = need[i] or (raw[i] and needs[6 + i])
+
+        def features():  # q and k mapped, for what reads them so (the decay gradient)
+            with torch.no_grad():
+                return ctx.prologue(q, k, None, None, leaves, H)[:2]
         inner = SimpleNamespace(  # ChunkedFn's context, on the mapped tensors
             saved_tensors=(plain[0], plain[1], v, plain[2], S0, final, plain[3], d, quotient),
-            fwd=ctx.fwd, chunk=ctx.chunk, ones=ctx.ones,
+            fwd=ctx.fwd, chunk=ctx.chunk, ones=ctx.ones, raw=raw, features=features,
             # q's and k's gradients are final unless a map's chain rule follows
             final=(mapped[0] is inputs[0], mapped[1] is inputs[1]),
             needs_input_grad=(False, False, need[0], need[1], needs[8], need[2], needs[10],
                               need[3], False, needs[12], False, False))
         g = ChunkedFn.backward(inner, dy, dS)
         gq, gk, ga, gw, *gleaves = grads_through_maps(inputs, mapped, (g[2], g[3], g[5], g[7]))
+        # (q's or k's gradient from the runs where they took the map's chain rule)
+        gq, gk = (g[2] if raw[0] else gq), (g[3] if raw[1] else gk)
         return (None,) * 6 + (gq, gk, g[4], ga, g[6], gw, g[9]) + tuple(gleaves)
 
 
