@@ -5,7 +5,8 @@ backward of the standard mixers makes, recorded under the interpreter,
 equals one run of the module's `<function>_adjoint_meta` in each constexpr
 the kernel takes and in the dtypes of the states it writes (SC) and of its
 output (Y) (and of the raw input X whose feature map's derivative a run
-multiplies in: linear attention's dq and dk runs). The compiles themselves (0 spills) are test_triton_fitness.py's."""
+multiplies in: linear attention's dq and dk runs). The compiles themselves
+(0 spills) are test_triton_fitness.py's."""
 
 import pytest
 import torch
