@@ -305,7 +305,8 @@ def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
                 [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True)
     else:  # elu + 1 features and the ones column, divided in the epilogue
         head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,
-                H, 16, 16, 16, 4, 1, torch.float32, True, True, [], True)
+                H, 16, 16, 16, 4, 1, torch.float32, True, True, [], True,
+                [0, 0, 0, 0], None)  # no slot mapped, no derivative: a forward
     y, final, states = op(*head, False, False)
     y_kept, final_kept, states_kept = op(*head, True, False)
     assert states.dtype == torch.bfloat16 and states_kept.dtype == torch.float32

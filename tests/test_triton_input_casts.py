@@ -216,7 +216,7 @@ def test_the_output_in_the_inputs_dtype_with_gradients(name, compiled, monkeypat
     does not read it (the division's quotient, linear attention's, stays
     float32), the backward's runs in bf16 where their result is the gradient
     as is (SSD's in float32: folded over groups, scaled; linear attention's
-    dq and dk: its feature maps' chain rule follows). The forward and the token
+    dq and dk too: the runs take its feature maps' chain rule). The forward and the token
     inputs' gradients within bf16's error of the dense interpreter's, and
     every gradient as with the kernel's float32 y (SSD's A_log and dt_bias
     sum bf16 products: farther from dense either way)."""
@@ -245,7 +245,7 @@ def test_the_output_in_the_inputs_dtype_with_gradients(name, compiled, monkeypat
         # rule) is stored in bf16 (the spy makes every run float32 while
         # `wide` is set)
         f32, bf16 = torch.float32, torch.bfloat16
-        runs = {"retnet": [bf16] * 3, "ssd": [f32] * 3, "linear_attention": [f32, f32, bf16]}
+        runs = {"retnet": [bf16] * 3, "ssd": [f32] * 3, "linear_attention": [bf16] * 3}
         assert seen[1:] == ([f32] * 3 if flag else runs[name]), seen
     for n, g, g32, r in zip(args, *grads, ref):
         if r is None or float(r.abs().max()) == 0:
