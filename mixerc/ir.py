@@ -362,7 +362,10 @@ class Program:
         return {d.name: d.divides for d in self.dims.values() if d.divides}
 
 
-def topo_order(roots) -> list:
+def topo_order(roots, children=None) -> list:
+    """The nodes under `roots`, each after its children (post-order, without
+    recursion: deep programs); children(node): the ones to descend into
+    (node.children() by default)."""
     seen: set = set()
     order: list = []
     for root in roots:
@@ -376,7 +379,7 @@ def topo_order(roots) -> list:
                 continue
             seen.add(id(node))
             stack.append((node, True))
-            for c in reversed(node.children()):
+            for c in reversed(node.children() if children is None else children(node)):
                 if id(c) not in seen:
                     stack.append((c, False))
     return order

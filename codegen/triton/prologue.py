@@ -224,18 +224,12 @@ def scalar_grads(node, leaves: list, seed: str, memo=None, names=None) -> dict:
     memo = {} if memo is None else memo
     names = {id(x): (names[i] if names else f"l{i}") for i, x in enumerate(leaves)}
     index = {id(x): i for i, x in enumerate(leaves)}
-    order, seen, stack = [], set(), [(node, False)]
-    while stack:  # post-order, without recursion (deep programs)
-        n, done = stack.pop()
-        if done:
-            order.append(n)
-            continue
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        stack.append((n, True))
-        if id(n) not in names and isinstance(n, ir.Map) and number_kind(n, memo) != "const":
-            stack.extend((a, False) for a in reversed(n.args))
+
+    def below(n):  # the maps' arguments, down to the leaves (constants fold)
+        if id(n) in names or not isinstance(n, ir.Map) or number_kind(n, memo) == "const":
+            return ()
+        return n.args
+    order = ir.topo_order([node], below)
     root = Seed(ir.Type(ir.MATRIX))
     adjoint, out = {id(node): root}, {}
     for n in reversed(order):
