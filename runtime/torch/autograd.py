@@ -59,6 +59,17 @@ def chunked_apply(fwd, q, k, v, a, state, chunk):
     return fwd(q, k, v, a, state, chunk)
 
 
+def chunk_dots_dtype(*xs):
+    """The dots' operand dtype: the narrowest of the operands' (a float32
+    gradient meets bf16 inputs in the backward: it is read in bf16); float64
+    only when every operand is. (The chunked kernels' runs read theirs in it:
+    runtime/triton/chunked.py.)"""
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        if any(x.dtype == dt for x in xs):
+            return dt
+    return torch.float64
+
+
 def quotient_grad(dy, y, extra=0, dtype=None):
     """The gradient of [n, m] from the gradient dy of y = [n / m, m] (a
     kernel that divided by the normalizer m, its last column, and kept it):
@@ -143,8 +154,8 @@ class ChunkedFn(torch.autograd.Function):
             # the runs would convert it to each; kept float32 where the decay
             # gradient or the skip's reads it (sums of products, not dots)
             narrow_dy = in_place is not None and not (need_a or need_d)
-            dots = min((q.dtype, k.dtype, v.dtype), key=lambda t: torch.finfo(t).bits)
-            dy = quotient_grad(dy, quotient, extra, dots if narrow_dy else None)
+            dy = quotient_grad(dy, quotient, extra,
+                               chunk_dots_dtype(q, k, v) if narrow_dy else None)
         elif extra:
             dy = F.pad(dy, (0, extra))
         if ctx.ones:  # the adjoint runs read the ones column the forward added

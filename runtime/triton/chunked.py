@@ -25,16 +25,6 @@ import triton.language as tl
 from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads, reversible
 from mixerc.runtime.triton.ops import custom_op, grads_through_maps, recompute_maps
 
-def chunk_dots_dtype(*xs):
-    """The dots' operand dtype: the narrowest of the operands' (a float32
-    gradient meets bf16 inputs in the backward: it is read in bf16); float64
-    only when every operand is."""
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        if any(x.dtype == dt for x in xs):
-            return dt
-    return torch.float64
-
-
 def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
     """The chunked mixer on T <= 1 tokens by torch ops (decode), float32."""
     B, T, _, K = q.shape
