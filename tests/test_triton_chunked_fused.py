@@ -15,6 +15,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import DEVICE, assert_gradients_equal_dense, compiled_mixers, flat_outputs, rel_err, to_device
 
 from mixerc.inputs import random_inputs
@@ -273,6 +274,52 @@ def test_kernel_scale_gradient_with_initial_and_final_state(compiled):
         assert h.shape == x.shape and rel_err(h.cpu(), x) < 1e-4, name
 
 
+class _Ops(TorchDispatchMode):
+    """The aten ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("src,G", [("ssd", 2), (scaled_program(0), 2)], ids=["ssd", "random0"])
+def test_key_scale_chain_rule_runs_in_the_dk_kernel(src, G, compiled, monkeypatch):
+    """The backward's dk run takes the key scale's chain rule in its epilogue
+    (key_grad: w times its output, w's gradient k . g by V block): it gets
+    key_grad, and the backward multiplies no [.., K] tensor by a matrix in
+    torch (the einsums over k's groups); the gradients stay those of the
+    dense interpreter (test_gradients_equal_dense, and here K = 20 over two
+    V blocks of 16, so w's gradient sums partials)."""
+    m, d = compiled(src), compiled(src, "dense")
+    mod = m._impl.module
+    op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
+    real, keyed = getattr(mod, op), []
+
+    def spy(*args):
+        keyed.append(args[-3])  # key_grad (then keep_states, reverse)
+        return real(*args)
+    monkeypatch.setattr(mod, op, spy)
+    base = args_of(m, G, T=27, seed=3)
+    x = {n: t.to(DEVICE).float().requires_grad_() for n, t in base.items()}
+    y = flat_outputs(m(**x))
+    dy = torch.randn_like(y)
+    with _Ops() as ops:
+        y.backward(dy)
+    assert keyed.count(True) == 1, keyed
+    assert not ops.names & {"bmm", "einsum", "mm"}, ops.names
+    xd = {n: t.clone().requires_grad_() for n, t in base.items()}
+    flat_outputs(d(**xd)).backward(dy.double().cpu())
+    for n in x:  # (an input the program does not read has no gradient)
+        if xd[n].grad is None:
+            assert x[n].grad is None or not x[n].grad.any(), n
+        else:
+            assert rel_err(x[n].grad.double().cpu(), xd[n].grad) < 1e-4, n
+
+
 def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     """SSD at G = 2: q and k reach the kernels' op at 2 heads; the scale is
     computed on load from dt at 4 heads (no key_scale tensor)."""
@@ -282,8 +329,9 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped, keep_states, _reverse = rest[-4:]
+        leaves, mapped, raw, key_grad, keep_states, _reverse = rest[-6:]
         assert key_scale is None and a is None and mapped and not keep_states
+        assert raw is None and not key_grad
         seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)

@@ -99,7 +99,8 @@ class ChunkedFn(torch.autograd.Function):
     groups (SSD's delta * B; fwd then takes key_scale=w and scales on load).
     The dq run scales its values (the forward's keys) by w, the dv run's
     output rows take w, and the dk run gives the scaled key's gradient g:
-    dk = w g (folded over each group), dw = k . g.
+    dk = w g (folded over each group), dw = k . g (a backend's kernels may
+    take both in the dk run's epilogue: fwd.reversed's key_grad=(w, k)).
 
     ones: the values end with a ones column (a normalizer M @ 1) that the
     forward adds itself (fwd takes ones_column=True; y and the states have
@@ -199,11 +200,16 @@ class ChunkedFn(torch.autograd.Function):
                       chunk_states=states, **_scaled(w), **narrow(q, final_q),
                       **mapped((0, 0, 2 if raw_k else 0), 1 if raw_q else 0, q))
             dq = out[0]
+        # the kernels take the key scale's chain rule in the dk run (key_grad:
+        # its output times w, and w's gradient); not where k's feature map's
+        # derivative multiplies that output (the map's chain rule follows)
+        keyed = in_place is not None and w is not None and (need_k or need_w) and not raw_k
         if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
             back = reversed_fwd(rev(v), rev(dy), rev(q), b,
                                 None if dSc is None else dSc.transpose(-1, -2), C,
-                                chunk_states=states, **narrow(k, final_k and w is None),
-                                **mapped((0, 0, 1 if raw_q else 0), 2 if raw_k else 0, k))
+                                chunk_states=states, **narrow(k, final_k and (w is None or keyed)),
+                                **mapped((0, 0, 1 if raw_q else 0), 2 if raw_k else 0, k),
+                                **({"key_grad": (w, k)} if keyed else {}))
             dk = unrev(back[0])
         if need_v or need_S0:
             # the ones column's gradient is dropped: unless dS0 (whose last
@@ -232,7 +238,9 @@ class ChunkedFn(torch.autograd.Function):
             qa, ka = ctx.features() if raw_q or raw_k else (q, k)  # q and k mapped
             da = getattr(fwd, "decay_grad", _decay_grad)(qa, ka, w, v, dy, a, C, out[2],
                                                          back[2]).to(a.dtype)
-        if w is not None:  # d(w k)/dw = k, d(w k)/dk = w, k at its groups
+        if keyed:  # dk is k's gradient per head already
+            dw = back[-1].to(w.dtype) if need_w else None
+        elif w is not None:  # d(w k)/dw = k, d(w k)/dk = w, k at its groups
             dk_groups = dk.reshape(B, T, k.shape[2], H // k.shape[2], dk.shape[-1])
             w_groups = _wide(w).reshape(B, T, k.shape[2], H // k.shape[2])
             if need_w:
