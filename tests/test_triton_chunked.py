@@ -271,16 +271,23 @@ def test_custom_op_opcheck(compiled):
     g = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20, 4, 20, 20
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    # SSD's delta, or none; the last one a backward's run on reversed time
-    for S0, scale, reverse in ((None, None, False), (r(B, H, K, V), r(B, T, H), False),
-                               (r(B, H, K, V), None, True)):
-        args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [], False, S0 is None,
-                reverse)
+    # SSD's delta, or none; the last three a backward's runs on reversed time,
+    # the last two scaling their output rows (DSCALE 1) and taking the key
+    # scale's chain rule too (2: raw is k, a fourth result)
+    k = r(B, T, 2, K)
+    for S0, scale, reverse, raw, dscale in ((None, None, False, None, 0),
+                                            (r(B, H, K, V), r(B, T, H), False, None, 0),
+                                            (r(B, H, K, V), None, True, None, 0),
+                                            (None, r(B, T, H), True, None, 1),
+                                            (None, r(B, T, H), True, k, 2)):
+        args = (r(B, T, 2, K), k, r(B, T, H, V), -torch.rand(B, T, H, generator=g),
+                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [],
+                False, raw, dscale, S0 is None, reverse)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
     args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
-            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, False, False)
+            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, None, 0,
+            False, False)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -302,13 +309,13 @@ def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
     if src == "ssd":
         head = (bf(r(B, T, 2, K)), bf(r(B, T, 2, K)), bf(r(B, T, H, V)), None, None,
                 r(B, H, K, V), H, 16, 16, 16, 4, 1, torch.float32, r(H) * 0 + 1,
-                [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True)
+                [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True, None, 0)
     else:  # elu + 1 features and the ones column, divided in the epilogue
         head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,
                 H, 16, 16, 16, 4, 1, torch.float32, True, True, [], True,
                 [0, 0, 0, 0], None)  # no slot mapped, no derivative: a forward
-    y, final, states = op(*head, False, False)
-    y_kept, final_kept, states_kept = op(*head, True, False)
+    y, final, states = op(*head, False, False)[:3]  # (ssd's: and w's gradient, unused)
+    y_kept, final_kept, states_kept = op(*head, True, False)[:3]
     assert states.dtype == torch.bfloat16 and states_kept.dtype == torch.float32
     # within one bf16 rounding (Triton's interpreter truncates where a GPU rounds)
     assert ((states.float() - states_kept).abs() <= states_kept.abs() * 2 ** -7).all()

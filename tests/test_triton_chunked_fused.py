@@ -289,18 +289,18 @@ class _Ops(TorchDispatchMode):
 @pytest.mark.parametrize("src,G", [("ssd", 2), (scaled_program(0), 2)], ids=["ssd", "random0"])
 def test_key_scale_chain_rule_runs_in_the_dk_kernel(src, G, compiled, monkeypatch):
     """The backward's dk run takes the key scale's chain rule in its epilogue
-    (key_grad: w times its output, w's gradient k . g by V block): it gets
-    key_grad, and the backward multiplies no [.., K] tensor by a matrix in
+    (w times its output, w's gradient k . g by V block) and the dv run
+    scales its rows by w (DSCALE 2 and 1): they get them, and the backward multiplies no [.., K] tensor by a matrix in
     torch (the einsums over k's groups); the gradients stay those of the
     dense interpreter (test_gradients_equal_dense, and here K = 20 over two
     V blocks of 16, so w's gradient sums partials)."""
     m, d = compiled(src), compiled(src, "dense")
     mod = m._impl.module
     op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
-    real, keyed = getattr(mod, op), []
+    real, scaled = getattr(mod, op), []
 
     def spy(*args):
-        keyed.append(args[-3])  # key_grad (then keep_states, reverse)
+        scaled.append(args[-3])  # DSCALE (then keep_states, reverse)
         return real(*args)
     monkeypatch.setattr(mod, op, spy)
     base = args_of(m, G, T=27, seed=3)
@@ -309,7 +309,9 @@ def test_key_scale_chain_rule_runs_in_the_dk_kernel(src, G, compiled, monkeypatc
     dy = torch.randn_like(y)
     with _Ops() as ops:
         y.backward(dy)
-    assert keyed.count(True) == 1, keyed
+    # the forward, then the dq run (its keys scaled), the dk run (2: rows times
+    # w and w's gradient) and the dv run (1: rows times w)
+    assert scaled == [0, 0, 2, 1], scaled
     assert not ops.names & {"bmm", "einsum", "mm"}, ops.names
     xd = {n: t.clone().requires_grad_() for n, t in base.items()}
     flat_outputs(d(**xd)).backward(dy.double().cpu())
@@ -329,9 +331,9 @@ def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):
     real, seen = getattr(mod, op), []
 
     def spy(q, k, v, a, key_scale, *rest):
-        leaves, mapped, raw, key_grad, keep_states, _reverse = rest[-6:]
+        leaves, mapped, raw, dscale, keep_states, _reverse = rest[-6:]
         assert key_scale is None and a is None and mapped and not keep_states
-        assert raw is None and not key_grad
+        assert raw is None and dscale == 0
         seen.append((q.shape[2], k.shape[2], v.shape[2], max(x.shape[-1] for x in leaves)))
         return real(q, k, v, a, key_scale, *rest)
     monkeypatch.setattr(mod, op, spy)

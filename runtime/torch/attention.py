@@ -145,16 +145,6 @@ def piece_keys(B, H, n, block_k):
     return max(block_k, SCORE_BUDGET // max(1, B * H * n) // block_k * block_k)
 
 
-# scores one softmax piece may hold (elements): 64 MiB in float32
-SCORE_BUDGET = 1 << 24
-
-
-def piece_keys(B, H, n, block_k):
-    """Keys per softmax piece for n queries of B x H heads: whole tiles, at
-    least one, the scores within SCORE_BUDGET."""
-    return max(block_k, SCORE_BUDGET // max(1, B * H * n) // block_k * block_k)
-
-
 def mask_ranges(score, masked, grad):
     """score with -inf where the mask rules a pair out: `masked` lists
     (start, end, allowed) column ranges of the tile; elsewhere it holds."""

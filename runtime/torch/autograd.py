@@ -100,7 +100,8 @@ class ChunkedFn(torch.autograd.Function):
     The dq run scales its values (the forward's keys) by w, the dv run's
     output rows take w, and the dk run gives the scaled key's gradient g:
     dk = w g (folded over each group), dw = k . g (a backend's kernels may
-    take both in the dk run's epilogue: fwd.reversed's key_grad=(w, k)).
+    take both in the dk run's epilogue: fwd.reversed's out_scale=w,
+    scale_grad=k; and the dv run's w and skip term: out_scale=w, skip=d).
 
     ones: the values end with a ones column (a normalizer M @ 1) that the
     forward adds itself (fwd takes ones_column=True; y and the states have
@@ -175,11 +176,13 @@ class ChunkedFn(torch.autograd.Function):
             rev = lambda x: F.pad(x.flip(1), (0, 0) * (x.dim() - 2) + (pad, 0))  # noqa: E731
             unrev = lambda x: x[:, pad:].flip(1)  # noqa: E731
             b = None if a is None else F.pad(a.flip(1)[:, :-1], (0, 0, 1 + pad, 0))
-            reversed_fwd, narrow = fwd, lambda x, plain: {}  # noqa: E731
+            reversed_fwd, narrow = fwd, lambda x, final: {}  # noqa: E731
         else:
             rev = unrev = lambda x: x  # noqa: E731
             reversed_fwd, b = in_place, a
-            narrow = lambda x, plain: {"out_dtype": x.dtype} if plain and x.shape[2] == H else {}  # noqa: E731
+            # a run's output in x's dtype where it is x's gradient as is (final:
+            # nothing follows it, nor a sum over the heads of x's groups)
+            narrow = lambda x, final: {"out_dtype": x.dtype} if final and x.shape[2] == H else {}  # noqa: E731
         # (q's and k's gradient is not final where a map's chain rule follows)
         final_q, final_k = getattr(ctx, "final", (True, True))
         raw_q, raw_k = getattr(ctx, "raw", (False, False))
@@ -200,16 +203,16 @@ class ChunkedFn(torch.autograd.Function):
                       chunk_states=states, **_scaled(w), **narrow(q, final_q),
                       **mapped((0, 0, 2 if raw_k else 0), 1 if raw_q else 0, q))
             dq = out[0]
-        # the kernels take the key scale's chain rule in the dk run (key_grad:
-        # its output times w, and w's gradient); not where k's feature map's
-        # derivative multiplies that output (the map's chain rule follows)
+        # the kernels take the key scale's chain rule in the dk run (its output
+        # times w, and w's gradient); not where k's feature map's derivative
+        # multiplies that output (the map's chain rule follows)
         keyed = in_place is not None and w is not None and (need_k or need_w) and not raw_k
         if need_k or need_a or need_w:  # the gradient of the scaled key w * k, per head
             back = reversed_fwd(rev(v), rev(dy), rev(q), b,
                                 None if dSc is None else dSc.transpose(-1, -2), C,
                                 chunk_states=states, **narrow(k, final_k and (w is None or keyed)),
                                 **mapped((0, 0, 1 if raw_q else 0), 2 if raw_k else 0, k),
-                                **({"key_grad": (w, k)} if keyed else {}))
+                                **({"out_scale": w, "scale_grad": k} if keyed else {}))
             dk = unrev(back[0])
         if need_v or need_S0:
             # the ones column's gradient is dropped: unless dS0 (whose last
@@ -218,15 +221,18 @@ class ChunkedFn(torch.autograd.Function):
             trim = ctx.ones and not need_S0
             dyv = dy[..., :width - int(trim)]
             dSv = dS[..., :-1] if trim and dS is not None else dS
-            dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C,
-                                    **narrow(v, w is None and d is None),
-                                    **mapped((2 if raw_k else 0, 1 if raw_q else 0, 0)))[:2]
+            # here w scales the queries' (k's) rows: the output's rows; the
+            # skip term d_h v_t adds d_h dy_t (both in the kernels' epilogue)
+            in_kernel = {} if in_place is None else dict(
+                **({} if w is None else {"out_scale": w}), **({} if d is None else {"skip": d}))
+            dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C, **in_kernel,
+                                    **narrow(v, True), **mapped((2 if raw_k else 0,
+                                                                 1 if raw_q else 0, 0)))[:2]
             dv = unrev(dv)
-            if w is not None:  # here w scales the queries' (k's) rows: the output's rows
-                dv = dv.mul_(_wide(w)[..., None]) if in_place else _wide(w)[..., None] * dv
-            if d is not None:  # the skip term d_h v_t
-                dv = dv.addcmul_(dyv, d.to(dv.dtype)[:, None]) if in_place else \
-                    dv + d.to(dv.dtype)[:, None] * dyv
+            if in_place is None and w is not None:
+                dv = _wide(w)[..., None] * dv
+            if in_place is None and d is not None:
+                dv = dv + d.to(dv.dtype)[:, None] * dyv
             dv = chunk_fold_heads(dv, v)
             if ctx.ones and not trim:
                 dv = dv[..., :-1]

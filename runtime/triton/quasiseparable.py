@@ -37,20 +37,23 @@ def _separate(runs, q, k, v, a, w, diag, modes, chunk, config):
     return y if diag is None else y + diag[..., None] * v
 
 
-def quasiseparable_apply(launch, runs, q, k, v, a, w, diag, modes, chunk, *config):
+def quasiseparable_apply(launch, runs, q, k, v, a, w, diag, modes, chunk, *config,
+                         out_dtype=None):
     """y [B, T, H, V] of a quasiseparable matrix's lower pass, its reversed
     twin and its diagonal. launch: the generated module's host function of
     the fused kernels, launch(q, k, v, a, w, diag, modes, chunk, *config) ->
     y (the template documents the arguments); runs: each pass's chunked
     kernel function, for the separate passes. No decode state: a matrix that
-    reads the future has none."""
+    reads the future has none. out_dtype: None, or the dtype the output
+    kernel stores y in (the inputs', when y is the mixer's output as is)."""
     _, B, T = q.shape[:3]
     if any(x.dtype == torch.float64 for x in (q, k, v)) or B == 0 or T == 0:
         return _separate(runs, q, k, v, a, w, diag, modes, chunk, config)
     tensors = [x for x in (q, k, v, a, w, diag) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return _QuasiseparableFn.apply(launch, runs, modes, chunk, config, q, k, v, a, w, diag)
-    return launch(q, k, v, a, w, diag, modes, chunk, *config)
+        return _QuasiseparableFn.apply(launch, runs, modes, chunk, config, out_dtype, q, k, v,
+                                       a, w, diag)
+    return launch(q, k, v, a, w, diag, modes, chunk, *config, out_dtype=out_dtype)
 
 
 class _QuasiseparableFn(torch.autograd.Function):
@@ -59,16 +62,16 @@ class _QuasiseparableFn(torch.autograd.Function):
     the forward is recomputed (the adjoint runs need no y)."""
 
     @staticmethod
-    def forward(ctx, launch, runs, modes, chunk, config, q, k, v, a, w, diag):
+    def forward(ctx, launch, runs, modes, chunk, config, out_dtype, q, k, v, a, w, diag):
         ctx.save_for_backward(q, k, v, a, w, diag)
         ctx.args = runs, modes, chunk, config
-        return launch(q, k, v, a, w, diag, modes, chunk, *config)
+        return launch(q, k, v, a, w, diag, modes, chunk, *config, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         runs, modes, chunk, config = ctx.args
-        return (None,) * 5 + _adjoint(runs, modes, chunk, config, *ctx.saved_tensors, dy,
-                                      ctx.needs_input_grad[5:])
+        return (None,) * 6 + _adjoint(runs, modes, chunk, config, *ctx.saved_tensors, dy,
+                                      ctx.needs_input_grad[6:])
 
 
 def _adjoint(runs, modes, chunk, config, q, k, v, a, w, diag, dy, need):

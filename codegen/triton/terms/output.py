@@ -3,7 +3,7 @@ in the inputs' dtype: asked by the chunked, scan and per-channel terms (a
 module of its own: they import each other's kernels the other way)."""
 
 
-def writes_output(mp, w, skip: bool, divides: bool) -> bool:
+def writes_output(mp, w, skip: bool, divides: bool, all_terms: bool = False) -> bool:
     """Whether the term's y is a mixer output as is (or its value columns,
     the division fused): the matrix's single term, nothing around it
     (wrappers, scales), its skip term and division in the kernel, and the
@@ -11,12 +11,15 @@ def writes_output(mp, w, skip: bool, divides: bool) -> bool:
     The kernel then stores y in the inputs' dtype (no float32 y converted
     after; runtime/call.py's conversion is a no-op). skip: whether the
     term's kernels add the skip term; divides: whether they divide by the
-    normalizer (the per-channel kernels never do)."""
-    if len(mp.terms) != 1:
+    normalizer (the per-channel kernels never do). all_terms: the kernels
+    compute every term of the matrix, wrappers included (a quasiseparable
+    pair, its shifts and reversal, and its diagonal), not only its single one."""
+    if len(mp.terms) != 1 and not all_terms:
         return False
-    tp = mp.terms[0]
-    if tp.wrappers or any(n in tp.operands for n in ("in_scale", "out_scale")):
-        return False
+    for tp in mp.terms:
+        if (tp.wrappers and not all_terms) or any(n in tp.operands
+                                                  for n in ("in_scale", "out_scale")):
+            return False
     if mp.skip is not None and not skip:
         return False
     if mp.divide is not None:

@@ -12,7 +12,7 @@ A pass's mode (the template's): 0 non-strict, 1 strict, 2 shifted by one
 (shift(M), non-strict inside). Both passes take the first term's config."""
 
 from mixerc import ir
-from mixerc.codegen.triton.terms import chunked
+from mixerc.codegen.triton.terms import chunked, output
 from mixerc.plan import value_dims
 
 _MODES = {((), False): 0, ((), True): 1, ((("shift", 1),), False): 2}
@@ -111,10 +111,13 @@ def emit(mp, w, lo, up, diag):
                                                           "num_warps", "num_stages"))
     w.constraints.extend(chunked.constraints(lo, key))
     modes = (_mode(lo, False), _mode(up, True))
+    # y in the inputs' dtype where it is the mixer's output as is
+    out = ", out_dtype=MM_DTYPE" if output.writes_output(mp, w, False, False, all_terms=True) \
+        else ""
     y = w.fresh("y")
     w.line(f"# both passes and the diagonal: one states and one output launch ({fn}; "
            "the backward: each pass's adjoint runs)")
     w.line(f"{y} = quasiseparable_apply({fn}, ({runs[0]}, {runs[1]}), {stacked['q']}, "
            f"{stacked['k']}, {v}, {stacked['log_decay']}, {stacked.get('k_scale', 'None')}, "
-           f"{d}, {modes}, {config})")
+           f"{d}, {modes}, {config}{out})")
     return y
