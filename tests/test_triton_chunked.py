@@ -393,3 +393,33 @@ def test_decode_kernel_in_place_and_reused_states(src, compiled, monkeypatch):
     yt.sum().backward()
     assert rel_err(yt.detach().cpu(), want[:, 25]) < 1e-4
     assert torch.equal(state.tensors[key], before)
+
+
+@pytest.mark.parametrize("extra", [0, 3, 7])
+@pytest.mark.parametrize("layout", ["contiguous", "slice_grad", "expanded"])
+def test_quotient_gradient_kernel_equals_its_formula(extra, layout):
+    """The backward's quotient gradient in one kernel (runtime/triton/chunked.py
+    quotient_grad: dn = dy_n / m, dm = dy_m - sum dn . y_n, then zeros)
+    against the torch formula in float64, with dy as autograd hands it over:
+    contiguous, the zero-padded gradient of the output's value columns (a
+    slice's), or expanded from a sum (all strides 0); V = 5 (not a power of
+    2), in float32 and written in bf16; the zero columns (the kernel writes
+    them into an uninitialized buffer) are zero."""
+    from mixerc.runtime.torch.autograd import quotient_grad as formula
+    from mixerc.runtime.triton.chunked import quotient_grad
+    g = torch.Generator().manual_seed(extra)
+    B, T, H, V = 2, 19, 3, 5
+    y = torch.randn(B, T, H, V + 1, generator=g)
+    y[..., -1] = torch.rand(B, T, H, generator=g) + 0.5  # the normalizer m
+    if layout == "contiguous":
+        dy = torch.randn(B, T, H, V + 1, generator=g)
+    elif layout == "slice_grad":
+        dy = torch.nn.functional.pad(torch.randn(B, T, H, V, generator=g), (0, 1))
+    else:
+        dy = torch.tensor(0.7).expand(B, T, H, V + 1)
+    want = formula(dy.double(), y.double(), extra)
+    for dtype, tol in ((None, 1e-6), (torch.bfloat16, 1e-2)):
+        got = quotient_grad(dy.to(DEVICE), y.to(DEVICE), extra, dtype)
+        assert got.dtype == (dtype or torch.float32) and got.shape == want.shape
+        assert rel_err(got.double().cpu(), want) < tol, (layout, dtype)
+        assert not got[..., V + 1:].any()

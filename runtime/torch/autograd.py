@@ -156,8 +156,9 @@ class ChunkedFn(torch.autograd.Function):
             # the runs would convert it to each; kept float32 where the decay
             # gradient or the skip's reads it (sums of products, not dots)
             narrow_dy = in_place is not None and not (need_a or need_d)
-            dy = quotient_grad(dy, quotient, extra,
-                               chunk_dots_dtype(q, k, v) if narrow_dy else None)
+            # (the backend's kernel where it has one)
+            dy = getattr(fwd, "quotient_grad", quotient_grad)(
+                dy, quotient, extra, chunk_dots_dtype(q, k, v) if narrow_dy else None)
         elif extra:
             dy = F.pad(dy, (0, extra))
         if ctx.ones:  # the adjoint runs read the ones column the forward added

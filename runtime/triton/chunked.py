@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads, reversible
+from mixerc.runtime.torch.autograd import quotient_grad as torch_quotient_grad
 from mixerc.runtime.triton.ops import custom_op, grads_through_maps, recompute_maps
 
 def chunk_step(q, k, v, a, state, H, strict, chunk, chunk_states=False):
@@ -102,11 +103,13 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
 def kernel_runs(run, config):
     """The chunked kernels' function `run` at `config`, as ChunkedFn's
     backward calls it (fwd(q, k, v, a, state, chunk, chunk_states=..., ...)),
-    with the kernels' decay gradient (fwd.decay_grad) and their runs on
-    reversed time, read and written in place (fwd.reversed)."""
+    with the kernels' decay gradient (fwd.decay_grad), the quotient's
+    gradient (fwd.quotient_grad) and their runs on reversed time, read and
+    written in place (fwd.reversed)."""
     def fwd(q, k, v, a, state, chunk, chunk_states=False, **extra):
         return run(q, k, v, a, state, chunk, *config, chunk_states=chunk_states, **extra)
     fwd.decay_grad = decay_grad  # the backward's decay gradient: one kernel
+    fwd.quotient_grad = quotient_grad  # and the quotient's: one kernel
 
     def reversed_run(q, k, v, a, state, chunk, chunk_states=False, **extra):
         # the dk and dv runs on reversed time, read and written in place
@@ -253,6 +256,65 @@ def _launch_decay_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None,
             BV=block, PRECISION="ieee" if dtype == torch.float32 else "tf32",
             num_warps=DECAY_GRAD_WARPS)
     return da
+
+
+def quotient_grad(dy, y, extra=0, dtype=None):
+    """runtime/torch/autograd.py quotient_grad (the gradient of [n, m] from
+    dy of y = [n / m, m], then `extra` zero columns, in `dtype` or float32)
+    by one kernel launch: dy read once as given (any dtype and strides: a
+    slice's gradient, an expanded one), y (float32) once, the result
+    written once; the torch ops wrote and read three float32 temporaries.
+    float64 (and a CPU without the interpreter) take the torch ops."""
+    if y.dtype == torch.float64 or not y.is_cuda and not _interpreted():
+        return torch_quotient_grad(dy, y, extra, dtype)
+    return _quotient_grad_op()(dy, y, extra, dtype or torch.float32)
+
+
+def _quotient_grad_op():
+    return custom_op("mixerc::chunked_quotient_grad", _launch_quotient_grad,
+                     lambda dy, y, extra, dtype: y.new_empty(
+                         *y.shape[:-1], y.shape[-1] + extra, dtype=dtype))
+
+
+# the quotient gradient kernel's rows per program
+QUOTIENT_ROWS = 16
+
+
+def _launch_quotient_grad(dy: torch.Tensor, y: torch.Tensor, extra: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    W = y.shape[-1]  # V + 1: the values' columns and the normalizer's
+    rows = y.numel() // W
+    out = torch.empty(*y.shape[:-1], W + extra, dtype=dtype, device=y.device)
+    if rows:
+        dy2 = dy.reshape(rows, W)  # a view where dy's strides allow (an expanded one's too)
+        y2 = y.reshape(rows, W).float()
+        _mx_quotient_grad[(triton.cdiv(rows, QUOTIENT_ROWS),)](
+            dy2, y2, out, rows, W - 1, *dy2.stride(), *y2.stride(), W + extra, extra,
+            BR=QUOTIENT_ROWS, BV=triton.next_power_of_2(W - 1),
+            BE=triton.next_power_of_2(max(extra, 1)))
+    return out
+
+
+@triton.jit
+def _mx_quotient_grad(DY, Y, OUT, rows, V, sd_r, sd_c, sy_r, sy_c, width, extra,
+                      BR: tl.constexpr, BV: tl.constexpr, BE: tl.constexpr):
+    # rows r: dn = dy_n / m, dm = dy_m - sum dn . y_n (y = [n / m, m]), zeros after
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BV)
+    r_ok = r < rows
+    ok = r_ok[:, None] & (c < V)[None, :]
+    m = tl.load(Y + r * sy_r + V * sy_c, mask=r_ok, other=1.0)
+    dy = tl.load(DY + r[:, None] * sd_r + c[None, :] * sd_c, mask=ok, other=0.0).to(tl.float32)
+    yn = tl.load(Y + r[:, None] * sy_r + c[None, :] * sy_c, mask=ok, other=0.0)
+    dn = dy / m[:, None]
+    dm = tl.load(DY + r * sd_r + V * sd_c, mask=r_ok, other=0.0).to(tl.float32) - \
+        tl.sum(dn * yn, 1)
+    out = OUT + r * width
+    tl.store(out[:, None] + c[None, :], dn.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(out + V, dm.to(OUT.dtype.element_ty), mask=r_ok)
+    e = tl.arange(0, BE)
+    tl.store(out[:, None] + V + 1 + e[None, :], tl.zeros([BR, BE], dtype=OUT.dtype.element_ty),
+             mask=r_ok[:, None] & (e < extra)[None, :])
 
 
 def _interpreted():
