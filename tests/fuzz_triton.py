@@ -452,13 +452,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", type=int, default=20)
-    ap.add_argument("--classes", default=",".join(CLASSES))
+    ap.add_argument("--classes", default=",".join(CLASSES),
+                    help=f"comma-separated, of {', '.join(CLASSES)} (Hydra-like "
+                         "quasiseparable programs are in sum)")
     ap.add_argument("--time-limit", type=int, default=120)
     ap.add_argument("--no-grads", action="store_true")
     ap.add_argument("--no-states", action="store_true")
     ap.add_argument("--only", type=int, help="run case number ONLY of the seed (a repro)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
+    unknown = sorted(set(a.classes.split(",")) - set(CLASSES))
+    if unknown:
+        ap.error(f"unknown class(es) {', '.join(unknown)}; the classes: {', '.join(CLASSES)}")
     torch.set_num_threads(1)
     counts, fails = run(a.seed, a.cases, tuple(a.classes.split(",")), a.time_limit,
                         a.verbose, not a.no_grads, not a.no_states, a.only)
