@@ -29,7 +29,7 @@ from mixerc.codegen.torch.emit import UNARY as TORCH_UNARY
 from mixerc.codegen.names import literal
 from mixerc.codegen.torch.emit import axes_of, fold, number_kind
 # (tiles' local derivatives: a scalar map's chain rule in a backward kernel)
-from mixerc.codegen.triton.tiles import BINARY, UNARY, Seed, _local, _m, triton_literal
+from mixerc.codegen.triton.tiles import BINARY, UNARY, Seed, local_grad, map_of, triton_literal
 
 # the ops a map may use: smooth elementwise math (no comparisons or masks)
 OPS = {"neg", "exp", "log", "sqrt", "softplus", "sigmoid", "silu", "elu", "relu", "tanh",
@@ -244,10 +244,10 @@ def scalar_grads(node, leaves: list, seed: str, memo=None, names=None) -> dict:
         for i, a in enumerate(n.args):
             if number_kind(a, memo) == "const":
                 continue
-            local = _local(n, i, g)
+            local = local_grad(n, i, g)
             if local is not None:
                 prev = adjoint.get(id(a))
-                adjoint[id(a)] = local if prev is None else _m("add", prev, local)
+                adjoint[id(a)] = local if prev is None else map_of("add", prev, local)
     return {i: _render_grad(g, names, root, seed, memo) for i, g in sorted(out.items())}
 
 
@@ -256,8 +256,8 @@ def product_node(nodes: list, negated: bool = False):
     scalar_grads on a map that _product renders from several."""
     out = nodes[0]
     for n in nodes[1:]:
-        out = _m("mul", out, n)
-    return _m("neg", out) if negated else out
+        out = map_of("mul", out, n)
+    return map_of("neg", out) if negated else out
 
 
 def _render_grad(node, names, root, seed, memo) -> str:

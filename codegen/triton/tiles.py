@@ -103,7 +103,9 @@ def render(root: ir.Node, leaves: Leaves, result: str) -> list:
 # ------------------------------------------------------------------ gradients
 
 
-def _m(op, *args) -> ir.Node:
+def map_of(op, *args) -> ir.Node:
+    """The elementwise node op(*args) (the derivative rules build their
+    expressions of these; prologue.scalar_grads too)."""
     boolean = op in ir.COMPARE_OPS or op in ir.LOGIC_OPS
     return ir.Map(Type(MATRIX, boolean=boolean), op=op, args=tuple(args))
 
@@ -112,7 +114,7 @@ def _c(value: float) -> ir.Node:
     return ir.Const(Type(ir.STATIC), value=float(value))
 
 
-def _local(n: ir.Map, i: int, g: ir.Node) -> ir.Node | None:
+def local_grad(n: ir.Map, i: int, g: ir.Node) -> ir.Node | None:
     """The gradient n's argument i receives when n receives g (None: none)."""
     a = n.args
     x = a[0]
@@ -124,49 +126,47 @@ def _local(n: ir.Map, i: int, g: ir.Node) -> ir.Node | None:
     if op == "add":
         return g
     if op == "sub":
-        return g if i == 0 else _m("neg", g)
-    if op == "mul":
-        other = a[1 - i]
-        if other.type.boolean:
-            return _m("mul", g, other)  # where(mask, g, 0)
-        return _m("mul", g, other)
+        return g if i == 0 else map_of("neg", g)
+    if op == "mul":  # (times a mask: where(mask, g, 0))
+        return map_of("mul", g, a[1 - i])
     if op == "div":
         if i == 0:
-            return _m("div", g, a[1])
-        return _m("neg", _m("div", _m("mul", g, n), a[1]))  # -g a / b^2 = -g n / b
+            return map_of("div", g, a[1])
+        return map_of("neg", map_of("div", map_of("mul", g, n), a[1]))  # -g a / b^2 = -g n / b
     if op == "pow":
         b = a[1]
         if i == 0:
-            return _m("mul", g, _m("mul", b, _m("pow", x, _m("sub", b, _c(1.0)))))
-        return _m("mul", g, _m("mul", n, _m("log", x)))
+            return map_of("mul", g, map_of("mul", b, map_of("pow", x, map_of("sub", b, _c(1.0)))))
+        return map_of("mul", g, map_of("mul", n, map_of("log", x)))
     if op == "neg":
-        return _m("neg", g)
+        return map_of("neg", g)
     if op == "exp":
-        return _m("mul", g, n)
+        return map_of("mul", g, n)
     if op == "log":
-        return _m("div", g, x)
+        return map_of("div", g, x)
     if op == "sqrt":
-        return _m("div", g, _m("mul", _c(2.0), n))
+        return map_of("div", g, map_of("mul", _c(2.0), n))
     if op == "softplus":
-        return _m("mul", g, _m("sigmoid", x))
+        return map_of("mul", g, map_of("sigmoid", x))
     if op == "sigmoid":
-        return _m("mul", g, _m("mul", n, _m("sub", _c(1.0), n)))
+        return map_of("mul", g, map_of("mul", n, map_of("sub", _c(1.0), n)))
     if op == "silu":
-        sg = _m("sigmoid", x)
-        return _m("mul", g, _m("add", sg, _m("mul", x, _m("mul", sg, _m("sub", _c(1.0), sg)))))
+        sg = map_of("sigmoid", x)  # silu' = sg + x sg (1 - sg)
+        slope = map_of("mul", x, map_of("mul", sg, map_of("sub", _c(1.0), sg)))
+        return map_of("mul", g, map_of("add", sg, slope))
     if op == "elu":
-        return _m("mul", g, _m("add", _m("mul", _m("gt", x, _c(0.0)), _c(1.0)),
-                               _m("mul", _m("le", x, _c(0.0)), _m("exp", x))))
+        return map_of("mul", g, map_of("add", map_of("mul", map_of("gt", x, _c(0.0)), _c(1.0)),
+                                       map_of("mul", map_of("le", x, _c(0.0)), map_of("exp", x))))
     if op == "relu":
-        return _m("mul", _m("gt", x, _c(0.0)), g)
+        return map_of("mul", map_of("gt", x, _c(0.0)), g)
     if op == "tanh":
-        return _m("mul", g, _m("sub", _c(1.0), _m("mul", n, n)))
+        return map_of("mul", g, map_of("sub", _c(1.0), map_of("mul", n, n)))
     if op == "abs":
-        sign = _m("sub", _m("mul", _m("gt", x, _c(0.0)), _c(1.0)),
-                  _m("mul", _m("lt", x, _c(0.0)), _c(1.0)))
-        return _m("mul", g, sign)
+        sign = map_of("sub", map_of("mul", map_of("gt", x, _c(0.0)), _c(1.0)),
+                      map_of("mul", map_of("lt", x, _c(0.0)), _c(1.0)))
+        return map_of("mul", g, sign)
     if op == "logsigmoid":
-        return _m("mul", g, _m("sigmoid", _m("neg", x)))
+        return map_of("mul", g, map_of("sigmoid", map_of("neg", x)))
     raise ValueError(f"internal: no derivative for {op}")
 
 
@@ -191,11 +191,11 @@ def gradients(root: ir.Node, leaves: Leaves) -> dict:
         for i, a in enumerate(n.args):
             if number_kind(a, leaves.kinds) == "const" or isinstance(a, ir.Index):
                 continue
-            local = _local(n, i, g)
+            local = local_grad(n, i, g)
             if local is None:
                 continue
             prev = adjoint.get(id(a))
-            adjoint[id(a)] = local if prev is None else _m("add", prev, local)
+            adjoint[id(a)] = local if prev is None else map_of("add", prev, local)
     return out
 
 
