@@ -290,10 +290,11 @@ class _Ops(TorchDispatchMode):
 def test_key_scale_chain_rule_runs_in_the_dk_kernel(src, G, compiled, monkeypatch):
     """The backward's dk run takes the key scale's chain rule in its epilogue
     (w times its output, w's gradient k . g by V block) and the dv run
-    scales its rows by w (DSCALE 2 and 1): they get them, and the backward multiplies no [.., K] tensor by a matrix in
-    torch (the einsums over k's groups); the gradients stay those of the
-    dense interpreter (test_gradients_equal_dense, and here K = 20 over two
-    V blocks of 16, so w's gradient sums partials)."""
+    scales its rows by w (DSCALE 2 and 1): they get them, and the backward
+    multiplies no [.., K] tensor by a matrix in torch (the einsums over k's
+    groups); the gradients stay those of the dense interpreter
+    (test_gradients_equal_dense, and here K = 20 over two V blocks of 16, so
+    w's gradient sums partials)."""
     m, d = compiled(src), compiled(src, "dense")
     mod = m._impl.module
     op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
