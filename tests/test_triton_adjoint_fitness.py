@@ -87,8 +87,10 @@ def test_the_adjoint_meta_is_what_the_backward_launches(name, compiled, bf16_dot
                         assert dtypes[n] == want_dtypes[n], (label, kernel_name, n, dtypes)
                 # and the raw input whose feature map's derivative the run takes
                 # (linear attention's dq and dk runs: DMAP) or whose key scale's
-                # chain rule it takes (ssd's dk run: DSCALE)
-                if "X" in arg_names and (constexprs.get("DMAP") or constexprs.get("DSCALE") == 2):
+                # chain rule it takes (ssd's dk run: DSCALE), or the values whose
+                # skip's gradient it sums (ssd's dv run: SKIP 2)
+                if "X" in arg_names and (constexprs.get("DMAP") or constexprs.get("DSCALE") == 2
+                                         or constexprs.get("SKIP") == 2):
                     assert dtypes["X"] == want_dtypes["X"], (label, kernel_name, dtypes)
                 found.append(label)
         assert len(found) == 1, (kernel_name, scalars, found)

@@ -271,23 +271,23 @@ def test_custom_op_opcheck(compiled):
     g = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20, 4, 20, 20
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    # SSD's delta, or none; the last three a backward's runs on reversed time,
-    # the last two scaling their output rows (DSCALE 1) and taking the key
-    # scale's chain rule too (2: raw is k, a fourth result)
-    k = r(B, T, 2, K)
-    for S0, scale, reverse, raw, dscale in ((None, None, False, None, 0),
-                                            (r(B, H, K, V), r(B, T, H), False, None, 0),
-                                            (r(B, H, K, V), None, True, None, 0),
-                                            (None, r(B, T, H), True, None, 1),
-                                            (None, r(B, T, H), True, k, 2)):
+    # SSD's delta, or none; the last four a backward's runs on reversed time,
+    # the last three scaling their output rows (DSCALE 1), then taking the key
+    # scale's chain rule too (2: raw is k, a fourth result) or the skip's
+    # (skip_grad, the dv run: raw is the forward's x, a fourth result)
+    k, x = r(B, T, 2, K), r(B, T, H, V)
+    for S0, scale, reverse, raw, dscale, skip_grad in (
+            (None, None, False, None, 0, False), (r(B, H, K, V), r(B, T, H), False, None, 0, False),
+            (r(B, H, K, V), None, True, None, 0, False), (None, r(B, T, H), True, None, 1, False),
+            (None, r(B, T, H), True, k, 2, False), (r(B, H, K, V), r(B, T, H), True, x, 1, True)):
         args = (r(B, T, 2, K), k, r(B, T, H, V), -torch.rand(B, T, H, generator=g),
-                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), [],
+                scale, S0, H, 16, 16, 16, 4, 1, torch.float32, r(H), skip_grad, [],
                 False, raw, dscale, S0 is None, reverse)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     # the decay and the scale computed on load from A_log, dt, dt_bias (prologue.py)
     args = (r(B, T, 2, K), r(B, T, 2, K), r(B, T, H, V), None, None, r(B, H, K, V), H,
-            16, 16, 16, 4, 1, torch.bfloat16, r(H), [r(H), r(B, T, H), r(H)], True, None, 0,
-            False, False)
+            16, 16, 16, 4, 1, torch.bfloat16, r(H), False, [r(H), r(B, T, H), r(H)], True, None,
+            0, False, False)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -308,7 +308,7 @@ def test_states_between_the_kernels_in_the_dots_dtype(src, compiled, bf16_dots):
     bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
     if src == "ssd":
         head = (bf(r(B, T, 2, K)), bf(r(B, T, 2, K)), bf(r(B, T, H, V)), None, None,
-                r(B, H, K, V), H, 16, 16, 16, 4, 1, torch.float32, r(H) * 0 + 1,
+                r(B, H, K, V), H, 16, 16, 16, 4, 1, torch.float32, r(H) * 0 + 1, False,
                 [r(H) * 0.3, r(B, T, H), r(H) * 0.3], True, None, 0)
     else:  # elu + 1 features and the ones column, divided in the epilogue
         head = (bf(r(B, T, H, K)), bf(r(B, T, H, K)), bf(r(B, T, H, V)), None, None, None,

@@ -10,6 +10,7 @@ batch > 1, prefill then decode, outputs poisoned; and the generated code,
 so a fusion that silently stops fails here. Kernels run in Triton's CPU
 interpreter (conftest sets TRITON_INTERPRET=1)."""
 
+import inspect
 import random
 import re
 
@@ -321,6 +322,63 @@ def test_key_scale_chain_rule_runs_in_the_dk_kernel(src, G, compiled, monkeypatc
             assert x[n].grad is None or not x[n].grad.any(), n
         else:
             assert rel_err(x[n].grad.double().cpu(), xd[n].grad) < 1e-4, n
+
+
+class _Touching(TorchDispatchMode):
+    """The aten ops dispatched inside it that read or write a tensor of
+    `shape` (views move nothing: not counted)."""
+    VIEWS = {"alias", "detach", "view", "_unsafe_view", "expand", "slice", "select",
+             "as_strided", "unsqueeze", "squeeze", "transpose", "permute", "t"}
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.names = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "aten" and func.overloadpacket.__name__ not in self.VIEWS:
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            if any(torch.is_tensor(x) and tuple(x.shape) == self.shape
+                   for x in list(args) + list(outs)):
+                self.names.add(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("src,G", [("ssd", 2)] + SKIP_CASES[:2], ids=["ssd"] + SKIP_IDS[:2])
+def test_skip_gradient_runs_in_the_dv_kernel(src, G, compiled, monkeypatch):
+    """y = M @ x + d * x: the backward's dv run adds d_h dy_t and sums d's
+    gradient dy . x in its epilogue (skip_grad=, SKIP 2), so no torch op
+    reads or writes a tensor of y's shape (P = 12: no other operand has
+    it); d's and x's gradients are the dense interpreter's, over T = 37 on
+    chunks of 16 and P over blocks of 16 and 8 (partial sums)."""
+    m, d = compiled(src), compiled(src, "dense")
+    mod = m._impl.module
+    op = next(n for n in vars(mod) if n.startswith("chunked_kernel") and n.endswith("_op"))
+    real, flags = getattr(mod, op), []
+    signature = inspect.signature(getattr(mod, op[:-len("_op")] + "_launch"))
+
+    def spy(*args):
+        flags.append(signature.bind(*args).arguments["skip_grad"])
+        return real(*args)
+    monkeypatch.setattr(mod, op, spy)
+    sizes = dict(SIZES, G=G, P=12)
+    base = random_inputs(m.program, sizes, 2, 37, seed=5, dtype=f64)
+    for block in (16, 8):
+        del flags[:]
+        m._impl.pin_config(**dict(SMALL, block_v=block))
+        x = {n: t.to(DEVICE).float().requires_grad_() for n, t in base.items()}
+        y = flat_outputs(m(**x))
+        dy = torch.randn_like(y)
+        with _Touching(y.shape) as ops:
+            y.backward(dy)
+        assert flags[-1] is True and not any(flags[:-1]), flags  # the dv run is the last
+        assert not ops.names, ops.names
+        xd = {n: t.clone().requires_grad_() for n, t in base.items()}
+        flat_outputs(d(**xd)).backward(dy.double().cpu())
+        for n in x:
+            if xd[n].grad is not None:
+                assert rel_err(x[n].grad.double().cpu(), xd[n].grad) < 1e-4, (block, n)
+    m._impl.pin_config(**SMALL)
 
 
 def test_keys_reach_the_kernel_at_their_groups(compiled, monkeypatch):

@@ -107,7 +107,9 @@ class ChunkedFn(torch.autograd.Function):
     forward adds itself (fwd takes ones_column=True; y and the states have
     V + 1 columns); the backward runs on [v, 1] and drops the ones' gradient.
     skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
-    d_h dy_t, dd = sum dy . v per head. divide (with ones): y = [n / m, m]
+    d_h dy_t, dd = sum dy . v per head (a backend's dv run may take both in
+    its epilogue: fwd.reversed's skip=d, skip_grad=v, which adds a last
+    result, dd). divide (with ones): y = [n / m, m]
     (fwd takes divide=True): the backward turns dy into the gradient of
     [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y.
 
@@ -161,6 +163,7 @@ class ChunkedFn(torch.autograd.Function):
                 dy, quotient, extra, chunk_dots_dtype(q, k, v) if narrow_dy else None)
         elif extra:
             dy = F.pad(dy, (0, extra))
+        given_v = v  # (the skip's gradient reads the values as given)
         if ctx.ones:  # the adjoint runs read the ones column the forward added
             v = torch.cat([v, torch.ones_like(v[..., :1]), v.new_zeros(*v.shape[:-1], extra)],
                           -1)
@@ -197,7 +200,7 @@ class ChunkedFn(torch.autograd.Function):
                 return {}
             return {"features": tuple(slots) + (dmap,), "raw": x if dmap else None}
         states = need_a  # the decay gradient reads the states at the chunks' edges
-        dq = dk = dv = da = dS0 = dw = None
+        dq = dk = dv = da = dS0 = dw = dd = None
         if need_q or need_a:
             # w_s scales column s of the scores: here the keys' (v's) rows
             out = fwd(dy, v, k, a, None if S0c is None else S0c.transpose(-1, -2), C,
@@ -223,13 +226,17 @@ class ChunkedFn(torch.autograd.Function):
             dyv = dy[..., :width - int(trim)]
             dSv = dS[..., :-1] if trim and dS is not None else dS
             # here w scales the queries' (k's) rows: the output's rows; the
-            # skip term d_h v_t adds d_h dy_t (both in the kernels' epilogue)
+            # skip term d_h v_t adds d_h dy_t and d's gradient sums dy . v
+            # (all in the kernels' epilogue; not beside the ones column)
             in_kernel = {} if in_place is None else dict(
-                **({} if w is None else {"out_scale": w}), **({} if d is None else {"skip": d}))
-            dv, last = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C, **in_kernel,
-                                    **narrow(v, True), **mapped((2 if raw_k else 0,
-                                                                 1 if raw_q else 0, 0)))[:2]
-            dv = unrev(dv)
+                **({} if w is None else {"out_scale": w}), **({} if d is None else {"skip": d}),
+                **({"skip_grad": given_v} if need_d and not ctx.ones else {}))
+            run = reversed_fwd(rev(k), rev(q), rev(dyv), b, dSv, C, **in_kernel,
+                               **narrow(v, True), **mapped((2 if raw_k else 0,
+                                                            1 if raw_q else 0, 0)))
+            dv, last = unrev(run[0]), run[1]
+            if "skip_grad" in in_kernel:
+                dd = run[-1].to(d.dtype)
             if in_place is None and w is not None:
                 dv = _wide(w)[..., None] * dv
             if in_place is None and d is not None:
@@ -257,11 +264,14 @@ class ChunkedFn(torch.autograd.Function):
                 dk = torch.einsum("btgrk,btgr->btgk", dk_groups, w_groups)
         grads = (None, None, chunk_fold_heads(dq, q) if need_q else None,
                  chunk_fold_heads(dk, k) if need_k else None, dv if need_v else None, da, dS0,
-                 dw, None,
-                 (_wide(dy[..., :width]) * chunk_heads(v[..., :width], H)).sum((0, 1, 3))
-                 .to(d.dtype)
-                 if need_d else None, None, None)
+                 dw, None, _skip_grad(dy, v, H, width, d) if need_d and dd is None else dd,
+                 None, None)
         return grads[:len(ctx.needs_input_grad)]
+
+
+def _skip_grad(dy, v, H, width, d):
+    """d's gradient sum dy . v per head (d_h v_t in y), by torch ops."""
+    return (_wide(dy[..., :width]) * chunk_heads(v[..., :width], H)).sum((0, 1, 3)).to(d.dtype)
 
 
 def reversible(*xs) -> bool:
