@@ -1,10 +1,11 @@
 """Bytes a bf16 backward of a Triton-backend mixer moves per token and head,
 by op, counted on the CPU (Triton's interpreter): for every op the backward
-dispatches, the bytes of its tensor inputs and outputs (views move nothing
-and are left out; a kernel's custom op counts its arguments and results,
-not what its programs re-read). Not a test, and a model, not a GPU
-measurement: it shows the torch passes around the kernels (casts, flips,
-folds over groups), which on a GPU are memory-bound launches.
+dispatches, the bytes of its tensor inputs and outputs (views and
+allocations move nothing and are left out; a kernel's custom op counts its
+arguments and results, not what its programs re-read). Not a test, and a
+model, not a GPU measurement: it shows the torch passes around the
+kernels (casts, flips, folds over groups), which on a GPU are memory-bound
+launches.
 
     python benchmarks/backward_bytes.py [--mixers ssd,retnet,...] [--T 256]
 """
@@ -20,7 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 VIEWS = {"view", "detach", "alias", "expand", "unsqueeze", "squeeze", "slice", "select", "t",
          "transpose", "permute", "_unsafe_view", "as_strided", "reshape", "unbind", "split",
-         "promote_types"}
+         "promote_types",
+         # allocations: nothing moves until an op writes them (counted there)
+         "empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"}
 SIZES = {"H": 2, "G": 1, "K": 128, "V": 128, "N": 128, "P": 64, "D": 128, "E": 256}
 
 

@@ -304,11 +304,18 @@ def chunk_heads(x, H):
 
 
 def chunk_fold_heads(g, like):
-    """A per-head gradient [B, T, H, ...] summed over each group of `like`'s heads."""
+    """A per-head gradient [B, T, H, ...] summed over each group of `like`'s
+    heads, in like's dtype: a half gradient is summed in g's float32 and
+    stored rounded by the sum itself (one pass over g, no float32 sum
+    written and read again to convert it), unless autograd records the sum."""
     Hx = like.shape[2]
-    if g.shape[2] != Hx:
-        g = g.reshape(g.shape[0], g.shape[1], Hx, g.shape[2] // Hx, *g.shape[3:]).sum(3)
-    return g.to(like.dtype)
+    if g.shape[2] == Hx:
+        return g.to(like.dtype)
+    heads = g.reshape(g.shape[0], g.shape[1], Hx, g.shape[2] // Hx, *g.shape[3:])
+    if like.dtype == g.dtype or (torch.is_grad_enabled() and g.requires_grad):
+        return heads.sum(3).to(like.dtype)
+    return torch.sum(heads, 3, out=g.new_empty(heads.shape[:3] + heads.shape[4:],
+                                                dtype=like.dtype))
 
 
 def _decay_grad(q, k, w, v, dy, a, C, fwd_states, adj_states):
