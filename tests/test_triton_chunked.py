@@ -396,15 +396,18 @@ def test_decode_kernel_in_place_and_reused_states(src, compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [0, 3, 7])
-@pytest.mark.parametrize("layout", ["contiguous", "slice_grad", "expanded"])
+@pytest.mark.parametrize("layout", ["contiguous", "slice_grad", "expanded", "quotient",
+                                    "quotient_expanded"])
 def test_quotient_gradient_kernel_equals_its_formula(extra, layout):
     """The backward's quotient gradient in one kernel (runtime/triton/chunked.py
     quotient_grad: dn = dy_n / m, dm = dy_m - sum dn . y_n, then zeros)
     against the torch formula in float64, with dy as autograd hands it over:
     contiguous, the zero-padded gradient of the output's value columns (a
-    slice's), or expanded from a sum (all strides 0); V = 5 (not a power of
-    2), in float32 and written in bf16; the zero columns (the kernel writes
-    them into an uninitialized buffer) are zero."""
+    slice's), or expanded from a sum (all strides 0); or the gradient of
+    the quotient's columns alone (ChunkedFn's output with divide: V
+    columns, bf16 or expanded), against the formula on it zero-padded; V = 5
+    (not a power of 2), in float32 and written in bf16; the zero columns
+    (the kernel writes them into an uninitialized buffer) are zero."""
     from mixerc.runtime.torch.autograd import quotient_grad as formula
     from mixerc.runtime.triton.chunked import quotient_grad
     g = torch.Generator().manual_seed(extra)
@@ -415,9 +418,15 @@ def test_quotient_gradient_kernel_equals_its_formula(extra, layout):
         dy = torch.randn(B, T, H, V + 1, generator=g)
     elif layout == "slice_grad":
         dy = torch.nn.functional.pad(torch.randn(B, T, H, V, generator=g), (0, 1))
-    else:
+    elif layout == "expanded":
         dy = torch.tensor(0.7).expand(B, T, H, V + 1)
-    want = formula(dy.double(), y.double(), extra)
+    elif layout == "quotient":
+        dy = torch.randn(B, T, H, V, generator=g).to(torch.bfloat16)
+    else:
+        dy = torch.tensor(0.7).expand(B, T, H, V)
+    full = torch.nn.functional.pad(dy.double(), (0, 1)) if dy.shape[-1] == V else dy.double()
+    want = formula(full, y.double(), extra)
+    assert rel_err(formula(dy.double(), y.double(), extra), want) < 1e-15
     for dtype, tol in ((None, 1e-6), (torch.bfloat16, 1e-2)):
         got = quotient_grad(dy.to(DEVICE), y.to(DEVICE), extra, dtype)
         assert got.dtype == (dtype or torch.float32) and got.shape == want.shape

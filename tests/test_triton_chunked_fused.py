@@ -417,7 +417,8 @@ def test_normalizer_gradient_with_initial_and_final_state(V, compiled):
     and the division in the kernels, a nonzero initial state and a used final
     state (so the dv run reads the ones column's gradient too), the dq and dk
     runs' contraction over [v, 1] padded with zero columns to a multiple of 8
-    (V = 5: two; V = 8: seven); the gradients of q, k, v, a and S0 against a
+    (V = 5: two; V = 8: seven); y is the quotient alone (V columns: dy has
+    no normalizer column); the gradients of q, k, v, a and S0 against a
     float64 recurrence."""
     import inspect
 
@@ -440,16 +441,17 @@ def test_normalizer_gradient_with_initial_and_final_state(V, compiled):
                 :, :, None]
             S = torch.exp(a[:, i])[..., None, None] * S + kv
             n = torch.einsum("bhk,bhkv->bhv", q[:, i], S)
-            ys.append(torch.cat([n[..., :-1] / n[..., -1:], n[..., -1:]], -1))
+            ys.append(n[..., :-1] / n[..., -1:])
         return torch.stack(ys, 1), S
 
-    wy, ws = torch.randn(B, T, H, V + 1, dtype=f64, generator=g), torch.randn(
+    wy, ws = torch.randn(B, T, H, V, dtype=f64, generator=g), torch.randn(
         B, H, K, V + 1, dtype=f64, generator=g)
     y, S = recurrence(*ref)
     want = torch.autograd.grad((y * wy).sum() + (S * ws).sum(), ref)
     q, k, v, a, S0 = got
     y2, S2 = chunked_kernels_apply(fn, q, k, v, a, S0, 16, 16, 16, 4, 2, ones_column=True,
                                    divide=True)
+    assert y2.shape == y.shape
     assert rel_err(y2.detach().cpu(), y) < 1e-5 and rel_err(S2.detach().cpu(), S) < 1e-5
     have = torch.autograd.grad((y2 * wy.float()).sum() + (S2 * ws.float()).sum(), got)
     for name, h, x in zip(["q", "k", "v", "a", "S0"], have, want):

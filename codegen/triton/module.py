@@ -36,6 +36,9 @@ class TritonWriter(Writer):
         super().__init__(plan)
         self.raw: dict = {}  # input name -> variable holding it as given
         self.kernel_dims: dict = {}  # host function -> (config key, q dims, value dims)
+        # variables holding a divided y's quotient alone (the chunked kernels'
+        # divide=True): no normalizer column to slice off
+        self.quotients: set = set()
 
     def environment(self):
         return _env("mixerc.codegen.triton")
@@ -63,10 +66,11 @@ class TritonWriter(Writer):
         self.split_outputs(mp, y, [value_dims(a, mp.heads, self.groups) for a in mp.applies])
 
     def split_outputs(self, mp, y, widths):
-        """A division in the kernel: y[..., :V] is the quotient, and nothing
-        reads the denominator's column."""
+        """A division in the kernel: y[..., :V] is the quotient (or y itself,
+        from the chunked kernels), and nothing reads the denominator's column."""
         if self.fuses_divide(mp):
-            quotient = self.assign(f"{y}[..., :{self.size_expr(widths[0])}]", hint="y")
+            quotient = y if y in self.quotients else \
+                self.assign(f"{y}[..., :{self.size_expr(widths[0])}]", hint="y")
             return super().split_outputs(replace(mp, applies=mp.applies[:1]), quotient,
                                          widths[:1])
         return super().split_outputs(mp, y, widths)

@@ -73,12 +73,16 @@ def chunk_dots_dtype(*xs):
 def quotient_grad(dy, y, extra=0, dtype=None):
     """The gradient of [n, m] from the gradient dy of y = [n / m, m] (a
     kernel that divided by the normalizer m, its last column, and kept it):
-    dn = dy_n / m, dm = dy_m - sum dn . y_n; then `extra` zero columns. In
-    `dtype` where given (the kernels' dots dtype: written converted once,
-    not converted again by each run that reads it)."""
-    m = y[..., -1:]
-    g = dy[..., :-1] / m
-    dm = dy[..., -1:] - (g * y[..., :-1]).sum(-1, keepdim=True)
+    dn = dy_n / m, dm = dy_m - sum dn . y_n; then `extra` zero columns. dy
+    may hold the quotient's columns only (what read y was its quotient:
+    dy_m = 0). In `dtype` where given (the kernels' dots dtype: written
+    converted once, not converted again by each run that reads it)."""
+    V = y.shape[-1] - 1
+    m = y[..., V:]
+    g = dy[..., :V] / m
+    dm = -(g * y[..., :V]).sum(-1, keepdim=True)
+    if dy.shape[-1] > V:
+        dm = dm + dy[..., V:]
     if dtype is None:
         return torch.cat([g, dm, g.new_zeros(*g.shape[:-1], extra)], -1)
     out = torch.empty(*g.shape[:-1], g.shape[-1] + 1 + extra, dtype=dtype, device=g.device)
@@ -109,9 +113,12 @@ class ChunkedFn(torch.autograd.Function):
     skip: None, or d [H]: y also holds d_h v_t (fwd takes skip=d); dv gets
     d_h dy_t, dd = sum dy . v per head (a backend's dv run may take both in
     its epilogue: fwd.reversed's skip=d, skip_grad=v, which adds a last
-    result, dd). divide (with ones): y = [n / m, m]
-    (fwd takes divide=True): the backward turns dy into the gradient of
-    [n, m] (dn = dy / m, dm -= sum dy . y / m) from the saved y.
+    result, dd). divide (with ones): fwd(divide=True) gives y = [n / m, m],
+    which is saved (float32); the output is its quotient n / m alone (in
+    out_dtype where given), so dy comes as the caller's gradient of it (no
+    normalizer column to pad, nor a conversion in the graph) and the
+    backward turns it into the gradient of [n, m] (dn = dy / m,
+    dm = -sum dy . y / m) from the saved y.
 
     raw (a backend's context only, with fwd.reversed): (q, k) flags: that
     operand is a feature map's input, not the map (runtime/triton/chunked.py
@@ -126,13 +133,13 @@ class ChunkedFn(torch.autograd.Function):
         extra = dict(_scaled(scale), **_ones(ones), **({} if skip is None else {"skip": skip}),
                      **({"divide": True} if divide else {}),
                      # y in the inputs' dtype (the forward's run only; a saved
-                     # quotient stays float32: the caller passes none then)
-                     **({} if out_dtype is None else {"out_dtype": out_dtype}))
+                     # quotient stays float32 and is converted below)
+                     **({} if out_dtype is None or divide else {"out_dtype": out_dtype}))
         y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.chunk, ctx.ones = fwd, chunk, ones
         ctx.save_for_backward(q, k, v, a, state, final, scale, skip, y if divide else None)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
-        return y, final
+        return quotient_of(y, out_dtype) if divide else y, final
 
     @staticmethod
     def backward(ctx, dy, dS):
@@ -267,6 +274,15 @@ class ChunkedFn(torch.autograd.Function):
                  dw, None, _skip_grad(dy, v, H, width, d) if need_d and dd is None else dd,
                  None, None)
         return grads[:len(ctx.needs_input_grad)]
+
+
+def quotient_of(y, out_dtype=None):
+    """The quotient columns n / m of a divided y = [n / m, m] (what a program
+    reads of it), in out_dtype where given: a view where no conversion is
+    needed (an in-place write to it then fails the backward's version check
+    instead of changing the saved y)."""
+    y = y[..., :-1]
+    return y if out_dtype is None or out_dtype == y.dtype else y.to(out_dtype)
 
 
 def _skip_grad(dy, v, H, width, d):

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads, reversible
+from mixerc.runtime.torch.autograd import ChunkedFn, _decay_grad, chunk_heads, quotient_of, reversible
 from mixerc.runtime.torch.autograd import quotient_grad as torch_quotient_grad
 from mixerc.runtime.triton.ops import custom_op, grads_through_maps, recompute_maps
 
@@ -58,7 +58,9 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     anything needs a gradient. key_scale: None, or w [B, T, H] scaling the
     keys k [B, T, G, K] per token and head (scaled on load, never stored).
     ones_column: the values are [v, 1] (a normalizer), the ones added by the
-    kernels (y and the states have V + 1 columns). skip: None, or d [H]: y
+    kernels (the states have V + 1 columns; y too, unless divide). divide: y
+    is the quotient n / m of [n, m] = M @ [v, 1] (V columns; the backward
+    saves the whole float32 [n / m, m]). skip: None, or d [H]: y
     gets d_h v_t added (a skip term, added in the output kernel's epilogue).
     leaves: None, or the inputs of the maps the kernels compute on load
     (run.prologue, codegen/triton/prologue.py); q and k are then the maps'
@@ -66,7 +68,8 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     None, or the dtype the output kernel stores y in (the inputs', when y is
     the mixer's output as is; it accumulates in float32 either way): a
     forward whose y the backward reads (the quotient, with divide) keeps
-    float32; the backward's runs choose their own (ChunkedFn)."""
+    float32 and converts the quotient; the backward's runs choose their
+    own (ChunkedFn)."""
     scaled = {} if key_scale is None else {"key_scale": key_scale}
     if ones_column:
         scaled["ones_column"] = True
@@ -79,8 +82,6 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
     tensors = [x for x in (q, k, v, a, state, key_scale, skip) + tuple(leaves or ())
                if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        if divide:  # the backward reads the saved quotient: float32
-            out_dtype = None
         if leaves is not None:
             if not torch.compiler.is_compiling():
                 return MappedChunkedFn.apply(fwd, run.prologue, chunk, ones_column, divide,
@@ -96,8 +97,9 @@ def chunked_kernels_apply(run, q, k, v, a, state, chunk, *config, key_scale=None
         scaled["out_dtype"] = out_dtype
     # no gradient: a short block may take the in-place decode kernel (not while
     # torch.compile traces, which sees through the custom op only)
-    return run(q, k, v, a, state, chunk, *config,
-               decode=not torch.compiler.is_compiling(), **scaled)
+    y, *rest = run(q, k, v, a, state, chunk, *config,
+                   decode=not torch.compiler.is_compiling(), **scaled)
+    return (quotient_of(y) if divide else y, *rest)
 
 
 def kernel_runs(run, config):
@@ -141,13 +143,14 @@ class MappedChunkedFn(torch.autograd.Function):
                 *leaves):
         extra = dict(leaves=list(leaves), **({} if w is None else {"key_scale": w}),
                      **({"ones_column": True} if ones else {}),
-                     **({} if out_dtype is None else {"out_dtype": out_dtype}),
+                     # (a saved quotient stays float32: ChunkedFn.forward)
+                     **({} if out_dtype is None or divide else {"out_dtype": out_dtype}),
                      **({} if d is None else {"skip": d}), **({"divide": True} if divide else {}))
         y, final = fwd(q, k, v, a, state, chunk, **extra)
         ctx.fwd, ctx.prologue, ctx.chunk, ctx.ones = fwd, prologue, chunk, ones
         ctx.save_for_backward(q, k, v, a, state, w, d, final, y if divide else None, *leaves)
         ctx.set_materialize_grads(False)
-        return y, final
+        return quotient_of(y, out_dtype) if divide else y, final
 
     @staticmethod
     def backward(ctx, dy, dS):
@@ -260,9 +263,10 @@ def _launch_decay_grad(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor | None,
 
 def quotient_grad(dy, y, extra=0, dtype=None):
     """runtime/torch/autograd.py quotient_grad (the gradient of [n, m] from
-    dy of y = [n / m, m], then `extra` zero columns, in `dtype` or float32)
-    by one kernel launch: dy read once as given (any dtype and strides: a
-    slice's gradient, an expanded one), y (float32) once, the result
+    dy of y = [n / m, m], or of its quotient columns alone, then `extra`
+    zero columns, in `dtype` or float32) by one kernel launch: dy read once
+    as given (any dtype and strides: a slice's gradient, an expanded one),
+    y (float32) once, the result
     written once; the torch ops wrote and read three float32 temporaries.
     float64 (and a CPU without the interpreter) take the torch ops."""
     if y.dtype == torch.float64 or not y.is_cuda and not _interpreted():
@@ -286,19 +290,23 @@ def _launch_quotient_grad(dy: torch.Tensor, y: torch.Tensor, extra: int,
     rows = y.numel() // W
     out = torch.empty(*y.shape[:-1], W + extra, dtype=dtype, device=y.device)
     if rows:
-        dy2 = dy.reshape(rows, W)  # a view where dy's strides allow (an expanded one's too)
+        # a view where dy's strides allow (an expanded one's too); dy holds the
+        # normalizer's column too, or the quotient's alone (its gradient 0)
+        dy2 = dy.reshape(rows, dy.shape[-1])
         y2 = y.reshape(rows, W).float()
         _mx_quotient_grad[(triton.cdiv(rows, QUOTIENT_ROWS),)](
             dy2, y2, out, rows, W - 1, *dy2.stride(), *y2.stride(), W + extra, extra,
-            BR=QUOTIENT_ROWS, BV=triton.next_power_of_2(W - 1),
+            HAS_DM=dy.shape[-1] == W, BR=QUOTIENT_ROWS, BV=triton.next_power_of_2(W - 1),
             BE=triton.next_power_of_2(max(extra, 1)))
     return out
 
 
 @triton.jit
 def _mx_quotient_grad(DY, Y, OUT, rows, V, sd_r, sd_c, sy_r, sy_c, width, extra,
-                      BR: tl.constexpr, BV: tl.constexpr, BE: tl.constexpr):
-    # rows r: dn = dy_n / m, dm = dy_m - sum dn . y_n (y = [n / m, m]), zeros after
+                      HAS_DM: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
+                      BE: tl.constexpr):
+    # rows r: dn = dy_n / m, dm = dy_m - sum dn . y_n (y = [n / m, m]; dy_m = 0
+    # without HAS_DM), zeros after
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.arange(0, BV)
     r_ok = r < rows
@@ -307,8 +315,9 @@ def _mx_quotient_grad(DY, Y, OUT, rows, V, sd_r, sd_c, sy_r, sy_c, width, extra,
     dy = tl.load(DY + r[:, None] * sd_r + c[None, :] * sd_c, mask=ok, other=0.0).to(tl.float32)
     yn = tl.load(Y + r[:, None] * sy_r + c[None, :] * sy_c, mask=ok, other=0.0)
     dn = dy / m[:, None]
-    dm = tl.load(DY + r * sd_r + V * sd_c, mask=r_ok, other=0.0).to(tl.float32) - \
-        tl.sum(dn * yn, 1)
+    dm = -tl.sum(dn * yn, 1)
+    if HAS_DM:
+        dm += tl.load(DY + r * sd_r + V * sd_c, mask=r_ok, other=0.0).to(tl.float32)
     out = OUT + r * width
     tl.store(out[:, None] + c[None, :], dn.to(OUT.dtype.element_ty), mask=ok)
     tl.store(out + V, dm.to(OUT.dtype.element_ty), mask=r_ok)

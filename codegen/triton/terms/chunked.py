@@ -140,6 +140,8 @@ def emit(tp, mp, w, key, values):
     config = ", ".join(w.config_key(key, p, tp) for p in ("chunk", "block_k", "block_v",
                                                           "num_warps", "num_stages"))
     y = w.fresh("y")
+    if "divide=True" in scale:  # the kernels' y is then the quotient alone
+        w.quotients.add(y)
     read, write = w.state(key)
     w.line("# backward: the same kernel on the adjoint problems (runtime/triton/chunked.py)")
     w.line(f"{y}, {write} = chunked_kernels_apply({fn}, {q}, {k}, {v}, {a}, {read}, {config}"
